@@ -1,0 +1,485 @@
+//! Hugging Face checkpoints to the lit layout: `Config` from `config.json`, and each lit
+//! tensor built from the HF tensors it comes from (renamed, qkv re-laid as [Q | K | V]).
+//!
+//! Conversion is pull-based: for every lit name the model needs, [`lit_tensor`] reads only the
+//! HF tensors that name depends on, so a converter can stream one tensor at a time.
+//! Buffers HF keeps in checkpoints (`rotary_emb.inv_freq`, `attention.bias`,
+//! `attention.masked_bias`) are not model weights and are never read.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use crate::config::{Config, MlpKind, NormKind};
+use crate::error::{Error, Result};
+
+/// How an HF architecture lays out its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfFamily {
+    /// GPTNeoXForCausalLM: Pythia, StableLM-Alpha, RedPajama-INCITE.
+    GptNeox,
+    /// LlamaForCausalLM (and Mistral-style checkpoints without sliding window).
+    Llama,
+    /// FalconForCausalLM. `new_arch`: grouped qkv per KV head (40B); `multi_query`: one KV
+    /// head after all query heads (7B); neither: per-head interleaved like GPT-NeoX.
+    Falcon { new_arch: bool, multi_query: bool },
+}
+
+pub const SUPPORTED_ARCHITECTURES: &str =
+    "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, FalconForCausalLM";
+
+fn get_f64(v: &Value, keys: &[&str]) -> Option<f64> {
+    keys.iter().find_map(|k| v.get(*k).and_then(Value::as_f64))
+}
+
+fn get_usize(v: &Value, keys: &[&str]) -> Option<usize> {
+    keys.iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_u64))
+        .map(|x| x as usize)
+}
+
+fn get_bool(v: &Value, key: &str) -> Option<bool> {
+    v.get(key).and_then(Value::as_bool)
+}
+
+/// Reads an HF `config.json` into a `Config` named `name`, and the family that decides the
+/// weight layout.
+pub fn config_from_hf(path: &Path, name: &str) -> Result<(Config, HfFamily)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    config_from_hf_value(&v, name, path)
+}
+
+pub fn config_from_hf_value(v: &Value, name: &str, path: &Path) -> Result<(Config, HfFamily)> {
+    let arch = v
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .or_else(|| v.get("model_type").and_then(Value::as_str))
+        .unwrap_or("")
+        .to_string();
+    let missing = |field: &str| Error::BadCheckpoint {
+        path: path.to_path_buf(),
+        reason: format!("config.json has no usable {field:?}"),
+    };
+    let need = |keys: &[&str]| get_usize(v, keys).ok_or_else(|| missing(keys[0]));
+    let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
+    let rope_theta = get_f64(v, &["rope_theta", "rotary_emb_base"])
+        .or_else(|| rope.and_then(|r| get_f64(r, &["rope_theta"])));
+    let partial = get_f64(v, &["rotary_pct", "partial_rotary_factor"])
+        .or_else(|| rope.and_then(|r| get_f64(r, &["partial_rotary_factor"])));
+
+    let n_embd = need(&["hidden_size", "n_embed", "d_model"])?;
+    let n_head = need(&["num_attention_heads", "n_head"])?;
+    let n_layer = need(&["num_hidden_layers", "n_layer"])?;
+    let vocab = need(&["vocab_size"])?;
+    let block = get_usize(v, &["max_position_embeddings"]).unwrap_or(2048);
+    let head_size = get_usize(v, &["head_dim"]).unwrap_or(n_embd / n_head.max(1));
+    let tie = get_bool(v, "tie_word_embeddings");
+
+    let mut cfg = Config {
+        name: name.to_string(),
+        hf_org: String::new(),
+        block_size: block,
+        vocab_size: vocab,
+        padding_multiple: 1,
+        padded_vocab_size: vocab,
+        n_layer,
+        n_head,
+        n_embd,
+        n_query_groups: n_head,
+        head_size,
+        rotary_percentage: 1.0,
+        rope_base: rope_theta.unwrap_or(10000.0),
+        parallel_residual: false,
+        shared_attention_norm: false,
+        bias: false,
+        norm: NormKind::LayerNorm,
+        norm_eps: 1e-5,
+        mlp: MlpKind::GptNeox,
+        intermediate_size: 4 * n_embd,
+        tie_embeddings: false,
+    };
+    let family = match arch.as_str() {
+        "GPTNeoXForCausalLM" | "gpt_neox" => {
+            cfg.rotary_percentage = partial.unwrap_or(0.25);
+            cfg.parallel_residual = get_bool(v, "use_parallel_residual").unwrap_or(true);
+            cfg.bias = get_bool(v, "attention_bias").unwrap_or(true);
+            cfg.norm_eps = get_f64(v, &["layer_norm_eps"]).unwrap_or(1e-5);
+            cfg.intermediate_size = need(&["intermediate_size"])?;
+            cfg.tie_embeddings = tie.unwrap_or(false);
+            check_act(v, &["gelu"], path)?;
+            HfFamily::GptNeox
+        }
+        "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => {
+            cfg.n_query_groups = get_usize(v, &["num_key_value_heads"]).unwrap_or(n_head);
+            cfg.norm = NormKind::RmsNorm;
+            cfg.norm_eps = get_f64(v, &["rms_norm_eps"]).unwrap_or(1e-6);
+            cfg.mlp = MlpKind::Llama;
+            cfg.intermediate_size = need(&["intermediate_size"])?;
+            cfg.tie_embeddings = tie.unwrap_or(false);
+            if get_bool(v, "attention_bias") == Some(true) || get_bool(v, "mlp_bias") == Some(true)
+            {
+                return Err(Error::BadCheckpoint {
+                    path: path.to_path_buf(),
+                    reason: "Llama checkpoints with attention or MLP biases are not supported"
+                        .into(),
+                });
+            }
+            if v.get("sliding_window").is_some_and(|s| !s.is_null()) {
+                return Err(Error::BadCheckpoint {
+                    path: path.to_path_buf(),
+                    reason: "sliding-window attention is not supported".into(),
+                });
+            }
+            check_act(v, &["silu"], path)?;
+            HfFamily::Llama
+        }
+        "FalconForCausalLM" | "RWForCausalLM" | "falcon" | "RefinedWebModel" | "RefinedWeb" => {
+            let new_arch = get_bool(v, "new_decoder_architecture").unwrap_or(false);
+            let multi_query = get_bool(v, "multi_query").unwrap_or(true);
+            let parallel = get_bool(v, "parallel_attn").unwrap_or(true);
+            if get_bool(v, "alibi") == Some(true) {
+                return Err(Error::BadCheckpoint {
+                    path: path.to_path_buf(),
+                    reason: "Falcon with ALiBi positions is not supported".into(),
+                });
+            }
+            cfg.n_query_groups = if new_arch {
+                get_usize(v, &["num_kv_heads", "n_head_kv"]).unwrap_or(n_head)
+            } else if multi_query {
+                1
+            } else {
+                n_head
+            };
+            cfg.parallel_residual = new_arch || parallel;
+            let n_ln = get_usize(v, &["num_ln_in_parallel_attn"]).unwrap_or(2);
+            cfg.shared_attention_norm = if new_arch { n_ln == 1 } else { parallel };
+            cfg.bias = get_bool(v, "bias").unwrap_or(false);
+            cfg.norm_eps = get_f64(v, &["layer_norm_epsilon"]).unwrap_or(1e-5);
+            cfg.intermediate_size = get_usize(v, &["ffn_hidden_size"]).unwrap_or(4 * n_embd);
+            cfg.tie_embeddings = tie.unwrap_or(true);
+            check_act(v, &["gelu"], path)?;
+            HfFamily::Falcon {
+                new_arch,
+                multi_query,
+            }
+        }
+        other => {
+            return Err(Error::UnsupportedArchitecture {
+                arch: if other.is_empty() {
+                    "<none>".into()
+                } else {
+                    other.into()
+                },
+                path: path.to_path_buf(),
+                supported: SUPPORTED_ARCHITECTURES.into(),
+            })
+        }
+    };
+    cfg.validate()?;
+    Ok((cfg, family))
+}
+
+fn check_act(v: &Value, allowed: &[&str], path: &Path) -> Result<()> {
+    let act = v
+        .get("hidden_act")
+        .or_else(|| v.get("activation"))
+        .and_then(Value::as_str);
+    match act {
+        None => Ok(()),
+        Some(a) if allowed.contains(&a) => Ok(()),
+        Some(a) => Err(Error::BadCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("activation {a:?} is not supported (expected {allowed:?})"),
+        }),
+    }
+}
+
+/// Every lit tensor name a config's model needs, in checkpoint order.
+pub fn lit_names(cfg: &Config) -> Vec<String> {
+    let mut out = vec!["transformer.wte.weight".to_string()];
+    let norm = |out: &mut Vec<String>, n: &str| {
+        out.push(format!("{n}.weight"));
+        if cfg.norm == NormKind::LayerNorm {
+            out.push(format!("{n}.bias"));
+        }
+    };
+    let linear = |out: &mut Vec<String>, n: &str| {
+        out.push(format!("{n}.weight"));
+        if cfg.bias {
+            out.push(format!("{n}.bias"));
+        }
+    };
+    for i in 0..cfg.n_layer {
+        let p = format!("transformer.h.{i}");
+        norm(&mut out, &format!("{p}.norm_1"));
+        linear(&mut out, &format!("{p}.attn.qkv"));
+        linear(&mut out, &format!("{p}.attn.proj"));
+        if !cfg.shared_attention_norm {
+            norm(&mut out, &format!("{p}.norm_2"));
+        }
+        let mlp: &[&str] = match cfg.mlp {
+            MlpKind::GptNeox => &["fc", "proj"],
+            MlpKind::Llama => &["fc_1", "fc_2", "proj"],
+        };
+        for m in mlp {
+            linear(&mut out, &format!("{p}.mlp.{m}"));
+        }
+    }
+    norm(&mut out, "transformer.ln_f");
+    if !cfg.tie_embeddings {
+        out.push("lm_head.weight".into());
+    }
+    out
+}
+
+/// The HF tensor names a lit name is built from, and how.
+enum Source {
+    Copy(String),
+    /// Fused qkv with rows grouped as (groups, q_per_group + 2, head_size).
+    GroupedQkv {
+        name: String,
+        groups: usize,
+        q_per_group: usize,
+    },
+    /// Separate q, k, v projections concatenated.
+    Concat(Vec<String>),
+}
+
+fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<Source> {
+    use HfFamily::*;
+    let (layer, rest) = match lit.strip_prefix("transformer.h.") {
+        Some(r) => {
+            let (i, rest) = r.split_once('.')?;
+            (Some(i), rest)
+        }
+        None => (None, lit),
+    };
+    let copy = |s: String| Some(Source::Copy(s));
+    let Some(i) = layer else {
+        return match (family, rest) {
+            (GptNeox, "transformer.wte.weight") => copy("gpt_neox.embed_in.weight".into()),
+            (GptNeox, "lm_head.weight") => copy("embed_out.weight".into()),
+            (GptNeox, r) => r
+                .strip_prefix("transformer.ln_f.")
+                .map(|s| Source::Copy(format!("gpt_neox.final_layer_norm.{s}"))),
+            (Llama, "transformer.wte.weight") => copy("model.embed_tokens.weight".into()),
+            (Llama, "lm_head.weight") => copy("lm_head.weight".into()),
+            (Llama, r) => r
+                .strip_prefix("transformer.ln_f.")
+                .map(|s| Source::Copy(format!("model.norm.{s}"))),
+            (Falcon { .. }, "transformer.wte.weight") => {
+                copy("transformer.word_embeddings.weight".into())
+            }
+            (Falcon { .. }, r) => copy(r.to_string()),
+        };
+    };
+    let (module, param) = rest.rsplit_once('.')?;
+    match family {
+        GptNeox => {
+            let p = format!("gpt_neox.layers.{i}");
+            let hf = match module {
+                "norm_1" => "input_layernorm",
+                "norm_2" => "post_attention_layernorm",
+                "attn.qkv" => {
+                    return Some(Source::GroupedQkv {
+                        name: format!("{p}.attention.query_key_value.{param}"),
+                        groups: cfg.n_head,
+                        q_per_group: 1,
+                    })
+                }
+                "attn.proj" => "attention.dense",
+                "mlp.fc" => "mlp.dense_h_to_4h",
+                "mlp.proj" => "mlp.dense_4h_to_h",
+                _ => return None,
+            };
+            copy(format!("{p}.{hf}.{param}"))
+        }
+        Llama => {
+            let p = format!("model.layers.{i}");
+            let hf = match module {
+                "norm_1" => "input_layernorm",
+                "norm_2" => "post_attention_layernorm",
+                "attn.qkv" => {
+                    return Some(Source::Concat(
+                        ["q_proj", "k_proj", "v_proj"]
+                            .iter()
+                            .map(|n| format!("{p}.self_attn.{n}.{param}"))
+                            .collect(),
+                    ))
+                }
+                "attn.proj" => "self_attn.o_proj",
+                "mlp.fc_1" => "mlp.gate_proj",
+                "mlp.fc_2" => "mlp.up_proj",
+                "mlp.proj" => "mlp.down_proj",
+                _ => return None,
+            };
+            copy(format!("{p}.{hf}.{param}"))
+        }
+        Falcon {
+            new_arch,
+            multi_query,
+        } => {
+            let p = format!("transformer.h.{i}");
+            let hf = match module {
+                "norm_1" if new_arch && !cfg.shared_attention_norm => "ln_attn",
+                "norm_2" if new_arch => "ln_mlp",
+                "norm_1" => "input_layernorm",
+                "norm_2" => "post_attention_layernorm",
+                "attn.qkv" => {
+                    let name = format!("{p}.self_attention.query_key_value.{param}");
+                    return Some(if new_arch {
+                        Source::GroupedQkv {
+                            name,
+                            groups: cfg.n_query_groups,
+                            q_per_group: cfg.q_per_kv(),
+                        }
+                    } else if multi_query {
+                        Source::Copy(name)
+                    } else {
+                        Source::GroupedQkv {
+                            name,
+                            groups: cfg.n_head,
+                            q_per_group: 1,
+                        }
+                    });
+                }
+                "attn.proj" => "self_attention.dense",
+                "mlp.fc" => "mlp.dense_h_to_4h",
+                "mlp.proj" => "mlp.dense_4h_to_h",
+                _ => return None,
+            };
+            copy(format!("{p}.{hf}.{param}"))
+        }
+    }
+}
+
+/// Builds the lit tensor `lit` from an HF checkpoint through `get` (which names the missing
+/// tensor in its error).
+pub fn lit_tensor(
+    cfg: &Config,
+    family: HfFamily,
+    lit: &str,
+    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let source = source_for(cfg, family, lit).ok_or_else(|| Error::MissingTensor {
+        name: lit.to_string(),
+        source_file: None,
+    })?;
+    match source {
+        Source::Copy(name) => get(&name),
+        Source::Concat(names) => {
+            let parts = names.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        }
+        Source::GroupedQkv {
+            name,
+            groups,
+            q_per_group,
+        } => {
+            let t = get(&name)?;
+            let hs = cfg.head_size;
+            let rows = groups * (q_per_group + 2) * hs;
+            if t.dim(0)? != rows {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: [vec![rows], t.dims()[1..].to_vec()].concat(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            let rest: Vec<usize> = t.dims()[1..].to_vec();
+            let grouped = t.reshape([vec![groups, q_per_group + 2, hs], rest.clone()].concat())?;
+            let part = |start: usize, len: usize| -> Result<Tensor> {
+                let p = grouped.narrow(1, start, len)?;
+                Ok(p.reshape([vec![groups * len * hs], rest.clone()].concat())?)
+            };
+            let q = part(0, q_per_group)?;
+            let k = part(q_per_group, 1)?;
+            let v = part(q_per_group + 1, 1)?;
+            Ok(Tensor::cat(&[q, k, v], 0)?)
+        }
+    }
+}
+
+/// The safetensors files of an HF checkpoint folder: `model.safetensors`, or the shards listed
+/// in `model.safetensors.index.json`.
+pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::BadCheckpoint {
+                path: index.clone(),
+                reason: "no \"weight_map\" object".into(),
+            })?;
+        let mut files: Vec<_> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::BadCheckpoint {
+        path: dir.to_path_buf(),
+        reason: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+    })
+}
+
+/// Reads an HF safetensors checkpoint folder (config.json + weights) into a lit `Config` and
+/// lit-named `Weights`, converting one tensor at a time from memory-mapped files.
+pub fn load_hf_dir(
+    dir: &Path,
+    name: &str,
+    device: &candle_core::Device,
+) -> Result<(Config, crate::weights::Weights)> {
+    let (cfg, family) = config_from_hf(&dir.join("config.json"), name)?;
+    let files = hf_safetensors_files(dir)?;
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::io(
+                f,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "shard listed in the index is missing",
+                ),
+            ));
+        }
+    }
+    // SAFETY: the files are opened read-only; loratune never writes to an input checkpoint.
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            Error::BadCheckpoint {
+                path: dir.to_path_buf(),
+                reason: format!("not a readable safetensors checkpoint ({e})"),
+            }
+        })?;
+    let mut get = |n: &str| -> Result<Tensor> {
+        st.load(n, device).map_err(|_| Error::MissingTensor {
+            name: n.to_string(),
+            source_file: Some(dir.to_path_buf()),
+        })
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for lit in lit_names(&cfg) {
+        let t = lit_tensor(&cfg, family, &lit, &mut get)?;
+        tensors.insert(lit, t);
+    }
+    Ok((cfg, crate::weights::Weights::new(tensors)))
+}

@@ -1,0 +1,81 @@
+//! The model crate's one error type: every failure names what it was looking at.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("invalid config {name:?}: {reason}")]
+    InvalidConfig { name: String, reason: String },
+
+    #[error("unknown model name {name:?}; supported names: {supported}")]
+    UnknownModel { name: String, supported: String },
+
+    #[error("unsupported architecture {arch:?} in {path}; supported: {supported}")]
+    UnsupportedArchitecture {
+        arch: String,
+        path: PathBuf,
+        supported: String,
+    },
+
+    #[error("tensor {name:?} is missing{}", source_hint(.source_file))]
+    MissingTensor {
+        name: String,
+        source_file: Option<PathBuf>,
+    },
+
+    #[error("tensor {name:?} has shape {actual:?}, expected {expected:?} from the config")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+
+    #[error("{path}: {reason}")]
+    BadCheckpoint { path: PathBuf, reason: String },
+
+    #[error("invalid LoRA setting: {0}")]
+    Lora(String),
+
+    #[error("KV cache: {0}")]
+    Cache(String),
+}
+
+fn source_hint(p: &Option<PathBuf>) -> String {
+    match p {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(name: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

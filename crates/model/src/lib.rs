@@ -1,0 +1,27 @@
+//! loratune's model crate: a config-driven GPT whose linears carry LoRA adapters, the
+//! differentiable ops it trains through, its KV cache, and checkpoint I/O.
+//!
+//! Reading order: `config` (what a model is), `ops` (ops with gradients), `lora`
+//! (adapters), `attention`, `model` (`Gpt`, `Block`), `kv_cache`, `weights` and `convert`
+//! (checkpoints in and out).
+
+pub mod attention;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod io;
+pub mod kv_cache;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod weights;
+
+pub use attention::CausalSelfAttention;
+pub use config::{Config, MlpKind, NormKind};
+pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use lora::{DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
+pub use model::{Block, Gpt};
+pub use rng::Rng;
+pub use weights::Weights;

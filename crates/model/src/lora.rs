@@ -1,0 +1,369 @@
+//! LoRA: the adapter settings, and `LoraLinear`, a frozen linear plus low-rank updates.
+//!
+//! y = x W^T + b + scaling * dropout(x) A^T B^T, with A (r, in) Kaiming-uniform and B (rows, r)
+//! zero, scaling = alpha / r. An adapter covers a contiguous block of output rows: the whole
+//! output for ordinary linears, or the Q, K or V block of the fused qkv projection (stored as
+//! [Q | K | V]), so enabling "query" touches exactly the query rows for MHA, GQA and MQA alike.
+//! Several adapters on one linear share one dropout mask and run as two skinny matmuls:
+//! (x @ [A_1; A_2]^T) @ B_block^T, where B_block places each B_i at its rows and columns.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ops::frozen_matmul;
+use crate::rng::Rng;
+
+/// Which linears get adapters. Lit-GPT's default is query and value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTargets {
+    pub query: bool,
+    pub key: bool,
+    pub value: bool,
+    pub projection: bool,
+    pub mlp: bool,
+    pub head: bool,
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        LoraTargets {
+            query: true,
+            key: false,
+            value: true,
+            projection: false,
+            mlp: false,
+            head: false,
+        }
+    }
+}
+
+impl LoraTargets {
+    /// Names of the enabled targets, in a fixed order.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            ("query", self.query),
+            ("key", self.key),
+            ("value", self.value),
+            ("projection", self.projection),
+            ("mlp", self.mlp),
+            ("head", self.head),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect()
+    }
+
+    pub fn any(&self) -> bool {
+        !self.names().is_empty()
+    }
+}
+
+/// LoRA hyperparameters. Saved with every adapter checkpoint so generation never has to be
+/// told them again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: LoraTargets,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: LoraTargets::default(),
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Lora("rank r must be at least 1".into()));
+        }
+        if self.alpha.is_nan() || self.alpha <= 0.0 {
+            return Err(Error::Lora(format!(
+                "alpha must be positive, got {}",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Lora(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if !self.targets.any() {
+            return Err(Error::Lora(
+                "no target enabled (query, key, value, projection, mlp, head)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Per-call options for the training forward pass.
+pub struct DropoutCtx<'a> {
+    pub rng: &'a mut Rng,
+}
+
+/// One low-rank update on a block of output rows.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// Suffix of the parameter names ("" for a whole linear, "query"/"key"/"value" for qkv).
+    pub target: &'static str,
+    pub rows: Range<usize>,
+    pub a: Var,
+    pub b: Var,
+}
+
+/// A frozen linear layer, optionally with LoRA adapters.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// Parameter-name prefix, e.g. `transformer.h.0.attn.qkv`.
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    adapters: Vec<Adapter>,
+    scaling: f64,
+    dropout: f64,
+}
+
+impl LoraLinear {
+    /// A frozen linear with no adapters. `weight` is (out, in).
+    pub fn frozen(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> LoraLinear {
+        LoraLinear {
+            name: name.into(),
+            weight,
+            bias,
+            adapters: Vec::new(),
+            scaling: 1.0,
+            dropout: 0.0,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn adapters(&self) -> &[Adapter] {
+        &self.adapters
+    }
+
+    /// Adds a freshly initialised adapter on `rows` of the output: A ~ U(-1/sqrt(in),
+    /// 1/sqrt(in)) (Kaiming-uniform with a = sqrt(5), as PyTorch and Lit-GPT), B = 0.
+    /// Adapter parameters are f32 whatever the weight dtype.
+    pub fn add_adapter(
+        &mut self,
+        target: &'static str,
+        rows: Range<usize>,
+        cfg: &LoraConfig,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let (in_f, out_f) = (self.in_features(), self.out_features());
+        if rows.end > out_f || rows.is_empty() {
+            return Err(Error::Lora(format!(
+                "{}: adapter rows {rows:?} outside the {out_f} output rows",
+                self.name
+            )));
+        }
+        let bound = 1.0 / (in_f as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.r * in_f)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+            .collect();
+        let device = self.weight.device();
+        let a = Tensor::from_vec(a, (cfg.r, in_f), device)?;
+        let b = Tensor::zeros((rows.len(), cfg.r), DType::F32, device)?;
+        self.set_adapter(target, rows, a, b, cfg)
+    }
+
+    /// Installs an adapter with given A and B (from a checkpoint), checking their shapes.
+    pub fn set_adapter(
+        &mut self,
+        target: &'static str,
+        rows: Range<usize>,
+        a: Tensor,
+        b: Tensor,
+        cfg: &LoraConfig,
+    ) -> Result<()> {
+        let in_f = self.in_features();
+        let (a_name, b_name) = self.param_names(target);
+        check_shape(&a_name, &a, &[cfg.r, in_f])?;
+        check_shape(&b_name, &b, &[rows.len(), cfg.r])?;
+        self.adapters.retain(|ad| ad.target != target);
+        self.adapters.push(Adapter {
+            target,
+            rows,
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+        });
+        self.scaling = cfg.scaling();
+        self.dropout = cfg.dropout;
+        Ok(())
+    }
+
+    /// Checkpoint names of an adapter's A and B.
+    pub fn param_names(&self, target: &str) -> (String, String) {
+        if target.is_empty() {
+            (
+                format!("{}.lora_A", self.name),
+                format!("{}.lora_B", self.name),
+            )
+        } else {
+            (
+                format!("{}.lora_A.{target}", self.name),
+                format!("{}.lora_B.{target}", self.name),
+            )
+        }
+    }
+
+    /// B placed at its rows, one column block per adapter: (out, n_adapters * r).
+    fn b_block(&self) -> Result<Tensor> {
+        let out_f = self.out_features();
+        let device = self.weight.device();
+        let cols = self
+            .adapters
+            .iter()
+            .map(|ad| {
+                let b = ad.b.as_tensor();
+                let r = b.dims()[1];
+                let mut parts = Vec::with_capacity(3);
+                if ad.rows.start > 0 {
+                    parts.push(Tensor::zeros((ad.rows.start, r), DType::F32, device)?);
+                }
+                parts.push(b.clone());
+                if ad.rows.end < out_f {
+                    parts.push(Tensor::zeros((out_f - ad.rows.end, r), DType::F32, device)?);
+                }
+                Tensor::cat(&parts, 0)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&cols, 1)?)
+    }
+
+    fn a_stack(&self) -> Result<Tensor> {
+        let a: Vec<&Tensor> = self.adapters.iter().map(|ad| ad.a.as_tensor()).collect();
+        Ok(Tensor::cat(&a, 0)?)
+    }
+
+    /// Forward pass. `dropout` is `Some` only in training; it draws the dropout mask.
+    pub fn forward(&self, x: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
+        let mut y = frozen_matmul(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if self.adapters.is_empty() {
+            return Ok(y);
+        }
+        let mut xa = x.to_dtype(DType::F32)?;
+        if let Some(ctx) = dropout {
+            if self.dropout > 0.0 {
+                xa =
+                    xa.broadcast_mul(&dropout_mask(xa.dims(), self.dropout, ctx.rng, x.device())?)?;
+            }
+        }
+        let h = xa.broadcast_matmul(&self.a_stack()?.t()?)?;
+        let delta = (h.broadcast_matmul(&self.b_block()?.t()?)? * self.scaling)?;
+        let delta = delta.to_dtype(y.dtype())?;
+        Ok((y + delta)?)
+    }
+
+    /// scaling * B_block @ A_stack, the (out, in) update that merging adds to W.
+    pub fn delta_weight(&self) -> Result<Option<Tensor>> {
+        if self.adapters.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            (self.b_block()?.matmul(&self.a_stack()?)? * self.scaling)?,
+        ))
+    }
+
+    /// Folds the adapters into the weight (computed in f32) and drops them.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(delta) = self.delta_weight()? {
+            let dtype = self.weight.dtype();
+            let w = (self.weight.to_dtype(DType::F32)? + delta)?;
+            self.weight = w.to_dtype(dtype)?;
+            self.adapters.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Inverted-dropout mask: 0 with probability p, else 1/(1-p).
+fn dropout_mask(dims: &[usize], p: f64, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.uniform() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(mask, dims, device)?)
+}
+
+pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_the_problem() {
+        let mut c = LoraConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.scaling(), 2.0);
+        c.r = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("rank r"));
+        let c = LoraConfig {
+            targets: LoraTargets {
+                query: false,
+                value: false,
+                ..LoraTargets::default()
+            },
+            ..LoraConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("no target"));
+    }
+
+    #[test]
+    fn adapter_shapes_are_checked() {
+        let w = Tensor::zeros((6, 4), DType::F32, &Device::Cpu).unwrap();
+        let mut lin = LoraLinear::frozen("x.qkv", w, None);
+        let cfg = LoraConfig::default();
+        let a = Tensor::zeros((8, 3), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let err = lin
+            .set_adapter("query", 0..2, a, b, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x.qkv.lora_A.query") && err.contains("[8, 3]") && err.contains("[8, 4]"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,509 @@
+//! `Gpt`: embedding, `Block`s, final norm and lm_head, for every family, driven by `Config`.
+//! Also where LoRA adapters are attached, listed, loaded and merged.
+//!
+//! Checkpoint names (Lit-GPT's):
+//!   transformer.wte.weight
+//!   transformer.h.{i}.norm_1.{weight,bias}      transformer.h.{i}.norm_2.{weight,bias}
+//!   transformer.h.{i}.attn.qkv.{weight,bias}    transformer.h.{i}.attn.proj.{weight,bias}
+//!   transformer.h.{i}.mlp.fc.* / mlp.proj.*     (GptNeoxMLP)
+//!   transformer.h.{i}.mlp.fc_1.* / fc_2.* / proj.*  (LLaMAMLP)
+//!   transformer.ln_f.{weight,bias}              lm_head.weight (absent when tied)
+//! LoRA parameters append `.lora_A` / `.lora_B` to the linear's name, and `.query`, `.key` or
+//! `.value` for the fused qkv (e.g. `transformer.h.0.attn.qkv.lora_A.query`).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::attention::{CausalSelfAttention, Rope};
+use crate::config::{Config, MlpKind, NormKind};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::lora::{DropoutCtx, LoraConfig, LoraLinear};
+use crate::ops;
+use crate::rng::Rng;
+use crate::weights::Weights;
+
+#[derive(Debug, Clone)]
+pub enum Norm {
+    LayerNorm {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
+    RmsNorm {
+        weight: Tensor,
+        eps: f64,
+    },
+}
+
+impl Norm {
+    fn load(cfg: &Config, w: &mut Weights, name: &str) -> Result<Norm> {
+        let shape = [cfg.n_embd];
+        let weight = w.take(&format!("{name}.weight"), &shape)?;
+        Ok(match cfg.norm {
+            NormKind::LayerNorm => Norm::LayerNorm {
+                weight,
+                bias: w.take(&format!("{name}.bias"), &shape)?,
+                eps: cfg.norm_eps,
+            },
+            NormKind::RmsNorm => Norm::RmsNorm {
+                weight,
+                eps: cfg.norm_eps,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Norm::LayerNorm { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps)?,
+            Norm::RmsNorm { weight, eps } => ops::rms_norm(x, weight, *eps)?,
+        })
+    }
+
+    fn named(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
+        match self {
+            Norm::LayerNorm { weight, bias, .. } => {
+                out.push((format!("{name}.weight"), weight.clone()));
+                out.push((format!("{name}.bias"), bias.clone()));
+            }
+            Norm::RmsNorm { weight, .. } => out.push((format!("{name}.weight"), weight.clone())),
+        }
+    }
+}
+
+fn load_linear(
+    w: &mut Weights,
+    name: &str,
+    out_f: usize,
+    in_f: usize,
+    bias: bool,
+) -> Result<LoraLinear> {
+    let weight = w.take(&format!("{name}.weight"), &[out_f, in_f])?;
+    let b = if bias {
+        Some(w.take(&format!("{name}.bias"), &[out_f])?)
+    } else {
+        None
+    };
+    Ok(LoraLinear::frozen(name, weight, b))
+}
+
+fn linear_named(l: &LoraLinear, out: &mut Vec<(String, Tensor)>) {
+    out.push((format!("{}.weight", l.name), l.weight.clone()));
+    if let Some(b) = &l.bias {
+        out.push((format!("{}.bias", l.name), b.clone()));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    GptNeox {
+        fc: LoraLinear,
+        proj: LoraLinear,
+    },
+    Llama {
+        fc_1: LoraLinear,
+        fc_2: LoraLinear,
+        proj: LoraLinear,
+    },
+}
+
+impl Mlp {
+    fn load(cfg: &Config, w: &mut Weights, name: &str) -> Result<Mlp> {
+        let (d, i, b) = (cfg.n_embd, cfg.intermediate_size, cfg.bias);
+        Ok(match cfg.mlp {
+            MlpKind::GptNeox => Mlp::GptNeox {
+                fc: load_linear(w, &format!("{name}.fc"), i, d, b)?,
+                proj: load_linear(w, &format!("{name}.proj"), d, i, b)?,
+            },
+            MlpKind::Llama => Mlp::Llama {
+                fc_1: load_linear(w, &format!("{name}.fc_1"), i, d, b)?,
+                fc_2: load_linear(w, &format!("{name}.fc_2"), i, d, b)?,
+                proj: load_linear(w, &format!("{name}.proj"), d, i, b)?,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mut dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
+        match self {
+            Mlp::GptNeox { fc, proj } => {
+                let h = fc.forward(x, dropout.as_deref_mut())?.gelu_erf()?;
+                proj.forward(&h, dropout)
+            }
+            Mlp::Llama { fc_1, fc_2, proj } => {
+                let gate = fc_1.forward(x, dropout.as_deref_mut())?.silu()?;
+                let up = fc_2.forward(x, dropout.as_deref_mut())?;
+                proj.forward(&(gate * up)?, dropout)
+            }
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        match self {
+            Mlp::GptNeox { fc, proj } => vec![fc, proj],
+            Mlp::Llama { fc_1, fc_2, proj } => vec![fc_1, fc_2, proj],
+        }
+    }
+
+    pub fn linears(&self) -> Vec<&LoraLinear> {
+        match self {
+            Mlp::GptNeox { fc, proj } => vec![fc, proj],
+            Mlp::Llama { fc_1, fc_2, proj } => vec![fc_1, fc_2, proj],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub norm_1: Norm,
+    pub attn: CausalSelfAttention,
+    /// `None` when the config shares the attention norm with the MLP (Falcon-7B).
+    pub norm_2: Option<Norm>,
+    pub mlp: Mlp,
+    parallel_residual: bool,
+}
+
+impl Block {
+    fn load(cfg: &Config, w: &mut Weights, i: usize) -> Result<Block> {
+        let p = format!("transformer.h.{i}");
+        let norm_1 = Norm::load(cfg, w, &format!("{p}.norm_1"))?;
+        let qkv = load_linear(
+            w,
+            &format!("{p}.attn.qkv"),
+            cfg.qkv_out(),
+            cfg.n_embd,
+            cfg.bias,
+        )?;
+        let proj = load_linear(
+            w,
+            &format!("{p}.attn.proj"),
+            cfg.n_embd,
+            cfg.n_head * cfg.head_size,
+            cfg.bias,
+        )?;
+        let norm_2 = if cfg.shared_attention_norm {
+            None
+        } else {
+            Some(Norm::load(cfg, w, &format!("{p}.norm_2"))?)
+        };
+        Ok(Block {
+            norm_1,
+            attn: CausalSelfAttention::new(cfg, qkv, proj),
+            norm_2,
+            mlp: Mlp::load(cfg, w, &format!("{p}.mlp"))?,
+            parallel_residual: cfg.parallel_residual,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+        mut dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
+        let n1 = self.norm_1.forward(x)?;
+        let h = self
+            .attn
+            .forward(&n1, rope, offset, cache, dropout.as_deref_mut())?;
+        if self.parallel_residual {
+            let n2 = match &self.norm_2 {
+                Some(norm) => norm.forward(x)?,
+                None => n1,
+            };
+            let m = self.mlp.forward(&n2, dropout)?;
+            Ok(((x + h)? + m)?)
+        } else {
+            let x = (x + h)?;
+            let n2 = match &self.norm_2 {
+                Some(norm) => norm.forward(&x)?,
+                None => self.norm_1.forward(&x)?,
+            };
+            Ok((&x + self.mlp.forward(&n2, dropout)?)?)
+        }
+    }
+}
+
+/// A LoRA target on a linear: parameter-name suffix and the output rows it updates.
+type AdapterSlot = (&'static str, std::ops::Range<usize>);
+
+/// The whole model.
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    pub config: Config,
+    pub wte: Tensor,
+    pub blocks: Vec<Block>,
+    pub ln_f: Norm,
+    pub lm_head: LoraLinear,
+    rope: Rope,
+    lora: Option<LoraConfig>,
+}
+
+impl Gpt {
+    /// Builds the model from lit-named weights; every tensor is shape-checked, missing or
+    /// extra tensors are errors naming them.
+    pub fn load(cfg: &Config, mut w: Weights, device: &Device) -> Result<Gpt> {
+        cfg.validate()?;
+        let (v, d) = (cfg.padded_vocab_size, cfg.n_embd);
+        let wte = w.take("transformer.wte.weight", &[v, d])?;
+        let dtype = wte.dtype();
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::load(cfg, &mut w, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = Norm::load(cfg, &mut w, "transformer.ln_f")?;
+        let head_w = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
+            wte.clone()
+        } else {
+            w.take("lm_head.weight", &[v, d])?
+        };
+        w.finish()?;
+        Ok(Gpt {
+            config: cfg.clone(),
+            wte,
+            blocks,
+            ln_f,
+            lm_head: LoraLinear::frozen("lm_head", head_w, None),
+            rope: Rope::new(cfg, dtype, device)?,
+            lora: None,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    /// The LoRA settings of the attached adapters, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// One empty `KvCache` per layer, each holding up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Vec<KvCache> {
+        let capacity = capacity.min(self.config.block_size);
+        (0..self.config.n_layer)
+            .map(|_| KvCache::new(capacity))
+            .collect()
+    }
+
+    /// Hidden states after the final norm, (B, T, n_embd). Training path: full sequence from
+    /// position 0, causal; pass `dropout` to enable LoRA dropout.
+    pub fn forward_hidden(
+        &self,
+        idx: &Tensor,
+        mut dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
+        let (_, t) = idx.dims2()?;
+        self.check_positions(0, t)?;
+        let mut x = self.embed(idx)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &self.rope, 0, None, dropout.as_deref_mut())?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// lm_head on hidden states: (B, T, n_embd) -> (B, T, padded_vocab).
+    pub fn head(&self, h: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
+        self.lm_head.forward(h, dropout)
+    }
+
+    /// Full-sequence logits (B, T, padded_vocab), no cache, no dropout.
+    pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
+        let h = self.forward_hidden(idx, None)?;
+        self.head(&h, None)
+    }
+
+    /// Inference path: runs `idx` (B, T) at the positions after what `cache` holds, appends
+    /// their keys and values, and returns logits (B, T, padded_vocab).
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
+        let (_, t) = idx.dims2()?;
+        if cache.len() != self.blocks.len() {
+            return Err(Error::Cache(format!(
+                "{} layer caches for a {}-layer model",
+                cache.len(),
+                self.blocks.len()
+            )));
+        }
+        let offset = cache[0].len();
+        self.check_positions(offset, t)?;
+        let mut x = self.embed(idx)?;
+        for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
+            x = block.forward(&x, &self.rope, offset, Some(c), None)?;
+        }
+        let h = self.ln_f.forward(&x)?;
+        self.head(&h, None)
+    }
+
+    fn check_positions(&self, offset: usize, t: usize) -> Result<()> {
+        if offset + t > self.config.block_size {
+            return Err(Error::Cache(format!(
+                "positions {offset}..{} exceed the model's block size {}",
+                offset + t,
+                self.config.block_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, idx: &Tensor) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let ids = idx.flatten_all()?;
+        Ok(self
+            .wte
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.config.n_embd))?)
+    }
+
+    /// Every LoRA-capable linear with the target flag that selects it.
+    fn targets_mut(&mut self) -> Vec<(&mut LoraLinear, Vec<AdapterSlot>)> {
+        let cfg = self.config.clone();
+        let lora = self.lora.clone().unwrap_or_default();
+        let t = lora.targets;
+        let (q, kv) = (
+            cfg.n_head * cfg.head_size,
+            cfg.n_query_groups * cfg.head_size,
+        );
+        let mut out = Vec::new();
+        for block in &mut self.blocks {
+            let mut qkv = Vec::new();
+            if t.query {
+                qkv.push(("query", 0..q));
+            }
+            if t.key {
+                qkv.push(("key", q..q + kv));
+            }
+            if t.value {
+                qkv.push(("value", q + kv..q + 2 * kv));
+            }
+            if !qkv.is_empty() {
+                out.push((&mut block.attn.qkv, qkv));
+            }
+            if t.projection {
+                let n = block.attn.proj.out_features();
+                out.push((&mut block.attn.proj, vec![("", 0..n)]));
+            }
+            if t.mlp {
+                for l in block.mlp.linears_mut() {
+                    let n = l.out_features();
+                    out.push((l, vec![("", 0..n)]));
+                }
+            }
+        }
+        if t.head {
+            let n = self.lm_head.out_features();
+            out.push((&mut self.lm_head, vec![("", 0..n)]));
+        }
+        out
+    }
+
+    /// Attaches freshly initialised adapters (A from `seed`, B = 0) to the configured targets.
+    pub fn add_lora(&mut self, lora: &LoraConfig, seed: u64) -> Result<()> {
+        lora.validate()?;
+        if self.lora.is_some() {
+            return Err(Error::Lora("the model already has LoRA adapters".into()));
+        }
+        self.lora = Some(lora.clone());
+        let mut rng = Rng::new(seed);
+        for (linear, adapters) in self.targets_mut() {
+            for (target, rows) in adapters {
+                linear.add_adapter(target, rows, lora, &mut rng)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches adapters from named tensors (a LoRA checkpoint); every expected tensor must be
+    /// present with the right shape and nothing else may be left.
+    pub fn load_lora(&mut self, lora: &LoraConfig, mut w: Weights) -> Result<()> {
+        lora.validate()?;
+        if self.lora.is_some() {
+            return Err(Error::Lora("the model already has LoRA adapters".into()));
+        }
+        self.lora = Some(lora.clone());
+        for (linear, adapters) in self.targets_mut() {
+            for (target, rows) in adapters {
+                let (a_name, b_name) = linear.param_names(target);
+                let a = w.take(&a_name, &[lora.r, linear.in_features()])?;
+                let b = w.take(&b_name, &[rows.len(), lora.r])?;
+                linear.set_adapter(target, rows, a, b, lora)?;
+            }
+        }
+        w.finish()
+    }
+
+    fn linears(&self) -> Vec<&LoraLinear> {
+        let mut out = Vec::new();
+        for block in &self.blocks {
+            out.push(&block.attn.qkv);
+            out.push(&block.attn.proj);
+            out.extend(block.mlp.linears());
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// The trainable parameters, by checkpoint name, in a stable order.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for linear in self.linears() {
+            for ad in linear.adapters() {
+                let (a, b) = linear.param_names(ad.target);
+                out.push((a, ad.a.clone()));
+                out.push((b, ad.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Number of trainable (LoRA) parameters.
+    pub fn num_trainable(&self) -> usize {
+        self.lora_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Folds every adapter into its weight. A merged head no longer shares the embedding.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let head_adapted = !self.lm_head.adapters().is_empty();
+        for (linear, _) in self.targets_mut() {
+            linear.merge()?;
+        }
+        if head_adapted {
+            self.config.tie_embeddings = false;
+        }
+        self.lora = None;
+        Ok(())
+    }
+
+    /// The base weights by checkpoint name (what `lit_model.safetensors` holds).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("transformer.wte.weight".to_string(), self.wte.clone())];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            block.norm_1.named(&format!("{p}.norm_1"), &mut out);
+            linear_named(&block.attn.qkv, &mut out);
+            linear_named(&block.attn.proj, &mut out);
+            if let Some(n) = &block.norm_2 {
+                n.named(&format!("{p}.norm_2"), &mut out);
+            }
+            for l in block.mlp.linears() {
+                linear_named(l, &mut out);
+            }
+        }
+        self.ln_f.named("transformer.ln_f", &mut out);
+        if !self.config.tie_embeddings {
+            linear_named(&self.lm_head, &mut out);
+        }
+        out
+    }
+
+    /// The current LoRA tensors by checkpoint name.
+    pub fn lora_tensors(&self) -> HashMap<String, Tensor> {
+        self.lora_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect()
+    }
+}

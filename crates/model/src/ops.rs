@@ -1,0 +1,265 @@
+//! Tensor ops the model needs, each with a working backward pass.
+//!
+//! candle's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope` kernels have no
+//! backward: gradients stop there without an error. Each op here takes the fused kernel only
+//! when its input carries no gradient (`!x.track_op()`: inference, or layers before the first
+//! trainable parameter) and otherwise builds the result from ops that candle differentiates.
+//!
+//! [`frozen_matmul`] is the other half of the memory story: candle's matmul backward computes
+//! the weight gradient unconditionally and keeps it in the `GradStore`, so a frozen 50k-row
+//! lm_head would cost a second copy of itself per step. The custom op here returns only dX.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+
+type Result<T> = candle_core::Result<T>;
+
+/// LayerNorm over the last dimension, statistics in f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.track_op() && x.is_contiguous() {
+        return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let d = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / d)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / d)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// RMSNorm over the last dimension (Llama's: normalise in f32, cast back, then scale).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.track_op() && x.is_contiguous() {
+        return candle_nn::ops::rms_norm(x, weight, eps as f32);
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let d = x.dim(D::Minus1)? as f64;
+    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
+    let xn = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    xn.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, computed in f32. The row max is a constant shift
+/// (its gradient cancels exactly), so it is detached.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if !x.track_op() && x.is_contiguous() {
+        return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)?.to_dtype(dtype)
+}
+
+/// Rotary position embedding, GPT-NeoX "rotate half" form, on the first `cos.dim(1) * 2`
+/// channels of `x` (B, H, T, head_size); the remaining channels pass through (partial rotary).
+/// `cos`/`sin` are (T, n_elem / 2).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let head_size = x.dim(D::Minus1)?;
+    let half = cos.dim(D::Minus1)?;
+    let n_elem = 2 * half;
+    if n_elem == 0 {
+        return Ok(x.clone());
+    }
+    let rot = if n_elem == head_size {
+        x.clone()
+    } else {
+        x.narrow(D::Minus1, 0, n_elem)?
+    };
+    let roped = if !x.track_op() {
+        candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, sin)?
+    } else {
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+        let x1 = rot.narrow(D::Minus1, 0, half)?;
+        let x2 = rot.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        (rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
+    };
+    if n_elem == head_size {
+        Ok(roped)
+    } else {
+        let pass = x.narrow(D::Minus1, n_elem, head_size - n_elem)?;
+        Tensor::cat(&[&roped, &pass], D::Minus1)
+    }
+}
+
+/// `x @ w.T` for a frozen weight `w` (out, in): the backward pass yields dX = dY @ w only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+/// How to run `x @ w.T` as one 2-D GEMM: (m, n, k), the layouts of x and w.T, the output shape.
+struct MatmulPlan {
+    mnk: (usize, usize, usize),
+    x: Layout,
+    wt: Layout,
+    out: Shape,
+}
+
+impl FrozenMatmul {
+    /// (m, n, k) and the layouts for the 2-D matmul (m, k) @ (k, n) behind `x @ w.T`.
+    fn plan(&self, l: &Layout) -> Result<MatmulPlan> {
+        let (n, k) = self.w.dims2()?;
+        let dims = l.dims();
+        let last = *dims.last().unwrap_or(&0);
+        if last != k {
+            candle_core::bail!(
+                "linear: input has {last} features, weight {:?} expects {k}",
+                self.w.dims()
+            )
+        }
+        if !l.is_contiguous() {
+            candle_core::bail!("linear: input must be contiguous")
+        }
+        let m = l.shape().elem_count() / k.max(1);
+        let x_l = Layout::contiguous_with_offset((m, k), l.start_offset());
+        let (_, w_l) = self.w.storage_and_layout();
+        if !w_l.is_contiguous() {
+            candle_core::bail!("linear: weight must be contiguous")
+        }
+        let wt_l = Layout::contiguous_with_offset((n, k), w_l.start_offset()).transpose(0, 1)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = n;
+        Ok(MatmulPlan {
+            mnk: (m, n, k),
+            x: x_l,
+            wt: wt_l,
+            out: Shape::from(out_dims),
+        })
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.plan(l)?;
+        let (m, n, k) = p.mnk;
+        let (w_s, _) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w_s else {
+            candle_core::bail!("linear: weight and input are on different devices")
+        };
+        let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        Ok((out, p.out))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = self.plan(l)?;
+        let (m, n, k) = p.mnk;
+        let (w_s, _) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*w_s else {
+            candle_core::bail!("linear: weight and input are on different devices")
+        };
+        let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        Ok((out, p.out))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn composite_ops_match_fused_kernels() {
+        let x = randn(&[2, 3, 5, 8], 1);
+        let w = randn(&[8], 2);
+        let b = randn(&[8], 3);
+        let var = Var::from_tensor(&x).unwrap();
+        let tracked = var.as_tensor();
+        assert!(
+            max_diff(
+                &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+                &layer_norm(tracked, &w, &b, 1e-5).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                &rms_norm(&x, &w, 1e-5).unwrap(),
+                &rms_norm(tracked, &w, 1e-5).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                &softmax_last_dim(&x).unwrap(),
+                &softmax_last_dim(tracked).unwrap()
+            ) < 1e-6
+        );
+        for n_elem in [8, 4] {
+            let cos = randn(&[5, n_elem / 2], 4);
+            let sin = randn(&[5, n_elem / 2], 5);
+            let fused = apply_rope(&x, &cos, &sin).unwrap();
+            let comp = apply_rope(tracked, &cos, &sin).unwrap();
+            assert!(max_diff(&fused, &comp) < 1e-5, "rope {n_elem}");
+        }
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_has_no_weight_grad() {
+        let x = Var::from_tensor(&randn(&[2, 3, 4], 7)).unwrap();
+        let w = randn(&[5, 4], 8);
+        let y = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let want = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-5);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(x.as_tensor()).unwrap();
+        // d(sum(x W^T))/dx = sum over rows of W, broadcast.
+        let want_gx = w.sum_keepdim(0).unwrap().broadcast_as((2, 3, 4)).unwrap();
+        assert!(max_diff(gx, &want_gx) < 1e-5);
+        assert!(
+            grads.get(&w).is_none(),
+            "a frozen weight must not get a gradient"
+        );
+
+        // candle's own matmul does build (and keep) the weight-sized gradient.
+        let x2 = x.as_tensor().reshape((6, 4)).unwrap();
+        let wt = w.t().unwrap();
+        let grads = x2
+            .matmul(&wt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(grads.get(&wt).map(|g| g.dims().to_vec()), Some(vec![4, 5]));
+    }
+}

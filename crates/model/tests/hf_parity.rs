@@ -1,0 +1,153 @@
+//! Logits parity against Hugging Face transformers, on the committed fixtures that
+//! `scripts/make_hf_fixtures.py` wrote: full forward, prefill + cached decode, greedy decoding,
+//! and the same with zero-initialised LoRA adapters attached (the training path's ops).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use loratune_model::convert::load_hf_dir;
+use loratune_model::{Gpt, LoraConfig, LoraTargets};
+
+const VARIANTS: [&str; 6] = [
+    "neox_parallel_rot025",
+    "neox_sequential_rot100",
+    "llama_gqa_untied",
+    "llama_gqa_tied",
+    "falcon_mqa",
+    "falcon_gqa_newarch",
+];
+const TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+struct Oracle {
+    tokens: Tensor,
+    logits: Tensor,
+    greedy_prompt: Tensor,
+    greedy_tokens: Vec<u32>,
+}
+
+fn load(name: &str) -> (Gpt, Oracle) {
+    let dir = fixture(name);
+    let (cfg, weights) = load_hf_dir(&dir, name, &Device::Cpu).unwrap();
+    let model = Gpt::load(&cfg, weights, &Device::Cpu).unwrap();
+    let o = candle_core::safetensors::load(dir.join("oracle.safetensors"), &Device::Cpu).unwrap();
+    let u32s = |k: &str| o[k].to_dtype(DType::U32).unwrap();
+    let oracle = Oracle {
+        tokens: u32s("tokens"),
+        logits: o["logits"].clone(),
+        greedy_prompt: u32s("greedy_prompt"),
+        greedy_tokens: u32s("greedy_tokens")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+    };
+    (model, oracle)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn full_forward_matches_transformers() {
+    for name in VARIANTS {
+        let (model, o) = load(name);
+        let logits = model.forward(&o.tokens).unwrap();
+        let d = max_abs_diff(&logits, &o.logits);
+        assert!(d <= TOL, "{name}: max |logits - hf| = {d}");
+    }
+}
+
+#[test]
+fn prefill_then_cached_decode_matches_transformers() {
+    for name in VARIANTS {
+        let (model, o) = load(name);
+        let seq = o.tokens.i(0..1).unwrap();
+        let want = o.logits.i(0..1).unwrap();
+        let mut cache = model.new_cache(32);
+        let prefill = model
+            .forward_cached(&seq.i((.., 0..8)).unwrap(), &mut cache)
+            .unwrap();
+        let d = max_abs_diff(&prefill, &want.i((.., 0..8)).unwrap());
+        assert!(d <= TOL, "{name}: prefill max diff {d}");
+        for pos in 8..16 {
+            let step = model
+                .forward_cached(&seq.i((.., pos..pos + 1)).unwrap(), &mut cache)
+                .unwrap();
+            let d = max_abs_diff(&step, &want.i((.., pos..pos + 1)).unwrap());
+            assert!(
+                d <= TOL,
+                "{name}: decode step at position {pos}: max diff {d}"
+            );
+        }
+        assert_eq!(cache[0].len(), 16);
+    }
+}
+
+#[test]
+fn greedy_decoding_matches_transformers_generate() {
+    for name in VARIANTS {
+        let (model, o) = load(name);
+        let mut cache = model.new_cache(32);
+        let mut input = o.greedy_prompt.clone();
+        let mut got = Vec::new();
+        for _ in 0..o.greedy_tokens.len() {
+            let logits = model.forward_cached(&input, &mut cache).unwrap();
+            let last = logits.i((0, logits.dim(1).unwrap() - 1)).unwrap();
+            let next = last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+            got.push(next);
+            input = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+        }
+        assert_eq!(got, o.greedy_tokens, "{name}");
+    }
+}
+
+/// With adapters attached (B = 0, so the function is unchanged) the activations carry
+/// gradients and every op takes its differentiable composite form: the training path.
+#[test]
+fn training_path_with_zero_lora_matches_transformers() {
+    let all = LoraTargets {
+        query: true,
+        key: true,
+        value: true,
+        projection: true,
+        mlp: true,
+        head: true,
+    };
+    for name in VARIANTS {
+        let (mut model, o) = load(name);
+        let lora = LoraConfig {
+            targets: all,
+            ..LoraConfig::default()
+        };
+        model.add_lora(&lora, 7).unwrap();
+        let logits = model.forward(&o.tokens).unwrap();
+        assert!(logits.track_op(), "{name}: logits should carry gradients");
+        let d = max_abs_diff(&logits, &o.logits);
+        assert!(d <= TOL, "{name}: training path max diff {d}");
+    }
+}
+
+#[test]
+fn rejects_block_size_overflow_with_an_error() {
+    let (model, _) = load("llama_gqa_untied");
+    let ids = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
+    let err = model.forward(&ids).unwrap_err().to_string();
+    assert!(err.contains("block size 64"), "{err}");
+}

@@ -166,9 +166,18 @@ impl LoraLinear {
         &self.adapters
     }
 
+    /// Adapter parameters are f32 whatever the weight dtype (bf16/f16 models train f32
+    /// adapters), except for f64 models, whose adapters are f64 too.
+    fn adapter_dtype(&self) -> DType {
+        if self.weight.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     /// Adds a freshly initialised adapter on `rows` of the output: A ~ U(-1/sqrt(in),
     /// 1/sqrt(in)) (Kaiming-uniform with a = sqrt(5), as PyTorch and Lit-GPT), B = 0.
-    /// Adapter parameters are f32 whatever the weight dtype.
     pub fn add_adapter(
         &mut self,
         target: &'static str,
@@ -210,8 +219,8 @@ impl LoraLinear {
         self.adapters.push(Adapter {
             target,
             rows,
-            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
-            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            a: Var::from_tensor(&a.to_dtype(self.adapter_dtype())?)?,
+            b: Var::from_tensor(&b.to_dtype(self.adapter_dtype())?)?,
         });
         self.scaling = cfg.scaling();
         self.dropout = cfg.dropout;
@@ -245,11 +254,11 @@ impl LoraLinear {
                 let r = b.dims()[1];
                 let mut parts = Vec::with_capacity(3);
                 if ad.rows.start > 0 {
-                    parts.push(Tensor::zeros((ad.rows.start, r), DType::F32, device)?);
+                    parts.push(Tensor::zeros((ad.rows.start, r), b.dtype(), device)?);
                 }
                 parts.push(b.clone());
                 if ad.rows.end < out_f {
-                    parts.push(Tensor::zeros((out_f - ad.rows.end, r), DType::F32, device)?);
+                    parts.push(Tensor::zeros((out_f - ad.rows.end, r), b.dtype(), device)?);
                 }
                 Tensor::cat(&parts, 0)
             })
@@ -271,7 +280,7 @@ impl LoraLinear {
         if self.adapters.is_empty() {
             return Ok(y);
         }
-        let mut xa = x.to_dtype(DType::F32)?;
+        let mut xa = x.to_dtype(self.adapter_dtype())?;
         if let Some(ctx) = dropout {
             if self.dropout > 0.0 {
                 xa =
@@ -298,7 +307,7 @@ impl LoraLinear {
     pub fn merge(&mut self) -> Result<()> {
         if let Some(delta) = self.delta_weight()? {
             let dtype = self.weight.dtype();
-            let w = (self.weight.to_dtype(DType::F32)? + delta)?;
+            let w = (self.weight.to_dtype(delta.dtype())? + delta)?;
             self.weight = w.to_dtype(dtype)?;
             self.adapters.clear();
         }

@@ -225,6 +225,44 @@ impl Block {
     }
 }
 
+/// Trainable parameters that `lora` adds to a model of config `cfg`, without building it.
+pub fn lora_param_count(cfg: &Config, lora: &LoraConfig) -> usize {
+    let t = &lora.targets;
+    let (d, r) = (cfg.n_embd, lora.r);
+    let (q, kv) = (
+        cfg.n_head * cfg.head_size,
+        cfg.n_query_groups * cfg.head_size,
+    );
+    // Each adapter: A (r, in) + B (rows, r).
+    let ad = |in_f: usize, rows: usize| r * (in_f + rows);
+    let mut per_layer = 0;
+    if t.query {
+        per_layer += ad(d, q);
+    }
+    if t.key {
+        per_layer += ad(d, kv);
+    }
+    if t.value {
+        per_layer += ad(d, kv);
+    }
+    if t.projection {
+        per_layer += ad(q, d);
+    }
+    if t.mlp {
+        let i = cfg.intermediate_size;
+        per_layer += match cfg.mlp {
+            MlpKind::GptNeox => ad(d, i) + ad(i, d),
+            MlpKind::Llama => 2 * ad(d, i) + ad(i, d),
+        };
+    }
+    let head = if t.head {
+        ad(d, cfg.padded_vocab_size)
+    } else {
+        0
+    };
+    cfg.n_layer * per_layer + head
+}
+
 /// A LoRA target on a linear: parameter-name suffix and the output rows it updates.
 type AdapterSlot = (&'static str, std::ops::Range<usize>);
 

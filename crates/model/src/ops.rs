@@ -14,13 +14,27 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Stor
 
 type Result<T> = candle_core::Result<T>;
 
+/// The precision reductions run in: f32, or f64 for f64 tensors.
+fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Whether candle's fused kernel may be used: no gradient needed, and a dtype it supports.
+fn use_fused(x: &Tensor) -> bool {
+    !x.track_op() && x.is_contiguous() && x.dtype() != DType::F64
+}
+
 /// LayerNorm over the last dimension, statistics in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.track_op() && x.is_contiguous() {
+    if use_fused(x) {
         return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
     }
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let d = x.dim(D::Minus1)? as f64;
     let mean = (x.sum_keepdim(D::Minus1)? / d)?;
     let xc = x.broadcast_sub(&mean)?;
@@ -33,11 +47,11 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// RMSNorm over the last dimension (Llama's: normalise in f32, cast back, then scale).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.track_op() && x.is_contiguous() {
+    if use_fused(x) {
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let d = x.dim(D::Minus1)? as f64;
     let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
     let xn = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
@@ -48,10 +62,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// (its gradient cancels exactly), so it is detached.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    if !x.track_op() && x.is_contiguous() {
+    if use_fused(x) {
         return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
     }
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -73,7 +87,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     } else {
         x.narrow(D::Minus1, 0, n_elem)?
     };
-    let roped = if !x.track_op() {
+    let roped = if !x.track_op() && x.dtype() != DType::F64 {
         candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, sin)?
     } else {
         let cos = Tensor::cat(&[cos, cos], D::Minus1)?;

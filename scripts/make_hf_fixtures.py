@@ -10,6 +10,9 @@ this: it reads the committed output. For every variant, OUT/<variant>/ holds
   oracle.safetensors               tokens (2, 16) i64 and logits (2, 16, vocab) f32 from one
                                    full forward pass (eager attention); greedy_prompt (1, 6) and
                                    greedy_tokens (1, 10): generate(do_sample=False) continuation
+  tokenizer.json, tokenizer_config.json, generation_config.json
+                                   one byte-level BPE (vocab 320, trained on CPython's doc text)
+                                   shared by all variants; llama_gqa_tied gets a ChatML template
 Weights use initializer_range 0.15 so attention is far from uniform (a wrong rotary or mask
 changes logits well above the 1e-4 tolerance), biases ~ N(0, 0.02), norm weights ~ 1 + N(0, 0.1)
 and norm biases ~ N(0, 0.02), so a dropped bias or a swapped norm shows up too.
@@ -56,6 +59,39 @@ VARIANTS = {
 }
 
 
+SPECIAL = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+          " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def train_tokenizer(path):
+    from pydoc_data import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=2, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((topics.topics[k] for k in sorted(topics.topics)), trainer=trainer)
+    assert tok.get_vocab_size(with_added_tokens=True) <= VOCAB
+    tok.save(str(path))
+
+
+def write_tokenizer_files(out, tokenizer_json, chat):
+    import shutil
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    cfg = {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+           "unk_token": "<|endoftext|>", "pad_token": "<|padding|>", "add_bos_token": False,
+           "add_eos_token": False, "model_max_length": 64}
+    if chat:
+        cfg.update(eos_token="<|im_end|>", chat_template=CHATML)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"bos_token_id": 0, "eos_token_id": [3, 0] if chat else 0}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
 def build(kind, params, seed):
     import torch
     from transformers import (FalconConfig, FalconForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
@@ -89,15 +125,28 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
 
+    tok_path = Path(args.out) / "tokenizer.json"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    train_tokenizer(tok_path)
     manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "variants": {}}
     for i, (name, (kind, params)) in enumerate(sorted(VARIANTS.items())):
         out = Path(args.out) / name
         out.mkdir(parents=True, exist_ok=True)
         model = build(kind, params, args.seed + 10 * i)
         model.save_pretrained(out, safe_serialization=True)
-        for f in ("generation_config.json",):
-            if (out / f).exists():
-                os.remove(out / f)
+        write_tokenizer_files(out, tok_path, chat=(name == "llama_gqa_tied"))
+        if name == "neox_parallel_rot025":
+            # The same weights as PyTorch .bin and as sharded safetensors, for the converter.
+            for fmt, kwargs in (("bin", dict(safe_serialization=False)),
+                                ("sharded", dict(safe_serialization=True, max_shard_size="200KB"))):
+                d = Path(args.out).parent / "formats" / fmt
+                d.mkdir(parents=True, exist_ok=True)
+                if fmt == "bin":
+                    import shutil
+                    shutil.copyfile(out / "config.json", d / "config.json")
+                    torch.save(model.state_dict(), d / "pytorch_model.bin")
+                else:
+                    model.save_pretrained(d, **kwargs)
         g = torch.Generator().manual_seed(args.seed + 10 * i + 7)
         tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
         with torch.no_grad():
@@ -113,6 +162,7 @@ def main():
                                       "params": sum(p.numel() for p in model.parameters()),
                                       "logits_std": float(logits.std())}
         print(name, manifest["variants"][name])
+    os.remove(tok_path)
     (Path(args.out) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

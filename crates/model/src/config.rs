@@ -191,10 +191,8 @@ impl Config {
     /// Reads and validates `lit_config.json`.
     pub fn from_json_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Config = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let cfg: Config =
+            serde_json::from_str(&text).map_err(|e| Error::json(path.to_path_buf(), e))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -6,9 +6,9 @@
 //! Buffers HF keeps in checkpoints (`rotary_emb.inv_freq`, `attention.bias`,
 //! `attention.masked_bias`) are not model weights and are never read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use crate::config::{Config, MlpKind, NormKind};
@@ -47,10 +47,7 @@ fn get_bool(v: &Value, key: &str) -> Option<bool> {
 /// weight layout.
 pub fn config_from_hf(path: &Path, name: &str) -> Result<(Config, HfFamily)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(path.to_path_buf(), e))?;
     config_from_hf_value(&v, name, path)
 }
 
@@ -62,6 +59,30 @@ pub fn config_from_hf_value(v: &Value, name: &str, path: &Path) -> Result<(Confi
         .or_else(|| v.get("model_type").and_then(Value::as_str))
         .unwrap_or("")
         .to_string();
+    const KNOWN: [&str; 11] = [
+        "GPTNeoXForCausalLM",
+        "gpt_neox",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "llama",
+        "mistral",
+        "FalconForCausalLM",
+        "RWForCausalLM",
+        "falcon",
+        "RefinedWebModel",
+        "RefinedWeb",
+    ];
+    if !KNOWN.contains(&arch.as_str()) {
+        return Err(Error::UnsupportedArchitecture {
+            arch: if arch.is_empty() {
+                "<none>".into()
+            } else {
+                arch
+            },
+            path: path.to_path_buf(),
+            supported: SUPPORTED_ARCHITECTURES.into(),
+        });
+    }
     let missing = |field: &str| Error::BadCheckpoint {
         path: path.to_path_buf(),
         reason: format!("config.json has no usable {field:?}"),
@@ -200,47 +221,63 @@ fn check_act(v: &Value, allowed: &[&str], path: &Path) -> Result<()> {
     }
 }
 
-/// Every lit tensor name a config's model needs, in checkpoint order.
-pub fn lit_names(cfg: &Config) -> Vec<String> {
-    let mut out = vec!["transformer.wte.weight".to_string()];
-    let norm = |out: &mut Vec<String>, n: &str| {
-        out.push(format!("{n}.weight"));
+/// Every lit tensor a config's model needs, with its shape, in checkpoint order.
+pub fn lit_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.n_embd;
+    let mut out = vec![(
+        "transformer.wte.weight".to_string(),
+        vec![cfg.padded_vocab_size, d],
+    )];
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, n: &str| {
+        out.push((format!("{n}.weight"), vec![d]));
         if cfg.norm == NormKind::LayerNorm {
-            out.push(format!("{n}.bias"));
+            out.push((format!("{n}.bias"), vec![d]));
         }
     };
-    let linear = |out: &mut Vec<String>, n: &str| {
-        out.push(format!("{n}.weight"));
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, n: &str, o: usize, i: usize| {
+        out.push((format!("{n}.weight"), vec![o, i]));
         if cfg.bias {
-            out.push(format!("{n}.bias"));
+            out.push((format!("{n}.bias"), vec![o]));
         }
     };
+    let (inter, q) = (cfg.intermediate_size, cfg.n_head * cfg.head_size);
     for i in 0..cfg.n_layer {
         let p = format!("transformer.h.{i}");
         norm(&mut out, &format!("{p}.norm_1"));
-        linear(&mut out, &format!("{p}.attn.qkv"));
-        linear(&mut out, &format!("{p}.attn.proj"));
+        linear(&mut out, &format!("{p}.attn.qkv"), cfg.qkv_out(), d);
+        linear(&mut out, &format!("{p}.attn.proj"), d, q);
         if !cfg.shared_attention_norm {
             norm(&mut out, &format!("{p}.norm_2"));
         }
-        let mlp: &[&str] = match cfg.mlp {
-            MlpKind::GptNeox => &["fc", "proj"],
-            MlpKind::Llama => &["fc_1", "fc_2", "proj"],
-        };
-        for m in mlp {
-            linear(&mut out, &format!("{p}.mlp.{m}"));
+        match cfg.mlp {
+            MlpKind::GptNeox => {
+                linear(&mut out, &format!("{p}.mlp.fc"), inter, d);
+                linear(&mut out, &format!("{p}.mlp.proj"), d, inter);
+            }
+            MlpKind::Llama => {
+                linear(&mut out, &format!("{p}.mlp.fc_1"), inter, d);
+                linear(&mut out, &format!("{p}.mlp.fc_2"), inter, d);
+                linear(&mut out, &format!("{p}.mlp.proj"), d, inter);
+            }
         }
     }
     norm(&mut out, "transformer.ln_f");
     if !cfg.tie_embeddings {
-        out.push("lm_head.weight".into());
+        out.push(("lm_head.weight".into(), vec![cfg.padded_vocab_size, d]));
     }
     out
+}
+
+/// Every lit tensor name a config's model needs, in checkpoint order.
+pub fn lit_names(cfg: &Config) -> Vec<String> {
+    lit_shapes(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 /// The HF tensor names a lit name is built from, and how.
 enum Source {
     Copy(String),
+    /// The first of these names that the checkpoint has (names that changed across versions).
+    AnyOf(Vec<String>),
     /// Fused qkv with rows grouped as (groups, q_per_group + 2, head_size).
     GroupedQkv {
         name: String,
@@ -264,7 +301,11 @@ fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<Source> {
     let Some(i) = layer else {
         return match (family, rest) {
             (GptNeox, "transformer.wte.weight") => copy("gpt_neox.embed_in.weight".into()),
-            (GptNeox, "lm_head.weight") => copy("embed_out.weight".into()),
+            // transformers 5 saves `lm_head.weight` in .bin files; the Hub's files say `embed_out`.
+            (GptNeox, "lm_head.weight") => Some(Source::AnyOf(vec![
+                "embed_out.weight".into(),
+                "lm_head.weight".into(),
+            ])),
             (GptNeox, r) => r
                 .strip_prefix("transformer.ln_f.")
                 .map(|s| Source::Copy(format!("gpt_neox.final_layer_norm.{s}"))),
@@ -373,6 +414,14 @@ pub fn lit_tensor(
     })?;
     match source {
         Source::Copy(name) => get(&name),
+        Source::AnyOf(names) => {
+            for n in &names[..names.len() - 1] {
+                if let Ok(t) = get(n) {
+                    return Ok(t);
+                }
+            }
+            get(&names[names.len() - 1])
+        }
         Source::Concat(names) => {
             let parts = names.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts, 0)?)
@@ -412,10 +461,7 @@ pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.clone(),
-            source,
-        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(index.clone(), e))?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
@@ -442,44 +488,334 @@ pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     })
 }
 
-/// Reads an HF safetensors checkpoint folder (config.json + weights) into a lit `Config` and
-/// lit-named `Weights`, converting one tensor at a time from memory-mapped files.
+/// The weights of an HF checkpoint folder, opened lazily: safetensors (memory-mapped, single
+/// or sharded) or PyTorch `.bin` pickles (single or sharded).
+pub enum HfSource {
+    Safetensors {
+        dir: PathBuf,
+        st: candle_core::safetensors::MmapedSafetensors,
+    },
+    Pth {
+        dir: PathBuf,
+        files: Vec<(PathBuf, candle_core::pickle::PthTensors)>,
+    },
+}
+
+impl HfSource {
+    pub fn open(dir: &Path) -> Result<HfSource> {
+        let has_st = dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file();
+        if has_st {
+            let files = hf_safetensors_files(dir)?;
+            for f in &files {
+                if !f.is_file() {
+                    return Err(Error::io(
+                        f,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "shard listed in the index is missing",
+                        ),
+                    ));
+                }
+            }
+            // SAFETY: opened read-only; loratune never writes to an input checkpoint while
+            // reading it.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+                .map_err(|e| Error::BadCheckpoint {
+                    path: files[0].clone(),
+                    reason: format!("not a readable safetensors file ({e})"),
+                })?;
+            // A truncated file has a valid header but too few bytes: check every tensor's span.
+            for (name, view) in st.tensors() {
+                let want = view.shape().iter().product::<usize>() * view.dtype().bitsize() / 8;
+                if view.data().len() != want {
+                    return Err(Error::BadCheckpoint {
+                        path: dir.to_path_buf(),
+                        reason: format!("tensor {name:?} is truncated"),
+                    });
+                }
+            }
+            return Ok(HfSource::Safetensors {
+                dir: dir.to_path_buf(),
+                st,
+            });
+        }
+        let mut bins = Vec::new();
+        let index = dir.join("pytorch_model.bin.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| Error::json(index.clone(), e))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::BadCheckpoint {
+                    path: index.clone(),
+                    reason: "no \"weight_map\" object".into(),
+                })?;
+            bins = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(|f| dir.join(f))
+                .collect();
+            bins.sort();
+            bins.dedup();
+        } else if dir.join("pytorch_model.bin").is_file() {
+            bins.push(dir.join("pytorch_model.bin"));
+        }
+        if bins.is_empty() {
+            return Err(Error::BadCheckpoint {
+                path: dir.to_path_buf(),
+                reason: "no weights here: expected model.safetensors, \
+                         model.safetensors.index.json, pytorch_model.bin or \
+                         pytorch_model.bin.index.json"
+                    .into(),
+            });
+        }
+        let files = bins
+            .into_iter()
+            .map(|f| {
+                let t = candle_core::pickle::PthTensors::new(&f, None).map_err(|e| {
+                    Error::BadCheckpoint {
+                        path: f.clone(),
+                        reason: format!("not a readable PyTorch checkpoint ({e})"),
+                    }
+                })?;
+                Ok((f, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HfSource::Pth {
+            dir: dir.to_path_buf(),
+            files,
+        })
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        let dir = match self {
+            HfSource::Safetensors { dir, .. } | HfSource::Pth { dir, .. } => dir,
+        };
+        Error::MissingTensor {
+            name: name.to_string(),
+            source_file: Some(dir.clone()),
+        }
+    }
+
+    /// Loads one HF tensor.
+    pub fn get(&self, name: &str, device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            HfSource::Safetensors { st, .. } => {
+                if st.get(name).is_err() {
+                    return Err(self.missing(name));
+                }
+                Ok(st.load(name, device)?)
+            }
+            HfSource::Pth { files, .. } => {
+                for (path, f) in files {
+                    if f.tensor_infos().contains_key(name) {
+                        let t = f.get(name).map_err(|e| Error::BadCheckpoint {
+                            path: path.clone(),
+                            reason: format!("tensor {name:?} could not be read ({e})"),
+                        })?;
+                        return match t {
+                            Some(t) => Ok(t.to_device(device)?),
+                            None => Err(self.missing(name)),
+                        };
+                    }
+                }
+                Err(self.missing(name))
+            }
+        }
+    }
+
+    /// The stored dtype of one HF tensor, without reading it.
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        match self {
+            HfSource::Safetensors { st, .. } => {
+                let view = st.get(name).map_err(|_| self.missing(name))?;
+                Ok(DType::try_from(view.dtype())?)
+            }
+            HfSource::Pth { files, .. } => files
+                .iter()
+                .find_map(|(_, f)| f.tensor_infos().get(name).map(|i| i.dtype))
+                .ok_or_else(|| self.missing(name)),
+        }
+    }
+}
+
+/// Reads an HF checkpoint folder (config.json + weights) into a lit `Config` and lit-named
+/// `Weights` in memory. Used by tests and small models; [`convert_hf_checkpoint`] streams.
 pub fn load_hf_dir(
     dir: &Path,
     name: &str,
     device: &candle_core::Device,
 ) -> Result<(Config, crate::weights::Weights)> {
     let (cfg, family) = config_from_hf(&dir.join("config.json"), name)?;
-    let files = hf_safetensors_files(dir)?;
-    for f in &files {
-        if !f.is_file() {
-            return Err(Error::io(
-                f,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "shard listed in the index is missing",
-                ),
-            ));
-        }
-    }
-    // SAFETY: the files are opened read-only; loratune never writes to an input checkpoint.
-    let st =
-        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            Error::BadCheckpoint {
-                path: dir.to_path_buf(),
-                reason: format!("not a readable safetensors checkpoint ({e})"),
-            }
-        })?;
-    let mut get = |n: &str| -> Result<Tensor> {
-        st.load(n, device).map_err(|_| Error::MissingTensor {
-            name: n.to_string(),
-            source_file: Some(dir.to_path_buf()),
-        })
-    };
+    let src = HfSource::open(dir)?;
+    let mut get = |n: &str| src.get(n, device);
     let mut tensors = std::collections::HashMap::new();
     for lit in lit_names(&cfg) {
         let t = lit_tensor(&cfg, family, &lit, &mut get)?;
         tensors.insert(lit, t);
     }
     Ok((cfg, crate::weights::Weights::new(tensors)))
+}
+
+/// Options of [`convert_hf_checkpoint`].
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
+    /// Use this preset instead of the config derived from config.json (its sizes must agree).
+    pub model_name: Option<String>,
+    /// Output dtype; `None` keeps each tensor's stored dtype.
+    pub dtype: Option<DType>,
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub config: Config,
+    pub weights_path: PathBuf,
+    pub n_tensors: usize,
+    pub bytes: u64,
+    pub preset_matched: bool,
+}
+
+/// The fields that decide tensor shapes and the computation; a preset must agree with
+/// config.json on all of them.
+fn structural_diff(a: &Config, b: &Config) -> Option<String> {
+    macro_rules! cmp {
+        ($($f:ident),*) => {$(
+            if a.$f != b.$f {
+                return Some(format!(
+                    "{} is {:?} in config.json but {:?} in preset {}",
+                    stringify!($f), a.$f, b.$f, b.name
+                ));
+            }
+        )*};
+    }
+    cmp!(
+        n_layer,
+        n_embd,
+        n_head,
+        n_query_groups,
+        head_size,
+        intermediate_size,
+        parallel_residual,
+        shared_attention_norm,
+        bias,
+        norm,
+        mlp,
+        rotary_percentage
+    );
+    None
+}
+
+/// Converts the HF checkpoint in `dir` to `dir/lit_model.safetensors` + `dir/lit_config.json`,
+/// one tensor at a time. Both files appear atomically; on any error neither is written.
+pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let dir_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let (derived, family) = config_from_hf(&dir.join("config.json"), &dir_name)?;
+    let (mut cfg, preset_matched) = match &opts.model_name {
+        Some(name) => {
+            let preset = Config::from_name(name)?;
+            if let Some(diff) = structural_diff(&derived, &preset) {
+                return Err(Error::config(&preset.name, diff));
+            }
+            (preset, true)
+        }
+        None => match Config::from_name(&dir_name) {
+            Ok(p) if structural_diff(&derived, &p).is_none() => (p, true),
+            _ => (derived.clone(), false),
+        },
+    };
+    // Tying is a property of the files: follow what the checkpoint does.
+    cfg.tie_embeddings = derived.tie_embeddings;
+    if cfg.padded_vocab_size != derived.padded_vocab_size {
+        return Err(Error::config(
+            &cfg.name,
+            format!(
+                "the checkpoint's embedding has {} rows but preset {} expects {}",
+                derived.padded_vocab_size, cfg.name, cfg.padded_vocab_size
+            ),
+        ));
+    }
+    let src = HfSource::open(dir)?;
+    let device = candle_core::Device::Cpu;
+    let shapes = lit_shapes(&cfg);
+    let mut specs = Vec::with_capacity(shapes.len());
+    for (name, shape) in &shapes {
+        let dtype = match opts.dtype {
+            Some(d) => d,
+            None => first_source_dtype(&cfg, family, name, &src)?,
+        };
+        specs.push(crate::weights::TensorSpec {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype,
+        });
+    }
+    let weights_path = dir.join("lit_model.safetensors");
+    let metadata = std::collections::HashMap::from([
+        ("format".to_string(), "loratune-lit".to_string()),
+        ("format_version".to_string(), "1".to_string()),
+        ("model".to_string(), cfg.repo_id()),
+    ]);
+    let mut get = |n: &str| src.get(n, &device);
+    let bytes =
+        crate::weights::write_safetensors_streaming(&weights_path, &specs, &metadata, |s| {
+            let t = lit_tensor(&cfg, family, &s.name, &mut get)?;
+            if t.dims() != s.shape.as_slice() {
+                return Err(Error::BadCheckpoint {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "tensor {} has shape {:?} but config.json implies {:?} (for {})",
+                        source_names(&cfg, family, &s.name).join(" + "),
+                        t.dims(),
+                        s.shape,
+                        s.name
+                    ),
+                });
+            }
+            Ok(t)
+        })?;
+    cfg.to_json_file(&dir.join("lit_config.json"))?;
+    Ok(ConvertReport {
+        config: cfg,
+        weights_path,
+        n_tensors: specs.len(),
+        bytes,
+        preset_matched,
+    })
+}
+
+/// The HF tensor names a lit tensor is read from.
+fn source_names(cfg: &Config, family: HfFamily, lit: &str) -> Vec<String> {
+    match source_for(cfg, family, lit) {
+        Some(Source::Copy(n)) | Some(Source::GroupedQkv { name: n, .. }) => vec![n],
+        Some(Source::Concat(names)) | Some(Source::AnyOf(names)) => names,
+        None => vec![lit.to_string()],
+    }
+}
+
+/// The stored dtype of the (first) HF tensor a lit tensor comes from.
+fn first_source_dtype(cfg: &Config, family: HfFamily, lit: &str, src: &HfSource) -> Result<DType> {
+    let name = match source_for(cfg, family, lit) {
+        Some(Source::Copy(n)) | Some(Source::GroupedQkv { name: n, .. }) => n,
+        Some(Source::Concat(names)) => names[0].clone(),
+        Some(Source::AnyOf(names)) => {
+            return names
+                .iter()
+                .find_map(|n| src.dtype(n).ok())
+                .ok_or_else(|| src.missing(&names[0]))
+        }
+        None => {
+            return Err(Error::MissingTensor {
+                name: lit.to_string(),
+                source_file: None,
+            })
+        }
+    };
+    src.dtype(&name)
 }

@@ -7,16 +7,18 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    #[error("{path}: {source}")]
+    // The underlying errors are part of the message, not `source`s, so that a printed error
+    // chain does not repeat them.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {error}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 
     #[error("invalid config {name:?}: {reason}")]
@@ -65,10 +67,17 @@ fn source_hint(p: &Option<PathBuf>) -> String {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
+        }
+    }
+
+    pub(crate) fn json(path: impl Into<PathBuf>, error: serde_json::Error) -> Self {
+        Error::Json {
+            path: path.into(),
+            error,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod rng;
+pub mod tokenizer;
 pub mod weights;
 
 pub use attention::CausalSelfAttention;
@@ -24,4 +25,5 @@ pub use kv_cache::KvCache;
 pub use lora::{DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
 pub use model::{Block, Gpt};
 pub use rng::Rng;
+pub use tokenizer::{StreamDecoder, Tokenizer};
 pub use weights::Weights;

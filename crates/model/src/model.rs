@@ -307,6 +307,14 @@ impl Gpt {
         })
     }
 
+    /// Loads a converted checkpoint folder: `lit_config.json` + `lit_model.safetensors`,
+    /// weights cast to `dtype`.
+    pub fn from_dir(dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Gpt> {
+        let cfg = Config::from_json_file(&dir.join("lit_config.json"))?;
+        let w = Weights::from_safetensors(&dir.join("lit_model.safetensors"), device)?;
+        Gpt::load(&cfg, w.with_dtype(dtype), device)
+    }
+
     pub fn dtype(&self) -> DType {
         self.wte.dtype()
     }

@@ -113,3 +113,92 @@ pub fn save_safetensors(
             .map_err(std::io::Error::other)
     })
 }
+
+/// Name, shape and dtype of one tensor in a file being written.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+fn st_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+        DType::F64 => "F64",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Writes a safetensors file one tensor at a time: the header comes from `specs`, then
+/// `produce` builds each tensor just before its bytes are written, so peak memory is one
+/// tensor, not the model. A produced tensor whose shape differs from its spec is an error
+/// naming it. The file appears atomically.
+pub fn write_safetensors_streaming(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &HashMap<String, String>,
+    mut produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
+) -> Result<u64> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
+    }
+    let mut offset = 0usize;
+    for s in specs {
+        let len = s.shape.iter().product::<usize>() * s.dtype.size_in_bytes();
+        header.insert(
+            s.name.clone(),
+            serde_json::json!({
+                "dtype": st_dtype(s.dtype),
+                "shape": s.shape,
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("json");
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let total = (8 + header.len() + offset) as u64;
+    let mut failure: Option<Error> = None;
+    let io_result = crate::io::write_atomic_with(path, |w| {
+        use std::io::Write;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for s in specs {
+            let t = match produce(s).and_then(|t| {
+                if t.dims() != s.shape.as_slice() {
+                    return Err(Error::ShapeMismatch {
+                        name: s.name.clone(),
+                        expected: s.shape.clone(),
+                        actual: t.dims().to_vec(),
+                    });
+                }
+                Ok(t.to_dtype(s.dtype)?.to_device(&Device::Cpu)?.contiguous()?)
+            }) {
+                Ok(t) => t,
+                Err(e) => {
+                    failure = Some(e);
+                    return Err(std::io::Error::other("tensor conversion failed"));
+                }
+            };
+            w.write_all(&safetensors::View::data(&t))?;
+        }
+        Ok(())
+    });
+    match (failure, io_result) {
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(total),
+    }
+}

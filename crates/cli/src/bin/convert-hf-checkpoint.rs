@@ -1,0 +1,81 @@
+//! convert-hf-checkpoint: a Hugging Face checkpoint folder -> lit_model.safetensors +
+//! lit_config.json in the same folder, one tensor at a time.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use loratune_model::convert::{convert_hf_checkpoint, ConvertOptions};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutDtype {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+/// Convert a Hugging Face checkpoint (safetensors or PyTorch .bin, single or sharded) into
+/// loratune's format.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Folder with config.json and the weights; the converted files are written here too.
+    #[arg(long)]
+    checkpoint_dir: PathBuf,
+    /// Use this preset (e.g. pythia-160m) instead of the config derived from config.json.
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Output dtype; by default each tensor keeps its stored dtype.
+    #[arg(long, value_enum)]
+    dtype: Option<OutDtype>,
+}
+
+fn main() -> ExitCode {
+    loratune_cli::run(|| {
+        let args = Args::parse();
+        convert(&args)
+    })
+}
+
+fn convert(args: &Args) -> Result<()> {
+    let t = Instant::now();
+    let opts = ConvertOptions {
+        model_name: args.model_name.clone(),
+        dtype: args.dtype.map(|d| match d {
+            OutDtype::Float32 => DType::F32,
+            OutDtype::Bfloat16 => DType::BF16,
+            OutDtype::Float16 => DType::F16,
+        }),
+    };
+    let report = convert_hf_checkpoint(&args.checkpoint_dir, &opts)
+        .with_context(|| format!("converting {}", args.checkpoint_dir.display()))?;
+    let cfg = &report.config;
+    println!(
+        "converted {} tensors ({:.1} MiB) into {} in {}",
+        report.n_tensors,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.weights_path.display(),
+        loratune_cli::elapsed(t)
+    );
+    println!(
+        "config: {} ({}): {} layers, n_embd {}, {} heads / {} query groups, vocab {}",
+        cfg.name,
+        if report.preset_matched {
+            "preset"
+        } else {
+            "derived from config.json"
+        },
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.n_query_groups,
+        cfg.padded_vocab_size
+    );
+    if let Some(mib) = loratune_cli::peak_rss_mib() {
+        println!("peak RSS: {mib:.0} MiB");
+    }
+    Ok(())
+}

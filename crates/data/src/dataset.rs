@@ -1,0 +1,246 @@
+//! The tokenized dataset file (`train.safetensors`, `val.safetensors`): format version 1.
+//!
+//! A safetensors file with three flat tensors, memory-mapped when read:
+//!   input_ids  U32 [total_tokens]   every sample's token ids, one after another
+//!   labels     I32 [total_tokens]   the training targets at the same positions (the ignore
+//!                                   index where the loss must not look, e.g. masked prompts)
+//!   offsets    U64 [n_samples + 1]  sample i is input_ids[offsets[i] .. offsets[i + 1]]
+//! and header metadata {"format": "loratune-sft", "format_version": "1"}. Readers reject
+//! other formats and versions. Labels are not shifted: the loss shifts them.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+pub const FORMAT: &str = "loratune-sft";
+pub const FORMAT_VERSION: &str = "1";
+
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+/// Writes samples to `path` atomically.
+pub fn write_dataset(path: &Path, samples: &[Sample]) -> Result<()> {
+    let total: usize = samples.iter().map(|s| s.input_ids.len()).sum();
+    let mut ids = Vec::with_capacity(total * 4);
+    let mut labels = Vec::with_capacity(total * 4);
+    let mut offsets = Vec::with_capacity((samples.len() + 1) * 8);
+    let mut at = 0u64;
+    offsets.extend_from_slice(&at.to_le_bytes());
+    for s in samples {
+        if s.input_ids.len() != s.labels.len() {
+            return Err(Error::Invalid(format!(
+                "a sample has {} ids but {} labels",
+                s.input_ids.len(),
+                s.labels.len()
+            )));
+        }
+        s.input_ids
+            .iter()
+            .for_each(|x| ids.extend_from_slice(&x.to_le_bytes()));
+        s.labels
+            .iter()
+            .for_each(|x| labels.extend_from_slice(&x.to_le_bytes()));
+        at += s.input_ids.len() as u64;
+        offsets.extend_from_slice(&at.to_le_bytes());
+    }
+    // The header is written by hand (sorted keys, no HashMap) so that the same samples always
+    // give the same bytes.
+    let parts = [
+        ("input_ids", "U32", total, ids),
+        ("labels", "I32", total, labels),
+        ("offsets", "U64", samples.len() + 1, offsets),
+    ];
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": FORMAT, "format_version": FORMAT_VERSION}),
+    );
+    let mut at = 0usize;
+    for (name, dtype, n, bytes) in &parts {
+        header.insert(
+            (*name).into(),
+            serde_json::json!({"dtype": dtype, "shape": [n], "data_offsets": [at, at + bytes.len()]}),
+        );
+        at += bytes.len();
+    }
+    let mut header = serde_json::to_vec(&header).expect("json");
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    loratune_model::io::write_atomic_with(path, |w| {
+        use std::io::Write;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, _, _, bytes) in &parts {
+            w.write_all(bytes)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A memory-mapped dataset file.
+pub struct Dataset {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    offsets: Vec<u64>,
+    ids_at: usize,
+    labels_at: usize,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("path", &self.path)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Dataset {
+    pub fn open(path: &Path) -> Result<Dataset> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping of a file loratune does not modify while reading it.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bad = |reason: String| Error::Dataset {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (ids_at, labels_at, offsets) = {
+            let (_, header) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| bad(format!("unreadable header ({e})")))?;
+            let meta = header.metadata().clone().unwrap_or_default();
+            match (meta.get("format"), meta.get("format_version")) {
+                (Some(f), Some(v)) if f == FORMAT && v == FORMAT_VERSION => {}
+                (Some(f), Some(v)) if f == FORMAT => {
+                    return Err(bad(format!(
+                        "format version {v}, this loratune reads version {FORMAT_VERSION}"
+                    )))
+                }
+                _ => return Err(bad("no loratune-sft format marker".into())),
+            }
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e}")))?;
+            let get = |name: &str, dtype: Dtype| -> Result<TensorView<'_>> {
+                let t = st
+                    .tensor(name)
+                    .map_err(|_| bad(format!("no {name:?} tensor")))?;
+                if t.dtype() != dtype || t.shape().len() != 1 {
+                    return Err(bad(format!("{name:?} must be a 1-D {dtype:?} tensor")));
+                }
+                Ok(t)
+            };
+            let ids = get("input_ids", Dtype::U32)?;
+            let labels = get("labels", Dtype::I32)?;
+            let offs = get("offsets", Dtype::U64)?;
+            let base = mmap.as_ptr() as usize;
+            let offsets: Vec<u64> = offs
+                .data()
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let total = ids.shape()[0] as u64;
+            let sorted = offsets.windows(2).all(|w| w[0] <= w[1]);
+            if offsets.first() != Some(&0) || offsets.last() != Some(&total) || !sorted {
+                return Err(bad("offsets do not index input_ids".into()));
+            }
+            if labels.shape() != ids.shape() {
+                return Err(bad("labels and input_ids differ in length".into()));
+            }
+            (
+                ids.data().as_ptr() as usize - base,
+                labels.data().as_ptr() as usize - base,
+                offsets,
+            )
+        };
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            mmap,
+            offsets,
+            ids_at,
+            labels_at,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token count of sample `i`.
+    pub fn sample_len(&self, i: usize) -> usize {
+        (self.offsets[i + 1] - self.offsets[i]) as usize
+    }
+
+    pub fn get(&self, i: usize) -> Sample {
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        let ids = &self.mmap[self.ids_at + 4 * a..self.ids_at + 4 * b];
+        let labels = &self.mmap[self.labels_at + 4 * a..self.labels_at + 4 * b];
+        Sample {
+            input_ids: ids
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            labels: labels
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects_foreign_files() {
+        let dir = std::env::temp_dir().join(format!("lt-ds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("train.safetensors");
+        let samples = vec![
+            Sample {
+                input_ids: vec![5, 6, 7],
+                labels: vec![-100, 6, 7],
+            },
+            Sample {
+                input_ids: vec![],
+                labels: vec![],
+            },
+            Sample {
+                input_ids: vec![u32::MAX, 1],
+                labels: vec![-1, i32::MAX],
+            },
+        ];
+        write_dataset(&path, &samples).unwrap();
+        let ds = Dataset::open(&path).unwrap();
+        assert_eq!(ds.len(), 3);
+        assert_eq!((0..3).map(|i| ds.get(i)).collect::<Vec<_>>(), samples);
+        assert_eq!(ds.sample_len(0), 3);
+
+        let other = dir.join("other.safetensors");
+        let t = TensorView::new(Dtype::U8, vec![1], &[0u8]).unwrap();
+        safetensors::tensor::serialize_to_file([("x", &t)], None, &other).unwrap();
+        let err = Dataset::open(&other).unwrap_err().to_string();
+        assert!(
+            err.contains("not a loratune dataset") && err.contains("other.safetensors"),
+            "{err}"
+        );
+        std::fs::write(&other, b"garbage").unwrap();
+        assert!(Dataset::open(&other).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -5,10 +5,12 @@
 //! (adapters), `attention`, `model` (`Gpt`, `Block`), `kv_cache`, `weights` and `convert`
 //! (checkpoints in and out).
 
+pub mod adapter;
 pub mod attention;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod generate;
 pub mod io;
 pub mod kv_cache;
 pub mod lora;

@@ -1,0 +1,178 @@
+//! Next-token cross-entropy: labels shifted by one, averaged over targets that are not the
+//! ignore index, with the lm_head and the loss computed a chunk of rows at a time.
+//!
+//! For a frozen head the loss and its gradient with respect to the hidden states are computed
+//! by hand, chunk by chunk (softmax - one_hot, times the head weight), so the (tokens, vocab)
+//! logits never exist at once and never enter the autograd graph. The gradient is then pushed
+//! into the model with the surrogate `sum(h * dL/dh)`. A head with LoRA adapters needs their
+//! gradients too and goes through autograd instead, still chunked.
+
+use candle_core::{DType, Device, Tensor, D};
+use loratune_model::Gpt;
+
+use crate::error::Result;
+
+/// Rows of the flattened (B*T) hidden states whose next-token target counts, and the targets.
+pub fn target_rows(labels: &[i32], batch: usize, seq: usize, ignore: i32) -> (Vec<u32>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for b in 0..batch {
+        for t in 0..seq.saturating_sub(1) {
+            let y = labels[b * seq + t + 1];
+            if y != ignore && y >= 0 {
+                rows.push((b * seq + t) as u32);
+                targets.push(y as u32);
+            }
+        }
+    }
+    (rows, targets)
+}
+
+/// Loss of one micro-batch: the summed cross-entropy over its targets, their count, and
+/// (frozen head) `scale * dLoss_sum/dh` to feed back through the model.
+pub struct HeadLoss {
+    pub loss_sum: f64,
+    pub n_targets: usize,
+    /// The tensor to call `backward()` on: `sum(h * dh)` for a frozen head, the scaled summed
+    /// loss for an adapted head. `None` when no gradient was asked for.
+    pub surrogate: Option<Tensor>,
+}
+
+/// Logits and the loss are computed in f32 (f64 for f64 models, used by gradient checks).
+fn loss_dtype(t: &Tensor) -> DType {
+    if t.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Rows of logits computed at once.
+pub const CHUNK_ROWS: usize = 512;
+
+/// Cross-entropy of the next-token predictions from hidden states `h` (B, T, C).
+/// With `grad_scale = Some(s)` the returned surrogate's gradient is `s` times the gradient of
+/// the summed loss (s = 1 / total targets of the optimizer step gives the token mean).
+pub fn head_loss(
+    model: &Gpt,
+    h: &Tensor,
+    labels: &[i32],
+    ignore: i32,
+    grad_scale: Option<f64>,
+) -> Result<HeadLoss> {
+    let (b, t, c) = h.dims3()?;
+    let (rows, targets) = target_rows(labels, b, t, ignore);
+    let n = rows.len();
+    if n == 0 {
+        return Ok(HeadLoss {
+            loss_sum: 0.0,
+            n_targets: 0,
+            surrogate: None,
+        });
+    }
+    let device = h.device();
+    let rows_t = Tensor::from_slice(&rows, n, device)?;
+    if !model.lm_head.adapters().is_empty() {
+        return adapted_head_loss(model, h, &rows_t, &targets, grad_scale);
+    }
+    let w = &model.lm_head.weight;
+    let hv = h.detach().reshape((b * t, c))?.index_select(&rows_t, 0)?;
+    let mut loss_sum = 0.0f64;
+    let mut dh_chunks = Vec::new();
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let len = CHUNK_ROWS.min(n - start);
+        let hc = hv.narrow(0, start, len)?;
+        let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
+        let logits = loratune_model::ops::frozen_matmul(&hc, w)?;
+        let logits = logits.to_dtype(loss_dtype(&logits))?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let sumexp = shifted.exp()?.sum_keepdim(D::Minus1)?;
+        let lse = (sumexp.log()? + &max)?;
+        let picked = logits.gather(&tg, 1)?;
+        loss_sum += scalar(&(lse.clone() - picked)?.sum_all()?)?;
+        if let Some(scale) = grad_scale {
+            // d(lse - logit_y)/dlogits = softmax - one_hot(y)
+            let p = logits.broadcast_sub(&lse)?.exp()?;
+            let minus_one = Tensor::full(-1f32, (len, 1), device)?.to_dtype(p.dtype())?;
+            let dlogits = (p.scatter_add(&tg, &minus_one, 1)? * scale)?;
+            dh_chunks.push(dlogits.to_dtype(w.dtype())?.matmul(w)?);
+        }
+    }
+    let surrogate = match grad_scale {
+        None => None,
+        Some(_) => {
+            let dhv = Tensor::cat(&dh_chunks, 0)?;
+            let dh = Tensor::zeros((b * t, c), dhv.dtype(), device)?
+                .index_add(&rows_t, &dhv, 0)?
+                .reshape((b, t, c))?;
+            Some((h * dh.to_dtype(h.dtype())?)?.sum_all()?)
+        }
+    };
+    Ok(HeadLoss {
+        loss_sum,
+        n_targets: n,
+        surrogate,
+    })
+}
+
+fn adapted_head_loss(
+    model: &Gpt,
+    h: &Tensor,
+    rows: &Tensor,
+    targets: &[u32],
+    grad_scale: Option<f64>,
+) -> Result<HeadLoss> {
+    let (b, t, c) = h.dims3()?;
+    let device: &Device = h.device();
+    let hv = h.reshape((b * t, c))?.index_select(rows, 0)?;
+    let n = targets.len();
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let len = CHUNK_ROWS.min(n - start);
+        let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
+        let logits = model.head(&hv.narrow(0, start, len)?, None)?;
+        let logits = logits.to_dtype(loss_dtype(&logits))?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + max)?;
+        let part = (lse - logits.gather(&tg, 1)?)?.sum_all()?;
+        total = Some(match total {
+            None => part,
+            Some(acc) => (acc + part)?,
+        });
+    }
+    let total = total.expect("n > 0");
+    let loss_sum = scalar(&total)?;
+    let surrogate = match grad_scale {
+        Some(s) => Some((total * s)?),
+        None => None,
+    };
+    Ok(HeadLoss {
+        loss_sum,
+        n_targets: n,
+        surrogate,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_shifted_and_masked() {
+        let labels = [-100, -100, 5, 6, /* row 2 */ 7, -100, -100, -100];
+        let (rows, targets) = target_rows(&labels, 2, 4, -100);
+        // Position t predicts label t + 1.
+        assert_eq!(rows, vec![1, 2]);
+        assert_eq!(targets, vec![5, 6]);
+    }
+}

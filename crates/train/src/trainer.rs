@@ -1,0 +1,489 @@
+//! The LoRA training loop: sample micro-batches, accumulate gradients over one optimizer step,
+//! AdamW on the adapters, evaluate, log, checkpoint; resume exactly where a checkpoint left off.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use loratune_data::batch::{collate, Batch, Sampler};
+use loratune_data::Dataset;
+use loratune_model::adapter::AdapterMeta;
+use loratune_model::{DropoutCtx, Gpt, LoraConfig, Rng};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainState};
+use crate::error::{Error, Result};
+use crate::loss::{head_loss, target_rows};
+use crate::metrics::{self, MetricsLog, Record};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, LrSchedule};
+
+/// The training hyperparameters (Lit-GPT's names and defaults); saved as hparams.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub out_dir: PathBuf,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    /// Micro-batch iterations to run (Lit-GPT's max_iters); the optimizer takes
+    /// max_iters / (batch_size / micro_batch_size) steps.
+    pub max_iters: u64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub lr_schedule: LrSchedule,
+    pub grad_clip: Option<f64>,
+    pub lora: LoraConfig,
+    pub eval_interval: u64,
+    pub eval_iters: usize,
+    pub save_interval: u64,
+    pub log_interval: u64,
+    pub max_seq_length: usize,
+    pub seed: u64,
+    pub keep_last: Option<usize>,
+    pub ignore_index: i32,
+    pub pad_id: u32,
+}
+
+impl TrainConfig {
+    pub fn accumulation(&self) -> usize {
+        self.batch_size / self.micro_batch_size
+    }
+
+    /// Optimizer steps the run takes.
+    pub fn total_steps(&self) -> u64 {
+        self.max_iters.div_ceil(self.accumulation() as u64).max(1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.micro_batch_size == 0 || self.batch_size == 0 {
+            return bad("--batch-size and --micro-batch-size must be at least 1".into());
+        }
+        if !self.batch_size.is_multiple_of(self.micro_batch_size) {
+            return bad(format!(
+                "--micro-batch-size {} does not divide --batch-size {}",
+                self.micro_batch_size, self.batch_size
+            ));
+        }
+        if self.max_iters == 0 {
+            return bad("--max-iters must be at least 1".into());
+        }
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
+            return bad(format!(
+                "--learning-rate must be positive, got {}",
+                self.learning_rate
+            ));
+        }
+        for (flag, v) in [
+            ("--eval-interval", self.eval_interval),
+            ("--save-interval", self.save_interval),
+            ("--log-interval", self.log_interval),
+        ] {
+            if v == 0 {
+                return bad(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.grad_clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
+            return bad("--grad-clip must be positive".into());
+        }
+        if self.keep_last == Some(0) {
+            return bad("--keep-last must be at least 1".into());
+        }
+        self.lora.validate()?;
+        Ok(())
+    }
+}
+
+/// What a finished optimizer step reports.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub iter: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub grad_norm: Option<f64>,
+}
+
+/// Callbacks from the loop to whoever shows progress (the library never prints).
+pub trait Hooks {
+    fn on_step(&mut self, _r: &StepReport) {}
+    /// After each evaluation: the validation loss, and the model for a sample generation.
+    fn on_eval(&mut self, _step: u64, _val_loss: f64, _model: &Gpt) {}
+    fn on_save(&mut self, _path: &std::path::Path) {}
+    /// The run stopped early (Ctrl-C) after saving at `step`.
+    fn on_interrupt(&mut self, _step: u64) {}
+}
+
+pub struct Trainer {
+    pub model: Gpt,
+    pub cfg: TrainConfig,
+    opt: AdamW,
+    train: Dataset,
+    val: Dataset,
+    sampler: Sampler,
+    rng: Rng,
+    state: TrainState,
+    base: (String, String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub steps: u64,
+    pub interrupted: bool,
+    pub final_val_loss: Option<f64>,
+    pub adapter: PathBuf,
+}
+
+impl Trainer {
+    /// `model` must already carry fresh adapters (`Gpt::add_lora`). `base` is the base model's
+    /// name and the sha256 of its weights file, recorded in every checkpoint.
+    pub fn new(
+        model: Gpt,
+        train: Dataset,
+        val: Dataset,
+        cfg: TrainConfig,
+        base: (String, String),
+    ) -> Result<Trainer> {
+        cfg.validate()?;
+        if train.is_empty() || val.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the dataset is empty ({} training, {} validation samples)",
+                train.len(),
+                val.len()
+            )));
+        }
+        let params = model.lora_vars();
+        if params.is_empty() {
+            return Err(Error::Invalid(
+                "the model has no LoRA adapters to train".into(),
+            ));
+        }
+        let opt = AdamW::new(
+            params,
+            AdamWConfig {
+                lr: cfg.learning_rate,
+                weight_decay: cfg.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?;
+        let sampler = Sampler::new(&train, cfg.micro_batch_size, cfg.seed);
+        let rng = Rng::new(cfg.seed ^ 0x5EED_D80F);
+        let state = TrainState {
+            step: 0,
+            iter: 0,
+            tokens: 0,
+            rng: rng.state(),
+            sampler: sampler.state(),
+        };
+        Ok(Trainer {
+            model,
+            cfg,
+            opt,
+            train,
+            val,
+            sampler,
+            rng,
+            state,
+            base,
+        })
+    }
+
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    fn adapter_meta(&self) -> AdapterMeta {
+        AdapterMeta::new(
+            self.cfg.lora.clone(),
+            self.base.0.clone(),
+            self.base.1.clone(),
+            self.state.step,
+        )
+    }
+
+    /// Continues from a checkpoint: LoRA weights, AdamW moments, step, RNG and data position.
+    /// Refuses a checkpoint made with other LoRA settings or another base model.
+    pub fn resume(&mut self, ckpt: &std::path::Path) -> Result<()> {
+        let loaded = checkpoint::load(ckpt, self.model.device())?;
+        let refuse = |what: String| Error::Checkpoint {
+            path: ckpt.to_path_buf(),
+            reason: format!("cannot resume: {what}"),
+        };
+        if loaded.meta.lora != self.cfg.lora {
+            return Err(refuse(format!(
+                "it was trained with LoRA {:?}, this run asks for {:?}",
+                loaded.meta.lora, self.cfg.lora
+            )));
+        }
+        if loaded.meta.base_sha256 != self.base.1 {
+            return Err(refuse(format!(
+                "it was trained on base model {} (weights sha256 {}…), this run uses {} ({}…)",
+                loaded.meta.base_model,
+                &loaded.meta.base_sha256[..12.min(loaded.meta.base_sha256.len())],
+                self.base.0,
+                &self.base.1[..12.min(self.base.1.len())]
+            )));
+        }
+        for (name, var) in self.opt.params() {
+            let t = loaded
+                .lora
+                .get(name)
+                .ok_or_else(|| refuse(format!("tensor {name} is missing")))?;
+            if t.dims() != var.dims() {
+                return Err(refuse(format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        let step = loaded.state.step;
+        self.opt
+            .load_state(|k| loaded.optimizer.get(k).cloned(), step)?;
+        self.rng = Rng::from_state(loaded.state.rng);
+        self.sampler.restore(loaded.state.sampler);
+        self.state = loaded.state;
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Batch {
+        let idx = self.sampler.next_indices(self.cfg.micro_batch_size);
+        let samples: Vec<_> = idx.iter().map(|&i| self.train.get(i)).collect();
+        collate(
+            &samples,
+            self.cfg.pad_id,
+            self.cfg.ignore_index,
+            self.cfg.max_seq_length,
+        )
+    }
+
+    /// One optimizer step over `batch_size / micro_batch_size` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let batches: Vec<Batch> = (0..self.cfg.accumulation())
+            .map(|_| self.next_batch())
+            .collect();
+        let vars = self.opt.params().to_vec();
+        let (mut grads, loss) = accumulate_gradients(
+            &self.model,
+            &vars,
+            &batches,
+            self.cfg.ignore_index,
+            &mut self.rng,
+        )?;
+        self.state.iter += batches.len() as u64;
+        let tokens: u64 = batches
+            .iter()
+            .map(|b| (b.input_ids.len() - count_padding(b, self.cfg.pad_id)) as u64)
+            .sum();
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                value: loss,
+                step: self.state.step + 1,
+                iter: self.state.iter,
+            });
+        }
+        let grad_norm = match self.cfg.grad_clip {
+            Some(max) => Some(clip_grad_norm(&mut grads, max)?),
+            None => None,
+        };
+        let lr = learning_rate(
+            self.cfg.learning_rate,
+            self.state.step,
+            self.cfg.warmup_steps,
+            self.cfg.total_steps(),
+            self.cfg.lr_schedule,
+        );
+        self.opt.update(&grads, lr)?;
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        self.state.rng = self.rng.state();
+        self.state.sampler = self.sampler.state();
+        Ok(StepReport {
+            step: self.state.step,
+            iter: self.state.iter,
+            loss,
+            lr,
+            tokens: self.state.tokens,
+            tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            grad_norm,
+        })
+    }
+
+    /// Mean next-token loss over the first `eval_iters` micro-batches of the validation set
+    /// (the same samples every time, no dropout).
+    pub fn validate(&self) -> Result<f64> {
+        let n = self.cfg.eval_iters * self.cfg.micro_batch_size;
+        dataset_loss(&self.model, &self.val, &self.cfg, n.max(1))
+    }
+
+    /// Saves a checkpoint for the current step (and prunes old ones with --keep-last).
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let path = checkpoint::save(
+            &self.cfg.out_dir,
+            &self.adapter_meta(),
+            &self.model.lora_tensors(),
+            &self.opt.state_tensors(),
+            &self.state,
+        )?;
+        if let Some(keep) = self.cfg.keep_last {
+            checkpoint::prune(&self.cfg.out_dir, keep)?;
+        }
+        Ok(path)
+    }
+
+    /// Runs until the configured number of steps, or until `stop` is set (then saves first).
+    pub fn fit(&mut self, hooks: &mut dyn Hooks, stop: &AtomicBool) -> Result<Summary> {
+        let total = self.cfg.total_steps();
+        let mut log = MetricsLog::open(&self.cfg.out_dir)?;
+        let mut last_val = None;
+        let mut interrupted = false;
+        while self.state.step < total {
+            let r = self.train_step()?;
+            hooks.on_step(&r);
+            let mut val_loss = None;
+            if r.step % self.cfg.eval_interval == 0 || r.step == total {
+                let v = self.validate()?;
+                hooks.on_eval(r.step, v, &self.model);
+                val_loss = Some(v);
+                last_val = Some(v);
+            }
+            if r.step % self.cfg.log_interval == 0 || val_loss.is_some() {
+                log.append(&Record {
+                    step: r.step,
+                    iter: r.iter,
+                    loss: r.loss,
+                    val_loss,
+                    lr: r.lr,
+                    tokens: r.tokens,
+                    tokens_per_s: r.tokens_per_s,
+                    peak_rss_mib: peak_rss_mib(),
+                })?;
+            }
+            let stopping = stop.load(Ordering::SeqCst);
+            if r.step % self.cfg.save_interval == 0 || stopping {
+                let p = self.save_checkpoint()?;
+                hooks.on_save(&p);
+            }
+            if stopping && r.step < total {
+                interrupted = true;
+                hooks.on_interrupt(r.step);
+                break;
+            }
+        }
+        metrics::write_loss_svg(
+            &self.cfg.out_dir.join("loss.svg"),
+            &metrics::read(log.path()),
+        )?;
+        let adapter = self.cfg.out_dir.join(checkpoint::FINAL_NAME);
+        if !interrupted {
+            loratune_model::adapter::save_adapter(
+                &adapter,
+                &self.adapter_meta(),
+                &self.model.lora_tensors(),
+            )?;
+        }
+        Ok(Summary {
+            steps: self.state.step,
+            interrupted,
+            final_val_loss: last_val,
+            adapter,
+        })
+    }
+}
+
+/// Gradients (one per var, in order) of the mean next-token loss over every target token of
+/// `batches`, and that loss. Micro-batches are run one at a time; because the mean is over
+/// all their tokens together, k micro-batches give the same gradient as one batch of all of
+/// them. `rng` draws the LoRA dropout masks.
+pub fn accumulate_gradients(
+    model: &Gpt,
+    vars: &[(String, candle_core::Var)],
+    batches: &[Batch],
+    ignore: i32,
+    rng: &mut Rng,
+) -> Result<(Vec<Tensor>, f64)> {
+    let n_targets: usize = batches
+        .iter()
+        .map(|b| target_rows(&b.labels, b.batch, b.seq, ignore).0.len())
+        .sum();
+    let scale = 1.0 / n_targets.max(1) as f64;
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut loss_sum = 0.0;
+    for b in batches {
+        let idx = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), model.device())?;
+        let h = model.forward_hidden(&idx, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+        let out = head_loss(model, &h, &b.labels, ignore, Some(scale))?;
+        loss_sum += out.loss_sum;
+        if let Some(surrogate) = out.surrogate {
+            let g = surrogate.backward()?;
+            for (slot, (_, var)) in grads.iter_mut().zip(vars) {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + gv)?,
+                        None => gv.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, (_, v))| match g {
+            Some(g) => Ok(g),
+            None => Ok(v.zeros_like()?),
+        })
+        .collect::<Result<_>>()?;
+    Ok((grads, loss_sum * scale))
+}
+
+fn count_padding(b: &Batch, pad: u32) -> usize {
+    // Right padding: trailing pad ids of each row (a real pad-id token mid-row is not counted).
+    (0..b.batch)
+        .map(|r| {
+            b.input_ids[r * b.seq..(r + 1) * b.seq]
+                .iter()
+                .rev()
+                .take_while(|&&x| x == pad)
+                .count()
+        })
+        .sum()
+}
+
+/// Peak resident memory of this process in MiB (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Validation loss of a model without a trainer (for "before training" numbers).
+pub fn dataset_loss(
+    model: &Gpt,
+    ds: &Dataset,
+    cfg: &TrainConfig,
+    max_samples: usize,
+) -> Result<f64> {
+    let mb = cfg.micro_batch_size.max(1);
+    let n = max_samples.min(ds.len());
+    let (mut sum, mut count) = (0.0, 0usize);
+    for start in (0..n).step_by(mb) {
+        let samples: Vec<_> = (start..(start + mb).min(n)).map(|i| ds.get(i)).collect();
+        let b = collate(&samples, cfg.pad_id, cfg.ignore_index, cfg.max_seq_length);
+        let idx = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), model.device())?;
+        let h = model.forward_hidden(&idx, None)?;
+        let out = head_loss(model, &h.detach(), &b.labels, cfg.ignore_index, None)?;
+        sum += out.loss_sum;
+        count += out.n_targets;
+    }
+    Ok(if count == 0 {
+        f64::NAN
+    } else {
+        sum / count as f64
+    })
+}

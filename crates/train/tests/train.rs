@@ -1,0 +1,152 @@
+//! The training step on the real model (fixture checkpoints): the chunked loss's gradients
+//! against finite differences, for a frozen and an adapted head; accumulation over k
+//! micro-batches equals one batch k times larger.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use loratune_data::batch::{collate, Batch};
+use loratune_data::Sample;
+use loratune_model::convert::load_hf_dir;
+use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng};
+use loratune_train::trainer::accumulate_gradients;
+
+fn model(name: &str, dtype: DType, targets: LoraTargets) -> Gpt {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/fixtures/hf")
+        .join(name);
+    let (cfg, w) = load_hf_dir(&dir, name, &Device::Cpu).unwrap();
+    let mut m = Gpt::load(&cfg, w.with_dtype(dtype), &Device::Cpu).unwrap();
+    let lora = LoraConfig {
+        dropout: 0.0,
+        targets,
+        ..LoraConfig::default()
+    };
+    m.add_lora(&lora, 1).unwrap();
+    let mut rng = Rng::new(2);
+    for (name, v) in m.lora_vars() {
+        if name.contains("lora_B") {
+            let x: Vec<f32> = (0..v.elem_count()).map(|_| rng.normal() * 0.05).collect();
+            v.set(
+                &Tensor::from_vec(x, v.dims(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(v.dtype())
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    m
+}
+
+fn samples(n: usize, seed: u64) -> Vec<Sample> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let len = 5 + (i * 3) % 9;
+            let ids: Vec<u32> = (0..len).map(|_| rng.below(300) as u32 + 4).collect();
+            // Mask a prompt-like prefix of every sample.
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &x)| if j < 2 { -100 } else { x as i32 })
+                .collect();
+            Sample {
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect()
+}
+
+fn get(v: &Var, i: usize) -> f64 {
+    v.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[i]
+}
+
+fn set(v: &Var, i: usize, x: f64) {
+    let mut all = v.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    all[i] = x;
+    v.set(&Tensor::from_vec(all, v.dims(), &Device::Cpu).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn loss_gradients_match_finite_differences() {
+    let head_too = LoraTargets {
+        head: true,
+        mlp: true,
+        ..LoraTargets::default()
+    };
+    for targets in [LoraTargets::default(), head_too] {
+        let m = model("llama_gqa_untied", DType::F64, targets);
+        let vars = m.lora_vars();
+        let batches: Vec<Batch> = vec![
+            collate(&samples(3, 5), 0, -100, 64),
+            collate(&samples(2, 6), 0, -100, 64),
+        ];
+        let loss =
+            |m: &Gpt| accumulate_gradients(m, &vars, &batches, -100, &mut Rng::new(0)).unwrap();
+        let (grads, base_loss) = loss(&m);
+        assert!(base_loss.is_finite() && base_loss > 0.0);
+        let mut rng = Rng::new(3);
+        for (k, (name, v)) in vars.iter().enumerate() {
+            let g = grads[k].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(g.iter().any(|x| *x != 0.0), "{name}: no gradient");
+            let i = rng.below(v.elem_count() as u64) as usize;
+            let x0 = get(v, i);
+            let eps = 1e-6;
+            set(v, i, x0 + eps);
+            let lp = loss(&m).1;
+            set(v, i, x0 - eps);
+            let lm = loss(&m).1;
+            set(v, i, x0);
+            let fd = (lp - lm) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() <= 1e-7 + 1e-5 * fd.abs(),
+                "{name}[{i}] (head adapted: {}): backprop {} vs finite difference {fd}",
+                targets.head,
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn accumulating_micro_batches_equals_one_large_batch() {
+    let m = model("neox_parallel_rot025", DType::F32, LoraTargets::default());
+    let vars = m.lora_vars();
+    let all = samples(8, 9);
+    let micro: Vec<Batch> = all.chunks(2).map(|c| collate(c, 0, -100, 64)).collect();
+    let one = vec![collate(&all, 0, -100, 64)];
+    let (g_micro, l_micro) =
+        accumulate_gradients(&m, &vars, &micro, -100, &mut Rng::new(0)).unwrap();
+    let (g_one, l_one) = accumulate_gradients(&m, &vars, &one, -100, &mut Rng::new(0)).unwrap();
+    assert!((l_micro - l_one).abs() < 1e-5, "{l_micro} vs {l_one}");
+    for (k, (name, _)) in vars.iter().enumerate() {
+        let d = (&g_micro[k] - &g_one[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let scale = g_one[k]
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let (d, s): (f32, f32) = (d.to_scalar().unwrap(), scale.to_scalar().unwrap());
+        assert!(
+            d <= 1e-5 * s.max(1e-3),
+            "{name}: accumulated gradient differs by {d} (scale {s})"
+        );
+    }
+}

@@ -2,6 +2,8 @@
 //! the `--device` and `--precision` flags, and memory reporting. Each binary in `src/bin/`
 //! parses its flags and calls the libraries; no algorithm lives here.
 
+pub mod generation;
+
 use std::process::ExitCode;
 use std::time::Instant;
 

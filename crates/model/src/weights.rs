@@ -97,6 +97,38 @@ impl Weights {
     }
 }
 
+/// The stored dtype of the embedding in a lit_model.safetensors, read from the header only.
+pub fn stored_dtype(path: &Path) -> Result<DType> {
+    use std::io::Read;
+    let bad = |reason: String| Error::BadCheckpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad("not a safetensors file (header too large)".into()));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header ({e})")))?;
+    let dtype = v
+        .get("transformer.wte.weight")
+        .and_then(|t| t.get("dtype"))
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("no transformer.wte.weight tensor".into()))?;
+    Ok(match dtype {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F64" => DType::F64,
+        other => return Err(bad(format!("unsupported weight dtype {other}"))),
+    })
+}
+
 /// Writes named tensors as safetensors, atomically, with string metadata.
 pub fn save_safetensors(
     path: &Path,

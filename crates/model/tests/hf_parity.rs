@@ -151,3 +151,35 @@ fn rejects_block_size_overflow_with_an_error() {
     let err = model.forward(&ids).unwrap_err().to_string();
     assert!(err.contains("block size 64"), "{err}");
 }
+
+#[test]
+fn generation_stops_at_stop_tokens() {
+    use loratune_model::generate::{generate, Sampling};
+    let (model, o) = load("neox_parallel_rot025");
+    let prompt: Vec<u32> = o.greedy_prompt.flatten_all().unwrap().to_vec1().unwrap();
+    let mut rng = loratune_model::Rng::new(0);
+    let all = generate(
+        &model,
+        &prompt,
+        10,
+        &Sampling::greedy(),
+        &[],
+        &mut rng,
+        |_| Ok(true),
+    )
+    .unwrap();
+    assert_eq!(all, o.greedy_tokens);
+    let stop = o.greedy_tokens[3];
+    let cut = generate(
+        &model,
+        &prompt,
+        10,
+        &Sampling::greedy(),
+        &[stop],
+        &mut rng,
+        |_| Ok(true),
+    )
+    .unwrap();
+    let first_stop = o.greedy_tokens.iter().position(|&t| t == stop).unwrap();
+    assert_eq!(cut, o.greedy_tokens[..first_stop].to_vec());
+}

@@ -147,6 +147,7 @@ pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Resu
             print!("{rest}");
         }
         println!();
+        let _ = std::io::stdout().flush();
         let total = t0.elapsed().as_secs_f64();
         let ttft = first.unwrap_or(total);
         let decode_rate = if out.len() > 1 {

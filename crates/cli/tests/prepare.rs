@@ -362,3 +362,35 @@ fn no_network_names_the_data_file_flag() {
     );
     assert!(!root.join("d/alpaca_data_cleaned_archive.json").exists());
 }
+
+/// The real 999-record Alpaca demo set (LORATUNE_ALPACA_DEMO, fetched from PyPI by
+/// scripts/fetch_assets.sh; .ci/run sets it).
+#[test]
+fn real_alpaca_demo_set_prepares() {
+    let Ok(path) = std::env::var("LORATUNE_ALPACA_DEMO") else {
+        eprintln!("LORATUNE_ALPACA_DEMO is not set: the real-data check runs in .ci/run");
+        return;
+    };
+    let root = scratch("prepare-demo");
+    let r = prepare(
+        Path::new(&path),
+        &root.join("d"),
+        &[
+            "--test-split-size",
+            "50",
+            "--max-seq-length",
+            "256",
+            "--mask-inputs",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("read 999 records, skipped 0")
+            && r.stdout.contains("train:     949 samples"),
+        "{}",
+        r.stdout
+    );
+    let val: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("d/val.json")).unwrap()).unwrap();
+    assert_eq!(val.len(), 50);
+}

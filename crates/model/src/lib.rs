@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod io;
 pub mod kv_cache;
 pub mod lora;

@@ -229,7 +229,16 @@ mod tests {
         let (a, ga) = fused_cross_entropy_cpu(&logits, &targets, Some(0.25)).unwrap();
         let (b, gb) = cross_entropy_ops(&logits, &tg, Some(0.25)).unwrap();
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
-        let d: f32 = (ga.unwrap() - gb.unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = (ga.unwrap() - gb.unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-6, "{d}");
     }
 

@@ -133,6 +133,8 @@ pub struct Trainer {
 pub struct Summary {
     pub steps: u64,
     pub interrupted: bool,
+    /// Validation loss before the first step (fresh runs only).
+    pub initial_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
     pub adapter: PathBuf,
 }
@@ -342,6 +344,13 @@ impl Trainer {
         let mut log = MetricsLog::open(&self.cfg.out_dir)?;
         let mut last_val = None;
         let mut interrupted = false;
+        let initial_val_loss = if self.state.step == 0 {
+            let v = self.validate()?;
+            hooks.on_eval(0, v, &self.model);
+            Some(v)
+        } else {
+            None
+        };
         while self.state.step < total {
             let r = self.train_step()?;
             hooks.on_step(&r);
@@ -390,6 +399,7 @@ impl Trainer {
         Ok(Summary {
             steps: self.state.step,
             interrupted,
+            initial_val_loss,
             final_val_loss: last_val,
             adapter,
         })

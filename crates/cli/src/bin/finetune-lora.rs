@@ -426,8 +426,9 @@ fn finetune(args: Args) -> Result<()> {
     if let Some(bar) = &hooks.bar {
         bar.finish_and_clear();
     }
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     println!(
-        "{} after {} steps in {}; final val loss {}; peak RSS {:.0} MiB",
+        "{} after {} steps in {}; val loss {} before, {} after; peak RSS {:.0} MiB",
         if summary.interrupted {
             "interrupted"
         } else {
@@ -435,10 +436,8 @@ fn finetune(args: Args) -> Result<()> {
         },
         summary.steps,
         loratune_cli::elapsed(t0),
-        summary
-            .final_val_loss
-            .map(|v| format!("{v:.4}"))
-            .unwrap_or_else(|| "-".into()),
+        fmt(summary.initial_val_loss),
+        fmt(summary.final_val_loss),
         loratune_cli::peak_rss_mib().unwrap_or(0.0)
     );
     if !summary.interrupted {

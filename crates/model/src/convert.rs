@@ -455,28 +455,35 @@ pub fn lit_tensor(
     }
 }
 
+/// The files a sharded checkpoint's index (`*.index.json`, key `weight_map`) lists, sorted,
+/// each once, as paths beside the index.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(index, e))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::BadCheckpoint {
+            path: index.to_path_buf(),
+            reason: "no \"weight_map\" object".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// The safetensors files of an HF checkpoint folder: `model.safetensors`, or the shards listed
 /// in `model.safetensors.index.json`.
 pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(index.clone(), e))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::BadCheckpoint {
-                path: index.clone(),
-                reason: "no \"weight_map\" object".into(),
-            })?;
-        let mut files: Vec<_> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+        return shard_files(&index);
     }
     let single = dir.join("model.safetensors");
     if single.is_file() {
@@ -543,23 +550,7 @@ impl HfSource {
         let mut bins = Vec::new();
         let index = dir.join("pytorch_model.bin.index.json");
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: Value =
-                serde_json::from_str(&text).map_err(|e| Error::json(index.clone(), e))?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| Error::BadCheckpoint {
-                    path: index.clone(),
-                    reason: "no \"weight_map\" object".into(),
-                })?;
-            bins = map
-                .values()
-                .filter_map(Value::as_str)
-                .map(|f| dir.join(f))
-                .collect();
-            bins.sort();
-            bins.dedup();
+            bins = shard_files(&index)?;
         } else if dir.join("pytorch_model.bin").is_file() {
             bins.push(dir.join("pytorch_model.bin"));
         }

@@ -93,9 +93,9 @@ fn overfits_a_small_dataset_and_writes_metrics() {
             "--micro-batch-size",
             "4",
             "--max-iters",
-            "240",
+            "640",
             "--learning-rate",
-            "2e-2",
+            "1e-2",
             "--lora-dropout",
             "0",
             "--lora-key",
@@ -111,9 +111,14 @@ fn overfits_a_small_dataset_and_writes_metrics() {
     );
     assert!(r.ok, "{}", r.stderr);
     let m = metrics(&out);
-    assert_eq!(m.len(), 60, "one line per step");
+    assert_eq!(m.len(), 160, "one line per step");
     let first = m[0]["loss"].as_f64().unwrap();
-    let last = m[59]["loss"].as_f64().unwrap();
+    // Mean of the last 10 steps: single steps of a 16-example overfit are noisy.
+    let last = m[150..]
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / 10.0;
     assert!(
         last < 0.1 * first,
         "loss {first} -> {last}: should fall below 10% of its start"
@@ -130,11 +135,12 @@ fn overfits_a_small_dataset_and_writes_metrics() {
         assert!(m[10].get(key).is_some(), "metrics line lacks {key}");
     }
     assert!(m[19]["val_loss"].as_f64().is_some() && m[18]["val_loss"].is_null());
+    eprintln!("overfit: loss {first} -> {last}");
     let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("<circle"));
     let hp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("hparams.json")).unwrap()).unwrap();
-    assert_eq!(hp["args"]["learning_rate"], 2e-2);
+    assert_eq!(hp["args"]["learning_rate"], 1e-2);
     assert_eq!(hp["accumulation"], 4);
     let (meta, tensors) = load_adapter(
         &out.join("lit_model_lora_finetuned.safetensors"),
@@ -143,10 +149,14 @@ fn overfits_a_small_dataset_and_writes_metrics() {
     .unwrap();
     assert_eq!(
         (meta.step, meta.lora.r, meta.lora.targets.key),
-        (60, 8, true)
+        (160, 8, true)
     );
     assert_eq!(tensors.len(), 2 * 2 * (3 + 1 + 2));
-    assert!(r.stdout.contains("finished after 60 steps"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("finished after 160 steps"),
+        "{}",
+        r.stdout
+    );
 }
 
 fn adapter_bytes(path: &Path) -> Vec<(String, Vec<f32>)> {

@@ -81,6 +81,20 @@ def main():
     w.close()
     print(OUT, OUT.stat().st_size)
 
+    # A file with a quantization type candle cannot read (IQ4_NL): import must fail cleanly.
+    bad = OUT.with_name("unknown-quant.gguf")
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_block_count(1)
+    qtype = gguf.GGMLQuantizationType.IQ4_NL
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((64, 64 // block * nbytes), dtype=np.uint8)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(bad, bad.stat().st_size)
+
 
 if __name__ == "__main__":
     main()

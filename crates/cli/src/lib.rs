@@ -16,10 +16,25 @@ pub fn run(body: impl FnOnce() -> Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error message without the backtrace frames candle appends when RUST_BACKTRACE is set.
+fn one_line(msg: &str) -> String {
+    msg.lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let frame = t
+                .split_once(": ")
+                .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()));
+            !(frame || t.starts_with("at ") || t.is_empty())
+        })
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `--precision`, Lit-GPT's names.
@@ -112,6 +127,12 @@ pub fn elapsed(t: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backtraces_are_dropped_from_messages() {
+        let msg = "x.gguf: bad (unknown dtype 20\n   0: bt\n             at src/error.rs:260:25\n  1: from_u32\n)";
+        assert_eq!(one_line(msg), "x.gguf: bad (unknown dtype 20 )");
+    }
 
     #[test]
     fn device_flag() {

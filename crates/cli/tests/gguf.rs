@@ -89,6 +89,24 @@ fn bad_gguf_files_fail_cleanly() {
     );
     assert!(!out.join("lit_model.safetensors").exists());
 
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            fixtures().join("gguf/unknown-quant.gguf").to_str().unwrap(),
+            "--checkpoint-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, Some(1));
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown-quant.gguf") && r.stderr.contains("ggml type 20"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.join("lit_model.safetensors").exists());
+
     let cut = root.join("cut.gguf");
     let bytes = std::fs::read(tiny_gguf()).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();

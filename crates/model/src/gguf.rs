@@ -34,9 +34,19 @@ struct Gguf {
 impl Gguf {
     fn open(path: &Path) -> Result<Gguf> {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut f).map_err(|e| Error::BadCheckpoint {
-            path: path.to_path_buf(),
-            reason: format!("not a readable GGUF file ({e})"),
+        let content = Content::read(&mut f).map_err(|e| {
+            let msg = e.to_string();
+            let reason = match msg.lines().next().and_then(|l| l.strip_prefix("unknown dtype for tensor ")) {
+                Some(id) => format!(
+                    "a tensor uses ggml type {id}, which this build cannot read (supported: F32, F16, \
+                     BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q8_K)"
+                ),
+                None => format!("not a readable GGUF file ({})", msg.lines().next().unwrap_or("")),
+            };
+            Error::BadCheckpoint {
+                path: path.to_path_buf(),
+                reason,
+            }
         })?;
         Ok(Gguf {
             path: path.to_path_buf(),

@@ -224,9 +224,13 @@ impl Trainer {
             return Err(refuse(format!(
                 "it was trained on base model {} (weights sha256 {}…), this run uses {} ({}…)",
                 loaded.meta.base_model,
-                &loaded.meta.base_sha256[..12.min(loaded.meta.base_sha256.len())],
+                loaded
+                    .meta
+                    .base_sha256
+                    .get(..12)
+                    .unwrap_or(&loaded.meta.base_sha256),
                 self.base.0,
-                &self.base.1[..12.min(self.base.1.len())]
+                self.base.1.get(..12).unwrap_or(&self.base.1)
             )));
         }
         for (name, var) in self.opt.params() {

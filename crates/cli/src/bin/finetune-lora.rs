@@ -289,9 +289,11 @@ fn finetune(args: Args) -> Result<()> {
             "{} was tokenized with a different tokenizer (sha256 {}…) than {} uses ({}…); run \
              prepare-alpaca --checkpoint-dir {} again",
             args.data_dir.display(),
-            &meta.tokenizer_sha256[..12],
+            meta.tokenizer_sha256
+                .get(..12)
+                .unwrap_or(&meta.tokenizer_sha256),
             args.checkpoint_dir.display(),
-            &tok.checksum()[..12],
+            tok.checksum().get(..12).unwrap_or(tok.checksum()),
             args.checkpoint_dir.display()
         );
     }

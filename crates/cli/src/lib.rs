@@ -106,13 +106,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         .map_err(|e| anyhow::anyhow!("--device {s}: no usable CUDA device ({e})"))
 }
 
-/// Peak resident memory of this process so far, in MiB (Linux; `None` elsewhere).
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use loratune_model::io::peak_rss_mib;
 
 /// "1.2 s" / "340 ms" since `t`.
 pub fn elapsed(t: Instant) -> String {

@@ -374,7 +374,7 @@ impl Trainer {
                     lr: r.lr,
                     tokens: r.tokens,
                     tokens_per_s: r.tokens_per_s,
-                    peak_rss_mib: peak_rss_mib(),
+                    peak_rss_mib: loratune_model::io::peak_rss_mib(),
                 })?;
             }
             let stopping = stop.load(Ordering::SeqCst);
@@ -467,13 +467,6 @@ fn count_padding(b: &Batch, pad: u32) -> usize {
                 .count()
         })
         .sum()
-}
-
-/// Peak resident memory of this process in MiB (Linux).
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 /// Validation loss of a model without a trainer (for "before training" numbers).

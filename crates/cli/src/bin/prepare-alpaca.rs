@@ -58,7 +58,7 @@ struct Args {
     #[arg(long)]
     max_seq_length: Option<usize>,
     /// alpaca, plain or chatml.
-    #[arg(long, default_value = "alpaca", value_parser = parse_style)]
+    #[arg(long, default_value = "alpaca", value_parser = loratune_cli::generation::parse_style)]
     prompt_style: PromptStyle,
     /// Skip and count invalid records instead of stopping at the first one.
     #[arg(long)]
@@ -69,16 +69,6 @@ struct Args {
     /// Print a histogram of sample lengths.
     #[arg(long)]
     histogram: bool,
-}
-
-fn parse_style(s: &str) -> std::result::Result<PromptStyle, String> {
-    PromptStyle::parse(s).ok_or_else(|| {
-        let names: Vec<_> = PromptStyle::ALL.iter().map(|p| p.name()).collect();
-        format!(
-            "unknown prompt style {s:?}; expected one of {}",
-            names.join(", ")
-        )
-    })
 }
 
 fn main() -> ExitCode {

@@ -67,7 +67,8 @@ pub fn load_model(args: &GenerateArgs, lora: Option<&Path>) -> Result<(Gpt, Toke
         .precision
         .unwrap_or_else(|| Precision::default_for(&device));
     let tok = Tokenizer::from_dir(&args.checkpoint_dir)?;
-    let mut model = Gpt::from_dir(&args.checkpoint_dir, precision.dtype(), &device)
+    let mut model = precision
+        .load_model(&args.checkpoint_dir, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     if let Some(path) = lora {
         merge_adapter(&mut model, path)?;

@@ -1,7 +1,9 @@
 //! Plumbing shared by the binaries: turning errors into one-line messages and exit codes,
-//! the `--device` and `--precision` flags, and memory reporting. Each binary in `src/bin/`
-//! parses its flags and calls the libraries; no algorithm lives here.
+//! the `--device` and `--precision` flags, and memory reporting. Each command in `commands/`
+//! parses its flags and calls the libraries; no algorithm lives here. `src/bin/` holds one
+//! thin binary per command plus `loratune`, which runs any of them.
 
+pub mod commands;
 pub mod generation;
 
 use std::process::ExitCode;
@@ -51,16 +53,34 @@ pub enum Precision {
     #[value(name = "16-true")]
     #[serde(rename = "16-true")]
     F16True,
+    /// bf16 linear and embedding weights; norms, residual stream, softmax and loss in f32.
+    #[value(name = "bf16-mixed")]
+    #[serde(rename = "bf16-mixed")]
+    Bf16Mixed,
+    #[value(name = "16-mixed")]
+    #[serde(rename = "16-mixed")]
+    F16Mixed,
 }
 
 impl Precision {
-    /// dtype of the frozen weights and activations.
+    /// dtype of the frozen linear and embedding weights.
     pub fn dtype(self) -> DType {
         match self {
             Precision::F32True => DType::F32,
-            Precision::Bf16True => DType::BF16,
-            Precision::F16True => DType::F16,
+            Precision::Bf16True | Precision::Bf16Mixed => DType::BF16,
+            Precision::F16True | Precision::F16Mixed => DType::F16,
         }
+    }
+
+    /// Loads a converted checkpoint folder in this precision.
+    pub fn load_model(self, dir: &std::path::Path, device: &Device) -> Result<loratune_model::Gpt> {
+        let model = match self {
+            Precision::Bf16Mixed | Precision::F16Mixed => {
+                loratune_model::Gpt::from_dir_mixed(dir, self.dtype(), DType::F32, device)?
+            }
+            _ => loratune_model::Gpt::from_dir(dir, self.dtype(), device)?,
+        };
+        Ok(model)
     }
 
     /// Lit-GPT's default: bf16-true on a GPU, 32-true on a CPU.
@@ -77,6 +97,8 @@ impl Precision {
             Precision::F32True => "32-true",
             Precision::Bf16True => "bf16-true",
             Precision::F16True => "16-true",
+            Precision::Bf16Mixed => "bf16-mixed",
+            Precision::F16Mixed => "16-mixed",
         }
     }
 }
@@ -102,8 +124,28 @@ pub fn parse_device(s: &str) -> Result<Device> {
              (build with `cargo build --release --features cuda`)"
         );
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device {s}: no usable CUDA device ({e})"))
+    // cudarc panics instead of erroring when the driver is missing or broken; turn that into
+    // the same one-line error as any other failure.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => bail!("--device {s}: no usable CUDA device ({e})"),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the CUDA driver could not be initialised");
+            bail!(
+                "--device {s}: no usable CUDA device ({}); is the NVIDIA driver installed and \
+                 is libcuda.so.1 on LD_LIBRARY_PATH?",
+                one_line(why)
+            )
+        }
+    }
 }
 
 pub use loratune_model::io::peak_rss_mib;

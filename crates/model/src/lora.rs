@@ -273,7 +273,12 @@ impl LoraLinear {
 
     /// Forward pass. `dropout` is `Some` only in training; it draws the dropout mask.
     pub fn forward(&self, x: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
-        let mut y = frozen_matmul(x, &self.weight)?;
+        // Mixed precision: the matmul runs in the weights' dtype, the rest in the input's.
+        let mut y = if x.dtype() == self.weight.dtype() {
+            frozen_matmul(x, &self.weight)?
+        } else {
+            frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?.to_dtype(x.dtype())?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -283,8 +288,10 @@ impl LoraLinear {
         let mut xa = x.to_dtype(self.adapter_dtype())?;
         if let Some(ctx) = dropout {
             if self.dropout > 0.0 {
-                xa =
-                    xa.broadcast_mul(&dropout_mask(xa.dims(), self.dropout, ctx.rng, x.device())?)?;
+                xa = xa.broadcast_mul(
+                    &dropout_mask(xa.dims(), self.dropout, ctx.rng, x.device())?
+                        .to_dtype(xa.dtype())?,
+                )?;
             }
         }
         let h = xa.broadcast_matmul(&self.a_stack()?.t()?)?;

@@ -54,6 +54,12 @@ impl Norm {
         })
     }
 
+    fn weight(&self) -> &Tensor {
+        match self {
+            Norm::LayerNorm { weight, .. } | Norm::RmsNorm { weight, .. } => weight,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Norm::LayerNorm { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps)?,
@@ -275,6 +281,8 @@ pub struct Gpt {
     pub ln_f: Norm,
     pub lm_head: LoraLinear,
     rope: Rope,
+    /// dtype of the activations (the residual stream, norms, softmax).
+    act_dtype: DType,
     lora: Option<LoraConfig>,
 }
 
@@ -285,11 +293,13 @@ impl Gpt {
         cfg.validate()?;
         let (v, d) = (cfg.padded_vocab_size, cfg.n_embd);
         let wte = w.take("transformer.wte.weight", &[v, d])?;
-        let dtype = wte.dtype();
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::load(cfg, &mut w, i))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = Norm::load(cfg, &mut w, "transformer.ln_f")?;
+        // Activations flow in the norms' dtype: the weights' dtype, except under mixed
+        // precision, where matrices are stored narrower (see `Weights::with_mixed_dtype`).
+        let dtype = ln_f.weight().dtype();
         let head_w = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
             wte.clone()
         } else {
@@ -303,6 +313,7 @@ impl Gpt {
             ln_f,
             lm_head: LoraLinear::frozen("lm_head", head_w, None),
             rope: Rope::new(cfg, dtype, device)?,
+            act_dtype: dtype,
             lora: None,
         })
     }
@@ -315,7 +326,27 @@ impl Gpt {
         Gpt::load(&cfg, w.with_dtype(dtype), device)
     }
 
+    /// Like `from_dir`, with mixed precision: linear and embedding weights in `weights` (bf16,
+    /// f16), norms, residual stream, softmax and loss in `activations` (f32); each linear casts
+    /// its input to the weights' dtype and its output back.
+    pub fn from_dir_mixed(
+        dir: &std::path::Path,
+        weights: DType,
+        activations: DType,
+        device: &Device,
+    ) -> Result<Gpt> {
+        let cfg = Config::from_json_file(&dir.join("lit_config.json"))?;
+        let w = Weights::from_safetensors(&dir.join("lit_model.safetensors"), device)?;
+        Gpt::load(&cfg, w.with_mixed_dtype(weights, activations), device)
+    }
+
+    /// dtype of the activations; also of the weights except under mixed precision.
     pub fn dtype(&self) -> DType {
+        self.act_dtype
+    }
+
+    /// dtype of the linear and embedding weights.
+    pub fn weight_dtype(&self) -> DType {
         self.wte.dtype()
     }
 
@@ -395,13 +426,29 @@ impl Gpt {
         Ok(())
     }
 
-    fn embed(&self, idx: &Tensor) -> Result<Tensor> {
+    /// Runs block `i` alone on the training path (positions from 0, causal): what activation
+    /// checkpointing recomputes during the backward pass.
+    pub fn forward_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
+        let block = self.blocks.get(i).ok_or_else(|| {
+            Error::Cache(format!("block {i} of a {}-layer model", self.blocks.len()))
+        })?;
+        block.forward(x, &self.rope, 0, None, dropout)
+    }
+
+    /// Token embeddings (B, T) -> (B, T, n_embd), in the activation dtype.
+    pub fn embed(&self, idx: &Tensor) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         let ids = idx.flatten_all()?;
         Ok(self
             .wte
             .index_select(&ids, 0)?
-            .reshape((b, t, self.config.n_embd))?)
+            .reshape((b, t, self.config.n_embd))?
+            .to_dtype(self.act_dtype)?)
     }
 
     /// Every LoRA-capable linear with the target flag that selects it.

@@ -14,6 +14,8 @@ pub struct Weights {
     tensors: HashMap<String, Tensor>,
     source: Option<PathBuf>,
     dtype: Option<DType>,
+    /// Mixed precision: 1-D tensors (norm weights, biases) take this dtype instead.
+    vector_dtype: Option<DType>,
 }
 
 impl Weights {
@@ -22,12 +24,21 @@ impl Weights {
             tensors,
             source: None,
             dtype: None,
+            vector_dtype: None,
         }
     }
 
     /// Converts every tensor to `dtype` as it is taken.
     pub fn with_dtype(mut self, dtype: DType) -> Weights {
         self.dtype = Some(dtype);
+        self
+    }
+
+    /// Mixed precision: matrices (linear and embedding weights) become `matrix`, vectors (norm
+    /// weights, biases) become `vector`, the dtype the activations flow in.
+    pub fn with_mixed_dtype(mut self, matrix: DType, vector: DType) -> Weights {
+        self.dtype = Some(matrix);
+        self.vector_dtype = Some(vector);
         self
     }
 
@@ -49,6 +60,7 @@ impl Weights {
             tensors,
             source: Some(path.to_path_buf()),
             dtype: None,
+            vector_dtype: None,
         })
     }
 
@@ -72,7 +84,11 @@ impl Weights {
                 actual: t.dims().to_vec(),
             });
         }
-        Ok(match self.dtype {
+        let want = match (t.rank(), self.vector_dtype) {
+            (1, Some(v)) => Some(v),
+            _ => self.dtype,
+        };
+        Ok(match want {
             Some(d) if d != t.dtype() => t.to_dtype(d)?,
             _ => t,
         })

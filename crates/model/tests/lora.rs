@@ -399,3 +399,105 @@ fn shape_mismatch_names_tensor_and_both_shapes() {
         "{err}"
     );
 }
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let dot = (&a * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let na = a
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let nb = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    dot / (na * nb).sqrt()
+}
+
+#[test]
+fn mixed_precision_keeps_activations_f32_and_tracks_the_f32_model() {
+    for name in VARIANTS {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(name);
+        let (cfg, w) = load_hf_dir(&dir, name, &Device::Cpu).unwrap();
+        let mut mixed = Gpt::load(
+            &cfg,
+            w.with_mixed_dtype(DType::BF16, DType::F32),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(mixed.dtype(), DType::F32);
+        assert_eq!(mixed.weight_dtype(), DType::BF16);
+        for (n, t) in mixed.named_weights() {
+            let want = if t.rank() == 1 {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            assert_eq!(t.dtype(), want, "{name}: {n}");
+        }
+        let mut full = load(name, DType::F32);
+        let lora = LoraConfig {
+            targets: ALL,
+            ..LoraConfig::default()
+        };
+        full.add_lora(&lora, 3).unwrap();
+        mixed.add_lora(&lora, 3).unwrap();
+        randomize_b(&full, 4, 0.05);
+        randomize_b(&mixed, 4, 0.05);
+        let idx = tokens(2, 7, cfg.padded_vocab_size, 5);
+        let (lf, lm) = (full.forward(&idx).unwrap(), mixed.forward(&idx).unwrap());
+        assert_eq!(lm.dtype(), DType::F32);
+        let scale = lf
+            .abs()
+            .unwrap()
+            .max_keepdim(2)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let err = max_abs_diff(&lf, &lm) / scale.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            err < 0.05,
+            "{name}: mixed logits differ by {err} of their scale"
+        );
+        // Gradients reach every adapter and point where the f32 model's do.
+        let weights = tokens(2, 7, 3, 6).to_dtype(DType::F32).unwrap();
+        let loss = |m: &Gpt| {
+            m.forward(&idx)
+                .unwrap()
+                .broadcast_mul(&weights.unsqueeze(2).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let (gf, gm) = (
+            loss(&full).backward().unwrap(),
+            loss(&mixed).backward().unwrap(),
+        );
+        for ((pname, vf), (_, vm)) in full.lora_vars().iter().zip(mixed.lora_vars().iter()) {
+            assert_eq!(vm.dtype(), DType::F32);
+            let a = gf.get(vf.as_tensor()).unwrap();
+            let b = gm
+                .get(vm.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no mixed-precision gradient for {pname}"));
+            let c = cosine(a, b);
+            assert!(
+                c > 0.99,
+                "{name}: {pname}: cosine {c} with the f32 gradient"
+            );
+        }
+    }
+}

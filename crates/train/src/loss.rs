@@ -143,7 +143,7 @@ pub fn head_loss(
         let len = CHUNK_ROWS.min(n - start);
         let hc = hv.narrow(0, start, len)?;
         let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
-        let logits = loratune_model::ops::frozen_matmul(&hc, w)?;
+        let logits = loratune_model::ops::frozen_matmul(&hc.to_dtype(w.dtype())?, w)?;
         let logits = logits.to_dtype(loss_dtype(&logits))?;
         let (sum, dlogits) = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
             fused_cross_entropy_cpu(&logits, &targets[start..start + len], grad_scale)?

@@ -42,6 +42,10 @@ pub struct TrainConfig {
     pub keep_last: Option<usize>,
     pub ignore_index: i32,
     pub pad_id: u32,
+    /// Keep only each block's input during the forward pass and recompute the block in the
+    /// backward pass: activation memory of one block instead of all, for ~1.3x the compute.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 impl TrainConfig {
@@ -278,7 +282,10 @@ impl Trainer {
             &self.model,
             &vars,
             &batches,
-            self.cfg.ignore_index,
+            &GradOptions {
+                ignore: self.cfg.ignore_index,
+                activation_checkpointing: self.cfg.activation_checkpointing,
+            },
             &mut self.rng,
         )?;
         self.state.iter += batches.len() as u64;
@@ -410,6 +417,15 @@ impl Trainer {
     }
 }
 
+/// How `accumulate_gradients` computes.
+#[derive(Debug, Clone, Copy)]
+pub struct GradOptions {
+    /// Label value that marks a position with no target.
+    pub ignore: i32,
+    /// Recompute each block during the backward pass instead of keeping its activations.
+    pub activation_checkpointing: bool,
+}
+
 /// Gradients (one per var, in order) of the mean next-token loss over every target token of
 /// `batches`, and that loss. Micro-batches are run one at a time; because the mean is over
 /// all their tokens together, k micro-batches give the same gradient as one batch of all of
@@ -418,9 +434,10 @@ pub fn accumulate_gradients(
     model: &Gpt,
     vars: &[(String, candle_core::Var)],
     batches: &[Batch],
-    ignore: i32,
+    opts: &GradOptions,
     rng: &mut Rng,
 ) -> Result<(Vec<Tensor>, f64)> {
+    let ignore = opts.ignore;
     let n_targets: usize = batches
         .iter()
         .map(|b| target_rows(&b.labels, b.batch, b.seq, ignore).0.len())
@@ -430,19 +447,16 @@ pub fn accumulate_gradients(
     let mut loss_sum = 0.0;
     for b in batches {
         let idx = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), model.device())?;
+        if opts.activation_checkpointing {
+            loss_sum +=
+                checkpointed_backward(model, vars, &idx, b, ignore, scale, rng, &mut grads)?;
+            continue;
+        }
         let h = model.forward_hidden(&idx, Some(&mut DropoutCtx { rng: &mut *rng }))?;
         let out = head_loss(model, &h, &b.labels, ignore, Some(scale))?;
         loss_sum += out.loss_sum;
         if let Some(surrogate) = out.surrogate {
-            let g = surrogate.backward()?;
-            for (slot, (_, var)) in grads.iter_mut().zip(vars) {
-                if let Some(gv) = g.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(acc) => (acc + gv)?,
-                        None => gv.clone(),
-                    });
-                }
-            }
+            add_grads(&mut grads, vars, &surrogate.backward()?)?;
         }
     }
     let grads = grads
@@ -454,6 +468,84 @@ pub fn accumulate_gradients(
         })
         .collect::<Result<_>>()?;
     Ok((grads, loss_sum * scale))
+}
+
+fn add_grads(
+    acc: &mut [Option<Tensor>],
+    vars: &[(String, candle_core::Var)],
+    g: &candle_core::backprop::GradStore,
+) -> Result<()> {
+    for (slot, (_, var)) in acc.iter_mut().zip(vars) {
+        if let Some(gv) = g.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + gv)?,
+                None => gv.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One micro-batch with activation checkpointing. Forward: each block runs on a detached
+/// input and only that input is kept (the block's graph is dropped with its output). Backward:
+/// from the loss down to block 0, the block is recomputed with its input as a variable, with
+/// the dropout RNG replayed from where the forward pass drew, and `sum(y * dL/dy)` is
+/// backpropagated, giving the block's adapter gradients and dL/d(input) for the block below.
+/// Returns the micro-batch's loss sum.
+#[allow(clippy::too_many_arguments)]
+fn checkpointed_backward(
+    model: &Gpt,
+    vars: &[(String, candle_core::Var)],
+    idx: &Tensor,
+    b: &Batch,
+    ignore: i32,
+    scale: f64,
+    rng: &mut Rng,
+    grads: &mut [Option<Tensor>],
+) -> Result<f64> {
+    let n_layer = model.blocks.len();
+    let mut inputs = Vec::with_capacity(n_layer);
+    let mut rng_states = Vec::with_capacity(n_layer);
+    let mut x = model.embed(idx)?.detach();
+    for i in 0..n_layer {
+        rng_states.push(rng.state());
+        let y = model.forward_block(i, &x, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+        inputs.push(std::mem::replace(&mut x, y.detach()));
+    }
+    let top = candle_core::Var::from_tensor(&x)?;
+    drop(x);
+    let h = model.ln_f.forward(top.as_tensor())?;
+    let out = head_loss(model, &h, &b.labels, ignore, Some(scale))?;
+    let Some(surrogate) = out.surrogate else {
+        return Ok(out.loss_sum);
+    };
+    let g = surrogate.backward()?;
+    add_grads(grads, vars, &g)?;
+    let mut dy = g
+        .get(top.as_tensor())
+        .ok_or_else(|| Error::Invalid("no gradient reached the last block's output".into()))?
+        .clone();
+    drop(g);
+    for i in (0..n_layer).rev() {
+        let Some(x_i) = inputs.pop() else { break };
+        let xin = candle_core::Var::from_tensor(&x_i)?;
+        drop(x_i);
+        let mut replay = Rng::from_state(rng_states[i]);
+        let y = model.forward_block(
+            i,
+            xin.as_tensor(),
+            Some(&mut DropoutCtx { rng: &mut replay }),
+        )?;
+        let g = (y * &dy)?.sum_all()?.backward()?;
+        add_grads(grads, vars, &g)?;
+        if i > 0 {
+            dy = g
+                .get(xin.as_tensor())
+                .ok_or_else(|| Error::Invalid(format!("no gradient reached block {i}'s input")))?
+                .clone();
+        }
+    }
+    Ok(out.loss_sum)
 }
 
 fn count_padding(b: &Batch, pad: u32) -> usize {

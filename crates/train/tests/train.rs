@@ -9,16 +9,25 @@ use loratune_data::batch::{collate, Batch};
 use loratune_data::Sample;
 use loratune_model::convert::load_hf_dir;
 use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng};
-use loratune_train::trainer::accumulate_gradients;
+use loratune_train::trainer::{accumulate_gradients, GradOptions};
+
+const PLAIN: GradOptions = GradOptions {
+    ignore: -100,
+    activation_checkpointing: false,
+};
 
 fn model(name: &str, dtype: DType, targets: LoraTargets) -> Gpt {
+    model_with_dropout(name, dtype, targets, 0.0)
+}
+
+fn model_with_dropout(name: &str, dtype: DType, targets: LoraTargets, dropout: f64) -> Gpt {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../model/tests/fixtures/hf")
         .join(name);
     let (cfg, w) = load_hf_dir(&dir, name, &Device::Cpu).unwrap();
     let mut m = Gpt::load(&cfg, w.with_dtype(dtype), &Device::Cpu).unwrap();
     let lora = LoraConfig {
-        dropout: 0.0,
+        dropout,
         targets,
         ..LoraConfig::default()
     };
@@ -90,7 +99,7 @@ fn loss_gradients_match_finite_differences() {
             collate(&samples(2, 6), 0, -100, 64),
         ];
         let loss =
-            |m: &Gpt| accumulate_gradients(m, &vars, &batches, -100, &mut Rng::new(0)).unwrap();
+            |m: &Gpt| accumulate_gradients(m, &vars, &batches, &PLAIN, &mut Rng::new(0)).unwrap();
         let (grads, base_loss) = loss(&m);
         assert!(base_loss.is_finite() && base_loss > 0.0);
         let mut rng = Rng::new(3);
@@ -124,8 +133,8 @@ fn accumulating_micro_batches_equals_one_large_batch() {
     let micro: Vec<Batch> = all.chunks(2).map(|c| collate(c, 0, -100, 64)).collect();
     let one = vec![collate(&all, 0, -100, 64)];
     let (g_micro, l_micro) =
-        accumulate_gradients(&m, &vars, &micro, -100, &mut Rng::new(0)).unwrap();
-    let (g_one, l_one) = accumulate_gradients(&m, &vars, &one, -100, &mut Rng::new(0)).unwrap();
+        accumulate_gradients(&m, &vars, &micro, &PLAIN, &mut Rng::new(0)).unwrap();
+    let (g_one, l_one) = accumulate_gradients(&m, &vars, &one, &PLAIN, &mut Rng::new(0)).unwrap();
     assert!((l_micro - l_one).abs() < 1e-5, "{l_micro} vs {l_one}");
     for (k, (name, _)) in vars.iter().enumerate() {
         let d = (&g_micro[k] - &g_one[k])
@@ -148,5 +157,57 @@ fn accumulating_micro_batches_equals_one_large_batch() {
             d <= 1e-5 * s.max(1e-3),
             "{name}: accumulated gradient differs by {d} (scale {s})"
         );
+    }
+}
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    let all = LoraTargets {
+        query: true,
+        key: true,
+        value: true,
+        projection: true,
+        mlp: true,
+        head: true,
+    };
+    for name in [
+        "neox_parallel_rot025",
+        "neox_sequential_rot100",
+        "llama_gqa_tied",
+        "falcon_mqa",
+    ] {
+        for targets in [LoraTargets::default(), all] {
+            // Dropout on: the recomputation must replay the masks the forward pass drew.
+            let m = model_with_dropout(name, DType::F64, targets, 0.1);
+            let vars = m.lora_vars();
+            let batches = vec![
+                collate(&samples(3, 5), 0, -100, 64),
+                collate(&samples(2, 6), 0, -100, 64),
+            ];
+            let ckpt = GradOptions {
+                activation_checkpointing: true,
+                ..PLAIN
+            };
+            let mut r1 = Rng::new(7);
+            let mut r2 = Rng::new(7);
+            let (g1, l1) = accumulate_gradients(&m, &vars, &batches, &PLAIN, &mut r1).unwrap();
+            let (g2, l2) = accumulate_gradients(&m, &vars, &batches, &ckpt, &mut r2).unwrap();
+            assert_eq!(r1, r2, "{name}: the RNG must advance the same way");
+            assert!((l1 - l2).abs() < 1e-12, "{name}: loss {l1} vs {l2}");
+            for (k, (pname, _)) in vars.iter().enumerate() {
+                let a = g1[k].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let b = g2[k].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let scale = a.iter().fold(0f64, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0, "{name}: {pname} has no gradient");
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    err <= 1e-10 * scale.max(1.0),
+                    "{name}: {pname}: differs by {err}"
+                );
+            }
+        }
     }
 }

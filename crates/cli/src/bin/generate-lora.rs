@@ -1,29 +1,5 @@
 //! generate-lora: answer an instruction with a finetuned LoRA adapter merged into the base.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use clap::Parser;
-use loratune_cli::generation::{load_model, run_generation, GenerateArgs};
-
-/// Generate with LoRA adapters; their rank, alpha and targets are read from the adapter file.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// The adapter finetune-lora wrote.
-    #[arg(
-        long,
-        default_value = "out/lora/alpaca/lit_model_lora_finetuned.safetensors"
-    )]
-    lora_path: PathBuf,
-    #[command(flatten)]
-    gen: GenerateArgs,
-}
-
-fn main() -> ExitCode {
-    loratune_cli::run(|| {
-        let args = Args::parse();
-        let (model, tok) = load_model(&args.gen, Some(&args.lora_path))?;
-        run_generation(&args.gen, &model, &tok)
-    })
+fn main() -> std::process::ExitCode {
+    loratune_cli::commands::generate_lora::main(std::env::args_os())
 }

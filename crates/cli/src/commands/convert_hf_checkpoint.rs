@@ -1,0 +1,126 @@
+//! convert-hf-checkpoint: a Hugging Face checkpoint folder -> lit_model.safetensors +
+//! lit_config.json in the same folder, one tensor at a time.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use loratune_model::convert::{convert_hf_checkpoint, ConvertOptions};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutDtype {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+/// Convert a Hugging Face checkpoint (safetensors or PyTorch .bin, single or sharded) into
+/// loratune's format.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Folder with config.json and the weights; the converted files are written here too.
+    #[arg(long)]
+    checkpoint_dir: PathBuf,
+    /// Use this preset (e.g. pythia-160m) instead of the config derived from config.json.
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Output dtype; by default each tensor keeps its stored dtype (float32 for GGUF).
+    #[arg(long, value_enum)]
+    dtype: Option<OutDtype>,
+    /// Import this llama.cpp GGUF file (Llama architecture, quantized or not) into
+    /// --checkpoint-dir instead of reading Hugging Face files there.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+}
+
+pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    crate::run(|| {
+        let args = Args::parse_from(argv);
+        convert(&args)
+    })
+}
+
+fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
+    let t = Instant::now();
+    let name = match &args.model_name {
+        Some(n) => n.clone(),
+        None => args
+            .checkpoint_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
+    let report = loratune_model::gguf::import_gguf(gguf, &args.checkpoint_dir, &name, dtype(args))
+        .with_context(|| format!("importing {}", gguf.display()))?;
+    let cfg = &report.config;
+    println!(
+        "imported {} tensors ({}) from {} into {} ({:.1} MiB) in {}",
+        report.n_tensors,
+        report.quant_types.join(", "),
+        gguf.display(),
+        args.checkpoint_dir.display(),
+        report.bytes as f64 / (1 << 20) as f64,
+        crate::elapsed(t)
+    );
+    println!(
+        "config: {}: {} layers, n_embd {}, {} heads / {} query groups, vocab {}; tokenizer.json rebuilt from the GGUF vocabulary",
+        cfg.repo_id(),
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.n_query_groups,
+        cfg.padded_vocab_size
+    );
+    Ok(())
+}
+
+fn dtype(args: &Args) -> Option<DType> {
+    args.dtype.map(|d| match d {
+        OutDtype::Float32 => DType::F32,
+        OutDtype::Bfloat16 => DType::BF16,
+        OutDtype::Float16 => DType::F16,
+    })
+}
+
+fn convert(args: &Args) -> Result<()> {
+    if let Some(g) = &args.gguf {
+        return import(args, g);
+    }
+    let t = Instant::now();
+    let opts = ConvertOptions {
+        model_name: args.model_name.clone(),
+        dtype: dtype(args),
+    };
+    let report = convert_hf_checkpoint(&args.checkpoint_dir, &opts)
+        .with_context(|| format!("converting {}", args.checkpoint_dir.display()))?;
+    let cfg = &report.config;
+    println!(
+        "converted {} tensors ({:.1} MiB) into {} in {}",
+        report.n_tensors,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.weights_path.display(),
+        crate::elapsed(t)
+    );
+    println!(
+        "config: {} ({}): {} layers, n_embd {}, {} heads / {} query groups, vocab {}",
+        cfg.name,
+        if report.preset_matched {
+            "preset"
+        } else {
+            "derived from config.json"
+        },
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.n_query_groups,
+        cfg.padded_vocab_size
+    );
+    if let Some(mib) = crate::peak_rss_mib() {
+        println!("peak RSS: {mib:.0} MiB");
+    }
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! finetune-lora: train LoRA adapters on a dataset made by prepare-alpaca.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::Precision;
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use indicatif::{ProgressBar, ProgressStyle};
+use loratune_data::{Dataset, DatasetMeta};
+use loratune_model::generate::{generate, Sampling};
+use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, Tokenizer};
+use loratune_train::optim::LrSchedule;
+use loratune_train::{checkpoint, Hooks, StepReport, TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+
+const SAMPLE_INSTRUCTION: &str =
+    "Recommend a movie for me to watch during the weekend and explain the reason.";
+
+/// Finetune a model with LoRA on a prepared dataset. Any flag can also come from --config
+/// FILE (TOML or YAML, snake_case keys); flags on the command line win.
+#[derive(Parser, Debug, Serialize, Deserialize)]
+#[command(version)]
+#[serde(deny_unknown_fields)]
+struct Args {
+    /// TOML or YAML file with any of these settings.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "checkpoints/stabilityai/stablelm-base-alpha-3b")]
+    checkpoint_dir: PathBuf,
+    #[arg(long, default_value = "data/alpaca")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "out/lora/alpaca")]
+    out_dir: PathBuf,
+    /// 32-true, bf16-true, 16-true, bf16-mixed (bf16 weights and matmuls, f32 activations)
+    /// or 16-mixed; default bf16-true on CUDA, 32-true on CPU.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 3e-4)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    micro_batch_size: usize,
+    /// Micro-batch iterations (Lit-GPT's max_iters); default 50000 unless --epochs is given.
+    #[arg(long, conflicts_with = "epochs")]
+    max_iters: Option<u64>,
+    /// Passes over the training set (instead of --max-iters).
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: u64,
+    #[arg(long, value_enum, default_value = "constant")]
+    lr_schedule: Schedule,
+    /// Clip the global gradient norm to this value (off by default).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    lora_query: bool,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    lora_key: bool,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    lora_value: bool,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    lora_projection: bool,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    lora_mlp: bool,
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    lora_head: bool,
+    /// Optimizer steps between validations.
+    #[arg(long, default_value_t = 100)]
+    eval_interval: u64,
+    /// Micro-batches of validation data per validation.
+    #[arg(long, default_value_t = 100)]
+    eval_iters: usize,
+    /// Optimizer steps between checkpoints.
+    #[arg(long, default_value_t = 100)]
+    save_interval: u64,
+    /// Optimizer steps between metrics lines.
+    #[arg(long, default_value_t = 1)]
+    log_interval: u64,
+    /// Cut samples to this many tokens (default: the dataset's max length, within the block size).
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Continue from the newest checkpoint in --out-dir (auto) or from a checkpoint file.
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
+    resume: Option<String>,
+    /// Keep only the newest N checkpoints.
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// Log lines instead of a progress bar.
+    #[arg(long)]
+    #[serde(default)]
+    quiet: bool,
+    /// Recompute each block's activations in the backward pass instead of keeping them:
+    /// less memory for longer sequences or bigger micro-batches, ~30% more compute.
+    #[arg(long)]
+    #[serde(default)]
+    activation_checkpointing: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Schedule {
+    Constant,
+    Cosine,
+}
+
+pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    crate::run(|| {
+        let args = parse_args(argv)?;
+        finetune(args)
+    })
+}
+
+/// Command line over --config file over defaults.
+fn parse_args(argv: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args> {
+    let matches = Args::command().get_matches_from(argv);
+    let args = Args::from_arg_matches(&matches)?;
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let file: serde_json::Map<String, serde_json::Value> = match ext {
+        "toml" => {
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?
+        }
+        "yaml" | "yml" => serde_yaml::from_str(&text)
+            .with_context(|| format!("{}: invalid YAML", path.display()))?,
+        _ => bail!(
+            "--config {}: expected a .toml, .yaml or .yml file",
+            path.display()
+        ),
+    };
+    let mut merged = serde_json::to_value(&args)?;
+    let obj = merged.as_object_mut().expect("struct");
+    for (key, value) in file {
+        let key = key.replace('-', "_");
+        if key == "config" || !obj.contains_key(&key) {
+            bail!("{}: unknown setting {key:?}", path.display());
+        }
+        let from_cli = matches.value_source(&key) == Some(clap::parser::ValueSource::CommandLine);
+        if !from_cli {
+            obj.insert(key, value);
+        }
+    }
+    let mut merged: Args = serde_json::from_value(merged)
+        .with_context(|| format!("{}: a setting has the wrong type", path.display()))?;
+    merged.config = Some(path);
+    Ok(merged)
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    last_val: Option<f64>,
+    tok: Tokenizer,
+    style: loratune_data::PromptStyle,
+}
+
+impl Progress {
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl Hooks for Progress {
+    fn on_step(&mut self, r: &StepReport) {
+        let val = self
+            .last_val
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "-".into());
+        let msg = format!(
+            "loss {:.4} val {val} lr {:.2e} {:.0} tok/s",
+            r.loss, r.lr, r.tokens_per_s
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(r.step);
+                bar.set_message(msg);
+            }
+            None => eprintln!("step {}/{} iter {}: {msg}", r.step, self.total, r.iter),
+        }
+    }
+
+    fn on_eval(&mut self, step: u64, val_loss: f64, model: &Gpt) {
+        self.last_val = Some(val_loss);
+        self.say(format!("step {step}: val loss {val_loss:.4}"));
+        match sample_answer(model, &self.tok, self.style) {
+            Ok(text) => self.say(format!("sample: {}", text.trim())),
+            Err(e) => self.say(format!("sample generation failed: {e}")),
+        }
+    }
+
+    fn on_save(&mut self, path: &Path) {
+        self.say(format!("saved {}", path.display()));
+    }
+
+    fn on_interrupt(&mut self, step: u64) {
+        self.say(format!(
+            "interrupted: saved step {step}; continue with --resume auto"
+        ));
+    }
+}
+
+/// Greedy answer to the fixed instruction, with the prompt cut so it fits the context.
+fn sample_answer(
+    model: &Gpt,
+    tok: &Tokenizer,
+    style: loratune_data::PromptStyle,
+) -> Result<String> {
+    let prompt = style.prompt(SAMPLE_INSTRUCTION, "");
+    let mut ids = tok.encode(&prompt, tok.add_bos, false)?;
+    let block = model.config.block_size;
+    let max_new = 100.min(block / 2);
+    if ids.len() + max_new > block {
+        ids = ids[ids.len() - (block - max_new)..].to_vec();
+    }
+    let mut rng = Rng::new(0);
+    let out = generate(
+        model,
+        &ids,
+        max_new,
+        &Sampling::greedy(),
+        &tok.stop_ids,
+        &mut rng,
+        |_| Ok(true),
+    )?;
+    Ok(tok.decode(&out)?)
+}
+
+fn finetune(args: Args) -> Result<()> {
+    let t0 = Instant::now();
+    let device = crate::parse_device(&args.device)?;
+    let precision = args
+        .precision
+        .unwrap_or_else(|| Precision::default_for(&device));
+    if device.is_cpu() && precision != Precision::F32True {
+        eprintln!(
+            "warning: --precision {} on CPU runs 2-3x slower than 32-true in this version",
+            precision.name()
+        );
+    }
+    let targets = LoraTargets {
+        query: args.lora_query,
+        key: args.lora_key,
+        value: args.lora_value,
+        projection: args.lora_projection,
+        mlp: args.lora_mlp,
+        head: args.lora_head,
+    };
+    let lora = LoraConfig {
+        r: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets,
+    };
+    lora.validate().context("--lora-*")?;
+
+    // Data first: it is cheap to check and the usual source of mistakes.
+    let meta_path = args.data_dir.join("meta.json");
+    if !meta_path.is_file() {
+        bail!(
+            "{} is missing: run prepare-alpaca --destination-path {} first (or it was interrupted)",
+            meta_path.display(),
+            args.data_dir.display()
+        );
+    }
+    let meta = DatasetMeta::read(&meta_path)?;
+    let tok = Tokenizer::from_dir(&args.checkpoint_dir)?;
+    if meta.tokenizer_sha256 != tok.checksum() {
+        bail!(
+            "{} was tokenized with a different tokenizer (sha256 {}…) than {} uses ({}…); run \
+             prepare-alpaca --checkpoint-dir {} again",
+            args.data_dir.display(),
+            meta.tokenizer_sha256
+                .get(..12)
+                .unwrap_or(&meta.tokenizer_sha256),
+            args.checkpoint_dir.display(),
+            tok.checksum().get(..12).unwrap_or(tok.checksum()),
+            args.checkpoint_dir.display()
+        );
+    }
+    let train = Dataset::open(&args.data_dir.join("train.safetensors"))?;
+    let val = Dataset::open(&args.data_dir.join("val.safetensors"))?;
+    if train.is_empty() || val.is_empty() {
+        bail!("{}: the dataset is empty", args.data_dir.display());
+    }
+
+    let weights = args.checkpoint_dir.join("lit_model.safetensors");
+    let mut model = precision
+        .load_model(&args.checkpoint_dir, &device)
+        .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
+    let base_sha = loratune_model::io::sha256_file(&weights)?;
+    let max_seq_length = args
+        .max_seq_length
+        .unwrap_or(meta.max_seq_length)
+        .min(model.config.block_size);
+    let max_iters = match (args.max_iters, args.epochs) {
+        (Some(n), _) => n,
+        (None, Some(e)) if e > 0.0 => {
+            ((train.len() as f64 * e) / args.micro_batch_size as f64).ceil() as u64
+        }
+        (None, Some(e)) => bail!("--epochs must be positive, got {e}"),
+        (None, None) => 50_000,
+    };
+    let cfg = TrainConfig {
+        out_dir: args.out_dir.clone(),
+        learning_rate: args.learning_rate,
+        batch_size: args.batch_size,
+        micro_batch_size: args.micro_batch_size,
+        max_iters,
+        weight_decay: args.weight_decay,
+        warmup_steps: args.warmup_steps,
+        lr_schedule: match args.lr_schedule {
+            Schedule::Constant => LrSchedule::Constant,
+            Schedule::Cosine => LrSchedule::Cosine,
+        },
+        grad_clip: args.grad_clip,
+        lora: lora.clone(),
+        eval_interval: args.eval_interval,
+        eval_iters: args.eval_iters,
+        save_interval: args.save_interval,
+        log_interval: args.log_interval,
+        max_seq_length,
+        seed: args.seed,
+        keep_last: args.keep_last,
+        ignore_index: meta.ignore_index,
+        pad_id: tok.eos_id.unwrap_or(0),
+        activation_checkpointing: args.activation_checkpointing,
+    };
+    cfg.validate()?;
+    model.add_lora(&lora, args.seed)?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let hparams = serde_json::json!({
+        "args": &args,
+        "precision": precision.name(),
+        "max_iters": max_iters,
+        "max_seq_length": max_seq_length,
+        "steps": cfg.total_steps(),
+        "accumulation": cfg.accumulation(),
+        "base_model": model.config.repo_id(),
+        "base_sha256": base_sha,
+        "trainable_params": model.num_trainable(),
+    });
+    loratune_model::io::write_atomic(
+        &args.out_dir.join("hparams.json"),
+        serde_json::to_string_pretty(&hparams)?.as_bytes(),
+    )?;
+    let base = (model.config.repo_id(), base_sha);
+    let mut trainer = Trainer::new(model, train, val, cfg, base)?;
+
+    match args.resume.as_deref() {
+        None => {}
+        Some("auto") => match checkpoint::list(&args.out_dir).last() {
+            Some(&step) => {
+                let p = checkpoint::ckpt_path(&args.out_dir, step);
+                trainer.resume(&p)?;
+                eprintln!("resumed from {} (step {step})", p.display());
+            }
+            None => eprintln!(
+                "no checkpoint in {} yet: starting fresh",
+                args.out_dir.display()
+            ),
+        },
+        Some(path) => {
+            trainer.resume(Path::new(path))?;
+            eprintln!("resumed from {path} (step {})", trainer.step());
+        }
+    }
+
+    let total = trainer.cfg.total_steps();
+    eprintln!(
+        "training {} LoRA parameters of {} ({}), {} steps of {} x {} samples, precision {}",
+        trainer.model.num_trainable(),
+        trainer.model.config.repo_id(),
+        args.checkpoint_dir.display(),
+        total,
+        trainer.cfg.accumulation(),
+        args.micro_batch_size,
+        precision.name()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: finishing this step and saving (press again to quit now)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let bar = (!args.quiet).then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{pos}/{len} [{elapsed_precise}<{eta_precise}] {wide_msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(trainer.step());
+        bar
+    });
+    let mut hooks = Progress {
+        bar,
+        total,
+        last_val: None,
+        tok,
+        style: meta.prompt_style,
+    };
+    let summary = trainer.fit(&mut hooks, &stop)?;
+    if let Some(bar) = &hooks.bar {
+        bar.finish_and_clear();
+    }
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{} after {} steps in {}; val loss {} before, {} after; peak RSS {:.0} MiB",
+        if summary.interrupted {
+            "interrupted"
+        } else {
+            "finished"
+        },
+        summary.steps,
+        crate::elapsed(t0),
+        fmt(summary.initial_val_loss),
+        fmt(summary.final_val_loss),
+        crate::peak_rss_mib().unwrap_or(0.0)
+    );
+    if !summary.interrupted {
+        println!("adapter: {}", summary.adapter.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! generate: answer an instruction with the base model (no adapter).
+
+use std::process::ExitCode;
+
+use crate::generation::{load_model, run_generation, GenerateArgs};
+use clap::Parser;
+
+/// Generate from a converted checkpoint (or a merged one from merge-lora).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(flatten)]
+    gen: GenerateArgs,
+}
+
+pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    crate::run(|| {
+        let args = Args::parse_from(argv);
+        let (model, tok) = load_model(&args.gen, None)?;
+        run_generation(&args.gen, &model, &tok)
+    })
+}

@@ -15,6 +15,8 @@ pub struct Batch {
     pub seq: usize,
     /// Positions whose label is not the ignore index (before the loss shifts them).
     pub label_tokens: usize,
+    /// Real (non-padding) tokens.
+    pub tokens: usize,
 }
 
 /// Right-pads samples to the longest one (ids with `pad_id`, labels with `ignore_index`),
@@ -28,8 +30,10 @@ pub fn collate(samples: &[Sample], pad_id: u32, ignore_index: i32, max_len: usiz
         .max(1);
     let mut input_ids = Vec::with_capacity(samples.len() * seq);
     let mut labels = Vec::with_capacity(samples.len() * seq);
+    let mut tokens = 0;
     for s in samples {
         let n = s.input_ids.len().min(seq);
+        tokens += n;
         input_ids.extend_from_slice(&s.input_ids[..n]);
         input_ids.extend(std::iter::repeat_n(pad_id, seq - n));
         labels.extend_from_slice(&s.labels[..n]);
@@ -42,6 +46,7 @@ pub fn collate(samples: &[Sample], pad_id: u32, ignore_index: i32, max_len: usiz
         batch: samples.len(),
         seq,
         label_tokens,
+        tokens,
     }
 }
 
@@ -144,6 +149,7 @@ mod tests {
         };
         let batch = collate(&[a, b], 0, -100, 8);
         assert_eq!((batch.batch, batch.seq, batch.label_tokens), (2, 3, 3));
+        assert_eq!(batch.tokens, 4);
         assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 0, 0]);
         assert_eq!(batch.labels, vec![-100, 2, 3, 4, -100, -100]);
         let cut = collate(

@@ -289,10 +289,7 @@ impl Trainer {
             &mut self.rng,
         )?;
         self.state.iter += batches.len() as u64;
-        let tokens: u64 = batches
-            .iter()
-            .map(|b| (b.input_ids.len() - count_padding(b, self.cfg.pad_id)) as u64)
-            .sum();
+        let tokens: u64 = batches.iter().map(|b| b.tokens as u64).sum();
         if !loss.is_finite() {
             return Err(Error::NonFinite {
                 value: loss,
@@ -546,19 +543,6 @@ fn checkpointed_backward(
         }
     }
     Ok(out.loss_sum)
-}
-
-fn count_padding(b: &Batch, pad: u32) -> usize {
-    // Right padding: trailing pad ids of each row (a real pad-id token mid-row is not counted).
-    (0..b.batch)
-        .map(|r| {
-            b.input_ids[r * b.seq..(r + 1) * b.seq]
-                .iter()
-                .rev()
-                .take_while(|&&x| x == pad)
-                .count()
-        })
-        .sum()
 }
 
 /// Validation loss of a model without a trainer (for "before training" numbers).

@@ -7,6 +7,7 @@ pub mod download;
 pub mod finetune_lora;
 pub mod generate;
 pub mod generate_lora;
+pub mod logits;
 pub mod merge_lora;
 pub mod prepare_alpaca;
 
@@ -24,6 +25,7 @@ pub const COMMANDS: &[(&str, CommandMain)] = &[
     ("generate", |a| generate::main(a)),
     ("generate-lora", |a| generate_lora::main(a)),
     ("merge-lora", |a| merge_lora::main(a)),
+    ("logits", |a| logits::main(a)),
 ];
 
 /// Looks a command up by name.

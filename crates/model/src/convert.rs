@@ -274,7 +274,7 @@ pub fn lit_names(cfg: &Config) -> Vec<String> {
 }
 
 /// The HF tensor names a lit name is built from, and how.
-enum Source {
+pub(crate) enum Source {
     Copy(String),
     /// The first of these names that the checkpoint has (names that changed across versions).
     AnyOf(Vec<String>),
@@ -288,7 +288,7 @@ enum Source {
     Concat(Vec<String>),
 }
 
-fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<Source> {
+pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<Source> {
     use HfFamily::*;
     let (layer, rest) = match lit.strip_prefix("transformer.h.") {
         Some(r) => {

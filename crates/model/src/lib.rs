@@ -10,6 +10,7 @@ pub mod attention;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod io;

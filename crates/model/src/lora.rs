@@ -300,6 +300,21 @@ impl LoraLinear {
         Ok((y + delta)?)
     }
 
+    /// Every adapter together: A stacked (n_adapters * r, in), B placed at its rows
+    /// (out, n_adapters * r), in adapter order; `None` without adapters. The update is
+    /// `scaling * B @ A`.
+    pub fn stacked(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.adapters.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((self.a_stack()?, self.b_block()?)))
+    }
+
+    /// alpha / r of the attached adapters.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
     /// scaling * B_block @ A_stack, the (out, in) update that merging adds to W.
     pub fn delta_weight(&self) -> Result<Option<Tensor>> {
         if self.adapters.is_empty() {

@@ -528,7 +528,8 @@ impl Gpt {
         w.finish()
     }
 
-    fn linears(&self) -> Vec<&LoraLinear> {
+    /// Every linear (qkv, proj, MLP per block, then lm_head), adapted or not.
+    pub fn linears(&self) -> Vec<&LoraLinear> {
         let mut out = Vec::new();
         for block in &self.blocks {
             out.push(&block.attn.qkv);

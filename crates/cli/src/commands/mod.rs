@@ -4,6 +4,7 @@
 
 pub mod convert_hf_checkpoint;
 pub mod download;
+pub mod export;
 pub mod finetune_lora;
 pub mod generate;
 pub mod generate_lora;
@@ -25,6 +26,7 @@ pub const COMMANDS: &[(&str, CommandMain)] = &[
     ("generate", |a| generate::main(a)),
     ("generate-lora", |a| generate_lora::main(a)),
     ("merge-lora", |a| merge_lora::main(a)),
+    ("export", |a| export::main(a)),
     ("logits", |a| logits::main(a)),
 ];
 

@@ -1,0 +1,141 @@
+//! export: a checkpoint (optionally with a LoRA adapter) as a Hugging Face model folder that
+//! transformers loads, or an adapter as a PEFT adapter folder for the HF base model.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use loratune_model::adapter::load_adapter;
+use loratune_model::export::{export_hf, export_peft};
+use loratune_model::weights::stored_dtype;
+use loratune_model::{Gpt, Tokenizer, Weights};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// config.json + model.safetensors + tokenizer files (adapters merged in).
+    Hf,
+    /// adapter_model.safetensors + adapter_config.json (PEFT LoRA, unmerged).
+    Peft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WeightDtype {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+/// Export for the Hugging Face ecosystem: `--format hf` writes a model folder that
+/// `AutoModelForCausalLM.from_pretrained` loads; `--format peft` writes the LoRA adapter so
+/// `PeftModel.from_pretrained(base, DIR)` applies it to the HF base model (the original
+/// repository, or `export --format hf` of the base checkpoint).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[arg(long, value_enum)]
+    format: Format,
+    #[arg(long, default_value = "checkpoints/stabilityai/stablelm-base-alpha-3b")]
+    checkpoint_dir: PathBuf,
+    /// A LoRA adapter from finetune-lora: merged into the weights for --format hf, exported
+    /// as is for --format peft (required there).
+    #[arg(long)]
+    lora_path: Option<PathBuf>,
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// Weight dtype of --format hf (default: the checkpoint's).
+    #[arg(long, value_enum)]
+    dtype: Option<WeightDtype>,
+}
+
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    crate::run(|| export(&Args::parse_from(argv)))
+}
+
+fn export(args: &Args) -> Result<()> {
+    let t0 = Instant::now();
+    let device = candle_core::Device::Cpu;
+    let ck = &args.checkpoint_dir;
+    let stored = stored_dtype(&ck.join("lit_model.safetensors"))?;
+    // Merge (and re-lay) in f32; write the requested dtype.
+    let mut model = Gpt::from_dir(ck, DType::F32, &device)
+        .with_context(|| format!("loading {}", ck.display()))?;
+    match args.format {
+        Format::Hf => {
+            if let Some(path) = &args.lora_path {
+                crate::generation::merge_adapter(&mut model, path)?;
+            }
+            let dtype = match args.dtype {
+                Some(WeightDtype::Float32) => DType::F32,
+                Some(WeightDtype::Bfloat16) => DType::BF16,
+                Some(WeightDtype::Float16) => DType::F16,
+                None => stored,
+            };
+            let tok = Tokenizer::from_dir(ck).ok();
+            let (bos, eos) = tok.map(|t| (t.bos_id, t.eos_id)).unwrap_or((None, None));
+            let report = export_hf(&model, &args.out_dir, dtype, bos, eos)
+                .with_context(|| format!("exporting to {}", args.out_dir.display()))?;
+            let mut copied = Vec::new();
+            for f in TOKENIZER_FILES {
+                let src = ck.join(f);
+                if src.is_file() {
+                    let bytes = std::fs::read(&src)
+                        .with_context(|| format!("reading {}", src.display()))?;
+                    loratune_model::io::write_atomic(&args.out_dir.join(f), &bytes)?;
+                    copied.push(f);
+                }
+            }
+            println!(
+                "wrote {} ({:?} layout, {} tensors, {:.1} MB, {dtype:?}) + config.json{}{} in {}",
+                args.out_dir.join("model.safetensors").display(),
+                report.family,
+                report.n_tensors,
+                report.bytes as f64 / 1e6,
+                if copied.is_empty() { "" } else { " + " },
+                copied.join(" + "),
+                crate::elapsed(t0)
+            );
+        }
+        Format::Peft => {
+            if args.dtype.is_some() {
+                bail!("--dtype applies to --format hf only (PEFT adapters are written in f32)");
+            }
+            let Some(path) = &args.lora_path else {
+                bail!("--format peft needs --lora-path (the adapter to export)");
+            };
+            let (meta, tensors) = load_adapter(path, &device)?;
+            if meta.base_model != model.config.repo_id() {
+                bail!(
+                    "{} was trained on {}, but the checkpoint is {}; pass the matching \
+                     --checkpoint-dir",
+                    path.display(),
+                    meta.base_model,
+                    model.config.repo_id()
+                );
+            }
+            model
+                .load_lora(&meta.lora, Weights::new(tensors))
+                .with_context(|| format!("loading the adapter {}", path.display()))?;
+            let n = export_peft(&model, &args.out_dir)
+                .with_context(|| format!("exporting to {}", args.out_dir.display()))?;
+            println!(
+                "wrote {} ({n} tensors) + adapter_config.json in {}; base model: {} \
+                 (or `export --format hf` of {})",
+                args.out_dir.join("adapter_model.safetensors").display(),
+                crate::elapsed(t0),
+                model.config.repo_id(),
+                ck.display()
+            );
+        }
+    }
+    Ok(())
+}

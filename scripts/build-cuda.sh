@@ -8,7 +8,8 @@
 # $LORATUNE_CUDA_HOME (default ~/.cache/loratune-cuda13, ~1.2 GB). libcuda.so only exists where a
 # driver does, so a link-time stub is built from cudarc's own declarations; at run time the GPU
 # machine's driver provides the real one. Output: dist/cuda/loratune, one multi-call binary
-# (`loratune finetune-lora ...`), stripped so it fits what travels to a lent GPU machine.
+# (`loratune finetune-lora ...`), stripped, and dist/cuda/loratune.xz, small enough to carry
+# to a lent GPU machine (scripts/gpu-bundle.sh).
 #
 # Pinned to 13.0.x on purpose: the lent machines run driver 580 (CUDA 13.0), whose JIT rejects
 # PTX from a newer nvcc. CUDA_COMPUTE_CAP=90 targets H100/H200 (sm_90a); set it to 80 for A100,
@@ -67,7 +68,11 @@ build)
     mkdir -p dist/cuda
     strip -o dist/cuda/loratune.tmp target/cuda/release/loratune
     mv dist/cuda/loratune.tmp dist/cuda/loratune
-    say "dist/cuda/loratune: $(du -m dist/cuda/loratune | cut -f1) MB (needs libcuda.so.1, libcublas.so.13, libcurand.so.10, libcudart.so.13 at run time)"
+    # ~65 MB stripped (PTX + sm_90a kernels) is over what travels to a lent GPU machine;
+    # xz takes it to ~9 MB.
+    xz -T2 -6 -c dist/cuda/loratune > dist/cuda/loratune.xz.tmp
+    mv dist/cuda/loratune.xz.tmp dist/cuda/loratune.xz
+    say "dist/cuda/loratune: $(du -m dist/cuda/loratune | cut -f1) MB, .xz $(du -m dist/cuda/loratune.xz | cut -f1) MB (needs libcuda.so.1, libcublas.so.13, libcurand.so.10, libcudart.so.13 at run time)"
     ;;
 *)
     echo "usage: $0 [--check]" >&2

@@ -1,20 +1,23 @@
 #!/bin/bash
-# Gathers what scripts/gpu-check.sh needs on a GPU machine with no network into dist/ (ignored
-# by git, carried along): the CUDA binary (scripts/build-cuda.sh), the 999-record Alpaca-format
-# demo set, and a real tokenizer (SmolLM2's, imported from its GGUF) for the 3B-shaped model.
+# Gathers what scripts/gpu-check.sh needs on a GPU machine with no network into dist/gpu/
+# (ignored by git; carry that one folder): the xz-compressed CUDA binary (scripts/build-cuda.sh),
+# the 999-record Alpaca-format demo set, and a real tokenizer (SmolLM2's, imported from its
+# GGUF) for the 3B-shaped model.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[ -x dist/cuda/loratune ] || { echo "dist/cuda/loratune missing: run scripts/build-cuda.sh" >&2; exit 1; }
+[ -f dist/cuda/loratune.xz ] || { echo "dist/cuda/loratune.xz missing: run scripts/build-cuda.sh" >&2; exit 1; }
 eval "$(scripts/fetch_assets.sh)" # LORATUNE_SMOLLM2_GGUF, LORATUNE_ALPACA_DEMO
-mkdir -p dist/data dist/tokenizer
-cp "$LORATUNE_ALPACA_DEMO" dist/data/alpaca_en_demo.json
+rm -rf dist/gpu
+mkdir -p dist/gpu/data dist/gpu/tokenizer
+cp dist/cuda/loratune.xz dist/gpu/
+cp "$LORATUNE_ALPACA_DEMO" dist/gpu/data/alpaca_en_demo.json
 tmp=$(mktemp -d)
 cargo build --release -q --bin convert-hf-checkpoint
 target/release/convert-hf-checkpoint --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$tmp/smol" > /dev/null
 for f in tokenizer.json tokenizer_config.json generation_config.json; do
-    [ -f "$tmp/smol/$f" ] && cp "$tmp/smol/$f" dist/tokenizer/
+    if [ -f "$tmp/smol/$f" ]; then cp "$tmp/smol/$f" dist/gpu/tokenizer/; fi
 done
 rm -rf "$tmp"
-du -sh dist/* >&2
-echo "carry: dist ($(du -sm dist | cut -f1) MB of the 64 MiB limit)" >&2
+du -sh dist/gpu/* >&2
+echo "carry: dist/gpu ($(du -sm dist/gpu | cut -f1) MiB of the 64 MiB limit)" >&2

@@ -2,8 +2,8 @@
 # The GPU check: run on a lent H100/H200 (driver 580, CUDA 13 libraries, PyTorch +
 # transformers + PEFT, no Rust, no network) in under 8 minutes.
 #
-#   here:   scripts/build-cuda.sh && scripts/gpu-bundle.sh      # dist/: binary, data, tokenizer
-#   there:  bash scripts/gpu-check.sh                           # with dist/ carried along
+#   here:   scripts/build-cuda.sh && scripts/gpu-bundle.sh      # dist/gpu: binary.xz, data, tokenizer
+#   there:  bash scripts/gpu-check.sh                           # with dist/gpu carried along
 #
 # 1. Parity: logits of three fixture families (GPT-NeoX, Llama GQA, Falcon new-arch) from
 #    `loratune logits` against transformers on the same GPU, in float32 and in bfloat16.
@@ -19,13 +19,13 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-BIN=${LORATUNE_BIN:-$ROOT/dist/cuda/loratune}
+BIN=${LORATUNE_BIN:-}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-stablelm-3b}
 STEPS=${STEPS:-50}
 PY=${PY:-python3}
-DATA=${DATA:-$ROOT/dist/data/alpaca_en_demo.json}
-TOKENIZER=${TOKENIZER:-$ROOT/dist/tokenizer}
+DATA=${DATA:-$ROOT/dist/gpu/data/alpaca_en_demo.json}
+TOKENIZER=${TOKENIZER:-$ROOT/dist/gpu/tokenizer}
 OUT=${OUT:-/tmp/gpu-check}
 WORK=${WORK:-/tmp/gpu-check-work}
 mkdir -p "$OUT" "$WORK"
@@ -45,7 +45,13 @@ if [ "$DEVICE" != cpu ]; then
     export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
 fi
-[ -x "$BIN" ] || { echo "no loratune binary at $BIN (scripts/build-cuda.sh builds it)" >&2; exit 1; }
+if [ -z "$BIN" ]; then
+    BIN=$WORK/loratune
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$ROOT/dist/gpu/loratune.xz" "$BIN" && chmod +x "$BIN" \
+        || { echo "no dist/gpu/loratune.xz (scripts/build-cuda.sh, scripts/gpu-bundle.sh)" >&2; exit 1; }
+fi
+[ -x "$BIN" ] || { echo "no loratune binary at $BIN" >&2; exit 1; }
 "$BIN" --version >&2 || { echo "$BIN does not start (CUDA libraries on LD_LIBRARY_PATH?)" >&2; exit 1; }
 
 # Peak device memory while a command runs: nvidia-smi sampled every 100 ms, minus what was in

@@ -3,9 +3,10 @@
 //!
 //! The path of one example: `records` (JSON -> `Record`) -> `prompt` (`PromptStyle`) ->
 //! `prepare` (token ids + labels, split) -> `dataset` (file on disk) -> `batch` (padded
-//! micro-batches).
+//! micro-batches). `chat` renders conversations (Jinja chat templates or a style).
 
 pub mod batch;
+pub mod chat;
 pub mod dataset;
 pub mod error;
 pub mod prepare;

@@ -19,6 +19,9 @@ fn runs_each_command_by_subcommand_and_by_link_name() {
         "generate",
         "generate-lora",
         "merge-lora",
+        "chat",
+        "export",
+        "logits",
     ] {
         assert!(r.stdout.contains(cmd), "{cmd} missing from {}", r.stdout);
         let h = run(LORATUNE, &[cmd, "--help"]);

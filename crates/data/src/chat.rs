@@ -45,13 +45,23 @@ impl ChatFormat {
             ChatFormat::Template { source, bos, eos } => {
                 let mut env = minijinja::Environment::new();
                 minijinja_contrib::add_to_environment(&mut env);
-                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-                env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-                    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-                });
+                env.set_unknown_method_callback(
+                    minijinja_contrib::pycompat::unknown_method_callback,
+                );
+                env.add_function(
+                    "raise_exception",
+                    |msg: String| -> std::result::Result<String, minijinja::Error> {
+                        Err(minijinja::Error::new(
+                            minijinja::ErrorKind::InvalidOperation,
+                            msg,
+                        ))
+                    },
+                );
                 env.add_template("chat", source)
                     .map_err(|e| Error::Invalid(format!("the tokenizer's chat template: {e}")))?;
-                let tmpl = env.get_template("chat").map_err(|e| Error::Invalid(e.to_string()))?;
+                let tmpl = env
+                    .get_template("chat")
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
                 tmpl.render(minijinja::context! {
                     messages => minijinja::Value::from(minijinja::value::Serde(messages)),
                     add_generation_prompt => true,
@@ -159,7 +169,9 @@ mod tests {
         // Python-style string methods and raise_exception, as Llama / Mistral templates use.
         let strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}{{ bos_token }}{% for m in messages %}{{ m['content'].strip() }}{% endfor %}";
         assert_eq!(
-            template(strict).render(&[Message::new("user", " x ")]).unwrap(),
+            template(strict)
+                .render(&[Message::new("user", " x ")])
+                .unwrap(),
             "<s>x"
         );
         let err = template(strict)

@@ -135,6 +135,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token's string (special tokens included), as chat templates need for BOS/EOS.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     fn err(&self, e: impl std::fmt::Display) -> Error {
         Error::BadCheckpoint {
             path: self.path.clone(),

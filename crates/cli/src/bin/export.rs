@@ -1,4 +1,4 @@
-//! export: a checkpoint (optionally with a LoRA adapter) as a Hugging Face model folder that
+//! export: a checkpoint (optionally with a LoRA adapter) for transformers or PEFT.
 
 fn main() -> std::process::ExitCode {
     loratune_cli::commands::export::main(std::env::args_os())

@@ -2,6 +2,7 @@
 //! exit code, so the same code backs the per-command binaries in `src/bin/` and the multi-call
 //! `loratune` binary (one file to carry to a GPU machine instead of eight).
 
+pub mod chat;
 pub mod convert_hf_checkpoint;
 pub mod download;
 pub mod export;
@@ -25,6 +26,7 @@ pub const COMMANDS: &[(&str, CommandMain)] = &[
     ("finetune-lora", |a| finetune_lora::main(a)),
     ("generate", |a| generate::main(a)),
     ("generate-lora", |a| generate_lora::main(a)),
+    ("chat", |a| chat::main(a)),
     ("merge-lora", |a| merge_lora::main(a)),
     ("export", |a| export::main(a)),
     ("logits", |a| logits::main(a)),

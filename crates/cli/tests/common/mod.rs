@@ -66,3 +66,35 @@ pub fn temp_leftovers(dir: &Path) -> Vec<String> {
         .filter(|n| n.starts_with('.') && n.contains(".tmp"))
         .collect()
 }
+
+/// Runs `bin` with `input` on its stdin.
+pub fn run_with_stdin(bin: &str, args: &[&str], input: &str) -> Run {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let r = Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !r.stderr.contains("panicked"),
+        "{bin} panicked:\n{}",
+        r.stderr
+    );
+    r
+}

@@ -1,0 +1,219 @@
+//! chat: an interactive conversation with a checkpoint (and optionally a LoRA adapter),
+//! formatted by the tokenizer's chat template or a prompt style, history kept within the
+//! context window. Replies stream to stdout; prompts and timings go to stderr.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use loratune_data::chat::{fit_history, ChatFormat, Message};
+use loratune_data::PromptStyle;
+use loratune_model::generate::{generate, Sampling};
+use loratune_model::Rng;
+
+use crate::generation::{load_model, GenerateArgs};
+use crate::Precision;
+
+/// Chat with a model. Type a message and Enter; `/reset` forgets the conversation, `/exit`
+/// (or end of input) quits.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[arg(long, default_value = "checkpoints/stabilityai/stablelm-base-alpha-3b")]
+    checkpoint_dir: PathBuf,
+    /// A LoRA adapter from finetune-lora, merged before chatting.
+    #[arg(long)]
+    lora_path: Option<PathBuf>,
+    /// auto (the tokenizer's chat template if it has one, else alpaca), template, alpaca,
+    /// plain or chatml.
+    #[arg(long, default_value = "auto")]
+    prompt_style: String,
+    /// A system message placed before the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 200)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    crate::run(|| chat(Args::parse_from(argv)))
+}
+
+fn chat(args: Args) -> Result<()> {
+    let gen_args = GenerateArgs {
+        prompt: String::new(),
+        input: String::new(),
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        num_samples: 1,
+        precision: args.precision,
+        device: args.device.clone(),
+        prompt_style: PromptStyle::Alpaca,
+        truncate_prompt: false,
+    };
+    let (model, tok) = load_model(&gen_args, args.lora_path.as_deref())?;
+    let format = match args.prompt_style.as_str() {
+        "auto" | "template" => match &tok.chat_template {
+            Some(source) => ChatFormat::Template {
+                source: source.clone(),
+                bos: tok
+                    .bos_id
+                    .and_then(|i| tok.id_to_token(i))
+                    .unwrap_or_default(),
+                eos: tok
+                    .eos_id
+                    .and_then(|i| tok.id_to_token(i))
+                    .unwrap_or_default(),
+            },
+            None if args.prompt_style == "auto" => ChatFormat::Style(PromptStyle::Alpaca),
+            None => bail!(
+                "--prompt-style template: {} has no chat_template in tokenizer_config.json",
+                args.checkpoint_dir.display()
+            ),
+        },
+        other => ChatFormat::Style(
+            crate::generation::parse_style(other)
+                .map_err(|e| anyhow::anyhow!("--prompt-style: {e}; or auto, template"))?,
+        ),
+    };
+    // A template writes its own BOS; a style gets the tokenizer's.
+    let add_bos = matches!(format, ChatFormat::Style(_)) && tok.add_bos;
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: (args.top_k > 0).then_some(args.top_k),
+        top_p: args.top_p,
+    };
+    sampling.validate()?;
+    let block = model.config.block_size;
+    if args.max_new_tokens >= block {
+        bail!(
+            "--max-new-tokens {} leaves no room for a prompt in the {block}-token context",
+            args.max_new_tokens
+        );
+    }
+    let interactive = std::io::stdin().is_terminal();
+    eprintln!(
+        "chatting with {} ({}); /reset forgets, /exit quits",
+        model.config.name,
+        match &format {
+            ChatFormat::Template { .. } => "the tokenizer's chat template".to_string(),
+            ChatFormat::Style(s) => format!("{} prompts", s.name()),
+        }
+    );
+    let mut history: Vec<Message> = Vec::new();
+    if let Some(s) = &args.system {
+        history.push(Message::new("system", s));
+    }
+    let mut rng = Rng::new(args.seed);
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!(">> You: ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", text));
+        let fitted = fit_history(&format, &history, block, args.max_new_tokens, |p| {
+            Ok(tok.encode(p, add_bos, false)?.len())
+        })?;
+        let Some((prompt, start)) = fitted else {
+            history.pop();
+            eprintln!(
+                "error: that message does not fit the {block}-token context with --max-new-tokens \
+                 {}; send a shorter one",
+                args.max_new_tokens
+            );
+            continue;
+        };
+        if start > 0 {
+            // Older turns no longer fit: forget them for good.
+            let system: Vec<Message> = history
+                .iter()
+                .filter(|m| m.role == "system")
+                .cloned()
+                .collect();
+            let turns: Vec<Message> = history
+                .iter()
+                .filter(|m| m.role != "system")
+                .cloned()
+                .collect();
+            history = system
+                .into_iter()
+                .chain(turns[start..].iter().cloned())
+                .collect();
+            eprintln!("(dropped the oldest turns to fit the context)");
+        }
+        let ids = tok.encode(&prompt, add_bos, false)?;
+        let t0 = Instant::now();
+        let mut first = None;
+        let mut stream = tok.stream();
+        let mut reply = String::new();
+        let stdout = std::io::stdout();
+        let out = generate(
+            &model,
+            &ids,
+            args.max_new_tokens,
+            &sampling,
+            &tok.stop_ids,
+            &mut rng,
+            |id| {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                if let Some(piece) = stream.push(id)? {
+                    reply.push_str(&piece);
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(piece.as_bytes());
+                    let _ = lock.flush();
+                }
+                Ok(true)
+            },
+        )?;
+        if let Some(rest) = stream.finish()? {
+            reply.push_str(&rest);
+            print!("{rest}");
+        }
+        println!();
+        let _ = std::io::stdout().flush();
+        let total = t0.elapsed().as_secs_f64();
+        let ttft = first.unwrap_or(total);
+        eprintln!(
+            "({} tokens; time to first token {:.0} ms; {:.1} tokens/s)",
+            out.len(),
+            ttft * 1000.0,
+            out.len().saturating_sub(1) as f64 / (total - ttft).max(1e-9)
+        );
+        history.push(Message::new("assistant", reply.trim()));
+    }
+    Ok(())
+}

@@ -5,114 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use common::*;
 
 const DOWNLOAD: &str = env!("CARGO_BIN_EXE_download");
 const REPO: &str = "tiny-org/tiny-neox";
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-/// Serves the files of `dir` as the model REPO; records the request paths.
-fn serve(dir: PathBuf) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let dir = dir.clone();
-            let log = log2.clone();
-            std::thread::spawn(move || handle(stream, &dir, &log));
-        }
-    });
-    (port, log)
-}
-
-fn handle(mut stream: TcpStream, dir: &std::path::Path, log: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut range_start: Option<u64> = None;
-    let mut range_end: Option<u64> = None;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(r) = lower.strip_prefix("range: bytes=") {
-            let (a, b) = r.trim().split_once('-').unwrap();
-            range_start = a.parse().ok();
-            range_end = b.parse().ok();
-        }
-    }
-    log.lock().unwrap().push(path.clone());
-    let mut files: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
-    let api = format!("/api/models/{REPO}/revision/main");
-    let resolve = format!("/{REPO}/resolve/main/");
-    let (status, headers, body): (&str, Vec<String>, Vec<u8>) = if path == api {
-        let siblings: Vec<String> = files
-            .iter()
-            .map(|f| format!(r#"{{"rfilename": "{f}"}}"#))
-            .collect();
-        let body = format!(
-            r#"{{"sha": "{COMMIT}", "siblings": [{}]}}"#,
-            siblings.join(",")
-        );
-        (
-            "200 OK",
-            vec!["Content-Type: application/json".into()],
-            body.into_bytes(),
-        )
-    } else if let Some(name) = path.strip_prefix(&resolve) {
-        match std::fs::read(dir.join(name)) {
-            Ok(data) => {
-                let size = data.len() as u64;
-                let a = range_start.unwrap_or(0).min(size);
-                let b = range_end.map(|e| e + 1).unwrap_or(size).min(size);
-                let etag = format!("\"etag-{}-{size}\"", name.replace('.', "-"));
-                let hdrs = vec![
-                    format!("ETag: {etag}"),
-                    format!("X-Repo-Commit: {COMMIT}"),
-                    format!("Content-Range: bytes {a}-{}/{size}", b.saturating_sub(1)),
-                ];
-                (
-                    "206 Partial Content",
-                    hdrs,
-                    data[a as usize..b as usize].to_vec(),
-                )
-            }
-            Err(_) => ("404 Not Found", vec![], b"not found".to_vec()),
-        }
-    } else {
-        ("404 Not Found", vec![], b"not found".to_vec())
-    };
-    let mut resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for h in headers {
-        resp.push_str(&h);
-        resp.push_str("\r\n");
-    }
-    resp.push_str("\r\n");
-    let _ = stream.write_all(resp.as_bytes());
-    let _ = stream.write_all(&body);
-    let _ = stream.flush();
-    let mut sink = [0u8; 1];
-    let _ = stream.read(&mut sink);
-}
 
 fn download(args: &[&str], endpoint: &str, hf_home: &std::path::Path) -> Run {
     let out = std::process::Command::new(DOWNLOAD)
@@ -138,7 +36,7 @@ fn downloads_from_a_hub_layout_and_converts() {
     let served = root.join("served");
     copy_dir(&hf_fixture("neox_parallel_rot025"), &served);
     std::fs::remove_file(served.join("oracle.safetensors")).unwrap();
-    let (port, log) = serve(served);
+    let (port, log) = serve_hub(served, REPO);
     let ck = root.join("checkpoints");
     let r = download(
         &["--repo-id", REPO, "--checkpoint-dir", ck.to_str().unwrap()],
@@ -213,7 +111,7 @@ fn quickstart_takes_a_repo_id() {
     let root = scratch("download-quickstart");
     let served = root.join("served");
     copy_dir(&hf_fixture("neox_parallel_rot025"), &served);
-    let (port, _) = serve(served);
+    let (port, _) = serve_hub(served, REPO);
     let data = root.join("demo.json");
     let recs: Vec<String> = (0..20)
         .map(|i| format!(r#"{{"instruction": "Echo {i}.", "input": "", "output": "{i}"}}"#))

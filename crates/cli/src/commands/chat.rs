@@ -20,7 +20,7 @@ use crate::Precision;
 /// Chat with a model. Type a message and Enter; `/reset` forgets the conversation, `/exit`
 /// (or end of input) quits.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     #[arg(long, default_value = "checkpoints/stabilityai/stablelm-base-alpha-3b")]
     checkpoint_dir: PathBuf,

@@ -20,7 +20,7 @@ enum OutDtype {
 /// Convert a Hugging Face checkpoint (safetensors or PyTorch .bin, single or sharded) into
 /// loratune's format.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Folder with config.json and the weights; the converted files are written here too.
     #[arg(long)]

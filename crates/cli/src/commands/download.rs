@@ -13,7 +13,7 @@ use loratune_model::convert::{convert_hf_checkpoint, ConvertOptions};
 /// Download a model's weights, config and tokenizer from the Hugging Face Hub and convert
 /// them for loratune.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// e.g. EleutherAI/pythia-160m
     #[arg(long, required_unless_present = "list")]

@@ -33,7 +33,7 @@ enum WeightDtype {
 /// `PeftModel.from_pretrained(base, DIR)` applies it to the HF base model (the original
 /// repository, or `export --format hf` of the base checkpoint).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     #[arg(long, value_enum)]
     format: Format,

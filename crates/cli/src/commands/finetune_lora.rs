@@ -23,7 +23,7 @@ const SAMPLE_INSTRUCTION: &str =
 /// Finetune a model with LoRA on a prepared dataset. Any flag can also come from --config
 /// FILE (TOML or YAML, snake_case keys); flags on the command line win.
 #[derive(Parser, Debug, Serialize, Deserialize)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 #[serde(deny_unknown_fields)]
 struct Args {
     /// TOML or YAML file with any of these settings.

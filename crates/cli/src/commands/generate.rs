@@ -7,7 +7,7 @@ use clap::Parser;
 
 /// Generate from a converted checkpoint (or a merged one from merge-lora).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     #[command(flatten)]
     gen: GenerateArgs,

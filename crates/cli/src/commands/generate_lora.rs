@@ -8,7 +8,7 @@ use clap::Parser;
 
 /// Generate with LoRA adapters; their rank, alpha and targets are read from the adapter file.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// The adapter finetune-lora wrote.
     #[arg(

@@ -14,7 +14,7 @@ use crate::Precision;
 
 /// Run the full-sequence forward pass on some tokens and report its logits.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     #[arg(long)]
     checkpoint_dir: PathBuf,

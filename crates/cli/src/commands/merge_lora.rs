@@ -13,7 +13,7 @@ use loratune_model::Gpt;
 /// Merge LoRA adapters into the base model: the output folder is a full checkpoint that
 /// `generate` (or finetuning again) uses without the adapter.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     #[arg(
         long,

@@ -24,7 +24,7 @@ const ALPACA_FILE: &str = "alpaca_data_cleaned_archive.json";
 /// Tokenize instruction data (Alpaca's cleaned 52k by default, or your own JSON / JSON Lines
 /// of {instruction, input, output}) into train/val splits for finetune-lora.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Args {
     /// Where train.safetensors, val.safetensors and meta.json go.
     #[arg(long, default_value = "data/alpaca")]

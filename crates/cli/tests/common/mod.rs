@@ -1,8 +1,14 @@
 //! Helpers for the end-to-end tests: fixture paths, scratch folders, running a binary.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+/// The commit the local hub reports.
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures")
@@ -69,7 +75,6 @@ pub fn temp_leftovers(dir: &Path) -> Vec<String> {
 
 /// Runs `bin` with `input` on its stdin.
 pub fn run_with_stdin(bin: &str, args: &[&str], input: &str) -> Run {
-    use std::io::Write;
     let mut child = Command::new(bin)
         .args(args)
         .env("RAYON_NUM_THREADS", "1")
@@ -97,4 +102,106 @@ pub fn run_with_stdin(bin: &str, args: &[&str], input: &str) -> Run {
         r.stderr
     );
     r
+}
+
+/// Serves the files of `dir` as the Hub model `repo` on 127.0.0.1 (the Hub's URL layout:
+/// `/api/models/<repo>/revision/main`, `/<repo>/resolve/main/<file>` with Range requests);
+/// returns the port and the log of request paths.
+pub fn serve_hub(dir: PathBuf, repo: &str) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let repo = repo.to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            let log = log2.clone();
+            let repo = repo.clone();
+            std::thread::spawn(move || handle(stream, &dir, &repo, &log));
+        }
+    });
+    (port, log)
+}
+
+fn handle(mut stream: TcpStream, dir: &Path, repo: &str, log: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut range_start: Option<u64> = None;
+    let mut range_end: Option<u64> = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(r) = lower.strip_prefix("range: bytes=") {
+            let (a, b) = r.trim().split_once('-').unwrap();
+            range_start = a.parse().ok();
+            range_end = b.parse().ok();
+        }
+    }
+    log.lock().unwrap().push(path.clone());
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let api = format!("/api/models/{repo}/revision/main");
+    let resolve = format!("/{repo}/resolve/main/");
+    let (status, headers, body): (&str, Vec<String>, Vec<u8>) = if path == api {
+        let siblings: Vec<String> = files
+            .iter()
+            .map(|f| format!(r#"{{"rfilename": "{f}"}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"sha": "{COMMIT}", "siblings": [{}]}}"#,
+            siblings.join(",")
+        );
+        (
+            "200 OK",
+            vec!["Content-Type: application/json".into()],
+            body.into_bytes(),
+        )
+    } else if let Some(name) = path.strip_prefix(&resolve) {
+        match std::fs::read(dir.join(name)) {
+            Ok(data) => {
+                let size = data.len() as u64;
+                let a = range_start.unwrap_or(0).min(size);
+                let b = range_end.map(|e| e + 1).unwrap_or(size).min(size);
+                let etag = format!("\"etag-{}-{size}\"", name.replace('.', "-"));
+                let hdrs = vec![
+                    format!("ETag: {etag}"),
+                    format!("X-Repo-Commit: {COMMIT}"),
+                    format!("Content-Range: bytes {a}-{}/{size}", b.saturating_sub(1)),
+                ];
+                (
+                    "206 Partial Content",
+                    hdrs,
+                    data[a as usize..b as usize].to_vec(),
+                )
+            }
+            Err(_) => ("404 Not Found", vec![], b"not found".to_vec()),
+        }
+    } else {
+        ("404 Not Found", vec![], b"not found".to_vec())
+    };
+    let mut resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for h in headers {
+        resp.push_str(&h);
+        resp.push_str("\r\n");
+    }
+    resp.push_str("\r\n");
+    let _ = stream.write_all(resp.as_bytes());
+    let _ = stream.write_all(&body);
+    let _ = stream.flush();
+    let mut sink = [0u8; 1];
+    let _ = stream.read(&mut sink);
 }

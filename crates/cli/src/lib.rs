@@ -15,12 +15,26 @@ use candle_core::{DType, Device};
 /// Runs a command body; an error becomes `error: <message with its causes>` on stderr and exit
 /// status 1.
 pub fn run(body: impl FnOnce() -> Result<()>) -> ExitCode {
+    tune_allocator();
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Training and generation allocate and free the same activation-sized buffers every step.
+/// glibc serves big ones with fresh mmaps and hands freed memory back to the kernel, so every
+/// step page-faults its buffers in again (7% of a training step, measured). Keep them in
+/// the heap instead; peak memory is unchanged because the same sizes are reused.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any threads start work.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 

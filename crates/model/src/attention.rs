@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraLinear};
-use crate::ops::{apply_rope, softmax_last_dim};
+use crate::ops::{apply_rope, causal_softmax};
 
 /// cos/sin tables for every position up to the block size: (block_size, rope_n_elem / 2).
 #[derive(Debug, Clone)]
@@ -111,12 +111,7 @@ impl CausalSelfAttention {
             .reshape((b, ng, (nh / ng) * t, hs))?
             .matmul(&k.t()?)?
             .reshape((b, nh, t, tk))?;
-        let att = if t > 1 {
-            att.broadcast_add(&causal_mask(t, tk, att.dtype(), att.device())?)?
-        } else {
-            att
-        };
-        let att = softmax_last_dim(&att)?;
+        let att = causal_softmax(&att)?;
         let y = att
             .reshape((b, ng, (nh / ng) * t, tk))?
             .matmul(&v.contiguous()?)?
@@ -125,21 +120,4 @@ impl CausalSelfAttention {
             .reshape((b, t, nh * hs))?;
         self.proj.forward(&y, dropout)
     }
-}
-
-/// (T, Tk) additive mask: query i (at position Tk - T + i) sees keys 0..=Tk - T + i.
-fn causal_mask(t: usize, tk: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let offset = tk - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..tk).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, tk), device)?.to_dtype(dtype)?)
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod io;

@@ -30,6 +30,9 @@ fn use_fused(x: &Tensor) -> bool {
 
 /// LayerNorm over the last dimension, statistics in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::applies(x, Some(weight)) {
+        return crate::fused::layer_norm(x, weight, bias, eps);
+    }
     if use_fused(x) {
         return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
     }
@@ -47,6 +50,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// RMSNorm over the last dimension (Llama's: normalise in f32, cast back, then scale).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::applies(x, Some(weight)) {
+        return crate::fused::rms_norm(x, weight, eps);
+    }
     if use_fused(x) {
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
@@ -70,6 +76,39 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&sum)?.to_dtype(dtype)
+}
+
+/// Softmax of attention scores (.., T, Tk) under the causal mask: query row i, at position
+/// Tk - T + i, sees keys 0..=Tk - T + i. One fused pass on the CPU; elsewhere an additive
+/// -inf mask and `softmax_last_dim`.
+pub fn causal_softmax(att: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(att, None) {
+        return crate::fused::causal_softmax(att);
+    }
+    let (t, tk) = (att.dim(D::Minus2)?, att.dim(D::Minus1)?);
+    let att = if t > 1 {
+        att.broadcast_add(&causal_mask(t, tk, att.dtype(), att.device())?)?
+    } else {
+        att.clone()
+    };
+    softmax_last_dim(&att)
+}
+
+/// (T, Tk) additive mask: query i (at position Tk - T + i) sees keys 0..=Tk - T + i.
+fn causal_mask(t: usize, tk: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let offset = tk - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..tk).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, tk), device)?.to_dtype(dtype)
 }
 
 /// Rotary position embedding, GPT-NeoX "rotate half" form, on the first `cos.dim(1) * 2`

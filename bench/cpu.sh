@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# loratune vs PyTorch + transformers + PEFT on this CPU: training and generation, same
+# weights, same token batches, one table. Not part of `cargo test`; runs in ~15 minutes.
+#
+#   ../shared/peer/setup.sh        # once: the PyTorch venv, random-init pythia-14m/-70m, data
+#   scripts/fetch_assets.sh        # once: the real SmolLM2-135M-Instruct GGUF
+#   bench/cpu.sh [pythia-14m pythia-70m smollm2-135m]
+#
+# Training: micro-batch 4, max length 256, prompts masked, LoRA r 8 / alpha 16 / dropout 0.05
+# on the attention (loratune: query + value, Lit-GPT's default; PEFT: the fused
+# query_key_value for GPT-NeoX, which has the same parameter count and FLOPs, and q_proj +
+# v_proj for Llama), one AdamW step per micro-batch, 20 timed steps after 2 warm-up, 2
+# threads. Both sides train on the same batches: bench/peft_train.py replays loratune's
+# sampler on the dataset prepare-alpaca wrote (the table says whether the per-step token
+# counts matched). PyTorch runs in float32 and bfloat16; the faster is the reference.
+# Generation: greedy, KV cache, 128 new tokens, time to first token and decode tokens/s,
+# against transformers' generate (bench/hf_generate.py).
+# The SmolLM2 weights are the Q4_1 GGUF imported by loratune and written back as a Hugging
+# Face folder by `export --format hf`, so both sides load identical f32 weights.
+#
+# Run it on an idle machine: a second busy process slows PyTorch by an order of magnitude.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
+PY=${PY:-$PEER_HOME/.venv/bin/python}
+WORK=${WORK:-$(mktemp -d /tmp/loratune-bench.XXXXXX)}
+MODELS=${*:-pythia-14m pythia-70m smollm2-135m}
+TORCH_TIMEOUT=${TORCH_TIMEOUT:-300}
+LT=$ROOT/target/release/loratune
+[ -x "$PY" ] || { echo "no peer venv at $PEER_HOME: run ../shared/peer/setup.sh first" >&2; exit 1; }
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+export RAYON_NUM_THREADS=2
+DATA=$PEER_HOME/data/alpaca_like.json
+RESULTS=$WORK/results.jsonl
+: > "$RESULTS"
+say() { echo "[bench] $*" >&2; }
+row() { echo "{\"model\": \"$1\", \"run\": \"$2\", \"kind\": \"$3\", \"result\": ${4:-null}}" >> "$RESULTS"; }
+
+for m in $MODELS; do
+    ck=$WORK/$m/ck; hf=$WORK/$m/hf; ds=$WORK/$m/ds; out=$WORK/$m/out
+    rm -rf "$WORK/$m"; mkdir -p "$ck"
+    case $m in
+    smollm2-135m)
+        eval "$("$ROOT/scripts/fetch_assets.sh")"
+        "$LT" convert-hf-checkpoint --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$ck" > /dev/null
+        "$LT" export --format hf --checkpoint-dir "$ck" --out-dir "$hf" > /dev/null
+        style=chatml ;;
+    *)
+        cp "$PEER_HOME/models/$m"/* "$ck/"
+        "$LT" convert-hf-checkpoint --checkpoint-dir "$ck" > /dev/null
+        hf=$ck
+        style=alpaca ;;
+    esac
+    "$LT" prepare-alpaca --checkpoint-dir "$ck" --data-file "$DATA" --destination-path "$ds" \
+        --mask-inputs --max-seq-length 256 --test-split-size 8 --prompt-style alpaca > /dev/null
+
+    say "$m: loratune finetune-lora"
+    "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
+        --batch-size 4 --micro-batch-size 4 --max-iters 22 --warmup-steps 1 --eval-interval 1000 \
+        --eval-iters 1 --save-interval 1000 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 > /dev/null 2>&1
+    row "$m" loratune-f32 train "$("$PY" - "$out/metrics.jsonl" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+toks = [b["tokens"] - a["tokens"] for a, b in zip(rows[1:21], rows[2:22])]
+secs = [t / r["tokens_per_s"] for t, r in zip(toks, rows[2:22])]
+print(json.dumps({"tokens_per_s": sum(toks) / sum(secs), "step_ms_median": 1000 * statistics.median(secs),
+                  "peak_rss_mb": rows[-1]["peak_rss_mib"] * 1.048576, "step_tokens": toks}))
+PYEOF
+)"
+    for dt in float32 bfloat16; do
+        say "$m: PEFT $dt"
+        r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/peft_train.py" --model "$hf" --data-dir "$ds" --steps 20 \
+            --warmup-steps 2 --micro-batch-size 4 --max-seq-length 256 --dtype $dt --threads 2 2> /dev/null) || r=null
+        row "$m" "peft-$dt" train "$r"
+    done
+
+    prompt="Write a long, detailed story about a dragon who learns to paint."
+    case $style in
+    alpaca) text=$'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n'"$prompt"$'\n\n### Response:' ;;
+    chatml) text=$'<|im_start|>user\n'"$prompt"$'<|im_end|>\n<|im_start|>assistant\n' ;;
+    esac
+    say "$m: loratune generate"
+    g=$("$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style --temperature 0 \
+        --max-new-tokens 128 2>&1 >/dev/null | tail -1)
+    row "$m" loratune-f32 generate "$(echo "$g" | "$PY" -c '
+import json, re, sys
+s = sys.stdin.read()
+m = re.search(r"(\d+) tokens; time to first token (\d+) ms; ([\d.]+) tokens/s after it; peak RSS (\d+) MiB", s)
+print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_tokens_per_s": float(m[3]),
+                  "peak_rss_mb": float(m[4]) * 1.048576}) if m else "null")')"
+    for dt in float32 bfloat16; do
+        say "$m: transformers generate $dt"
+        r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/hf_generate.py" --model "$hf" --prompt "$text" \
+            --new-tokens 128 --dtype $dt --threads 2 2> /dev/null) || r=null
+        row "$m" "hf-$dt" generate "$r"
+    done
+done
+
+"$PY" - "$RESULTS" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def best(model, kind, prefix, key):
+    c = [r for r in rows if r["model"] == model and r["kind"] == kind and r["run"].startswith(prefix) and r["result"]]
+    return max(c, key=lambda r: r["result"][key]) if c else None
+print("training (tokens/s, median step ms, peak RSS MB)")
+print(f"{'model':14} {'run':16} {'tokens/s':>9} {'step ms':>8} {'RSS MB':>7}")
+for r in rows:
+    if r["kind"] != "train": continue
+    x = r["result"]
+    print(f"{r['model']:14} {r['run']:16} " + (f"{x['tokens_per_s']:9.0f} {x['step_ms_median']:8.0f} {x['peak_rss_mb']:7.0f}" if x else "   did not finish"))
+print("\ngeneration (128 new tokens, greedy)")
+print(f"{'model':14} {'run':16} {'decode tok/s':>12} {'TTFT ms':>8} {'RSS MB':>7}")
+for r in rows:
+    if r["kind"] != "generate": continue
+    x = r["result"]
+    print(f"{r['model']:14} {r['run']:16} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}" if x else "   did not finish"))
+print("\nratios, loratune / PyTorch's better dtype")
+for m in dict.fromkeys(r["model"] for r in rows):
+    ours, ref = best(m, "train", "loratune", "tokens_per_s"), best(m, "train", "peft", "tokens_per_s")
+    if ours and ref:
+        a, b = ours["result"], ref["result"]
+        same = a["step_tokens"][:len(b.get("step_tokens", []))] == b.get("step_tokens")
+        print(f"{m}: training tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (vs {ref['run']}; same batches: {same})")
+    ours, ref = best(m, "generate", "loratune", "decode_tokens_per_s"), best(m, "generate", "hf", "decode_tokens_per_s")
+    if ours and ref:
+        a, b = ours["result"], ref["result"]
+        print(f"{m}: decode tokens/s x{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}, time to first token x{a['ttft_ms'] / b['ttft_ms']:.2f} (vs {ref['run']})")
+PYEOF
+echo "raw results: $RESULTS" >&2

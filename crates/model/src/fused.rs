@@ -1,0 +1,498 @@
+//! Fused CPU kernels with their own backward pass, for the ops that dominate a training step
+//! besides the matmuls: causal softmax over attention scores, LayerNorm and RMSNorm.
+//!
+//! Built from candle's element-wise ops, each of these is 5-10 passes over the data forward
+//! and as many again backward, each allocating, plus gradients for constants (the causal
+//! mask, the frozen norm weights) that nothing uses. Here each is one parallel pass forward
+//! and one backward, and only the input's gradient is computed (norm weights and biases are
+//! frozen in LoRA training). CPU only (f32 and f64); `ops` picks these on the CPU and keeps
+//! the composite forms elsewhere. The model's finite-difference tests run through them.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+type Result<T> = candle_core::Result<T>;
+
+/// The float types the kernels run in.
+trait Real: Copy + Send + Sync + PartialOrd + 'static {
+    const NEG_INF: Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+    fn exp_sub(self, m: Self) -> Self;
+}
+
+impl Real for f32 {
+    const NEG_INF: f32 = f32::NEG_INFINITY;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    fn exp_sub(self, m: f32) -> f32 {
+        (self - m).exp()
+    }
+}
+
+impl Real for f64 {
+    const NEG_INF: f64 = f64::NEG_INFINITY;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    fn exp_sub(self, m: f64) -> f64 {
+        (self - m).exp()
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: only used to hand disjoint rows of one buffer to the pool's threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Runs `f(row_index, row)` over the rows of `out` (rows of `d`) on candle's CPU thread pool,
+/// the one its own kernels use (a second pool would fight it for the cores).
+pub fn for_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let d = d.max(1);
+    let n = out.len() / d;
+    let ptr = SendPtr(out.as_mut_ptr());
+    let ptr = &ptr;
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        for r in range {
+            // SAFETY: execute_chunked hands out each row index once, so rows never alias, and
+            // every row lies inside `out`, which outlives the call.
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * d), d) };
+            f(r, row);
+        }
+    });
+}
+
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+// ---- causal softmax ---------------------------------------------------------------------
+
+/// Softmax over the last dimension of attention scores (.., T, Tk), where query row i (at
+/// position Tk - T + i) sees keys 0..=Tk - T + i; masked entries come out 0.
+struct CausalSoftmax;
+
+fn causal_softmax_rows<T: Real>(x: &[T], t: usize, tk: usize) -> Vec<T> {
+    let offset = tk - t;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    for_rows(&mut out, tk, |r, o| {
+        let xr = &x[r * tk..(r + 1) * tk];
+        let seen = (offset + r % t + 1).min(tk);
+        let mut m = T::NEG_INF;
+        for &v in &xr[..seen] {
+            if v > m {
+                m = v;
+            }
+        }
+        let mut sum = 0f64;
+        for (oj, &v) in o[..seen].iter_mut().zip(&xr[..seen]) {
+            let e = v.exp_sub(m);
+            *oj = e;
+            sum += e.to_f64();
+        }
+        let inv = 1.0 / sum;
+        for oj in &mut o[..seen] {
+            *oj = T::from_f64(oj.to_f64() * inv);
+        }
+    });
+    out
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() < 2 || dims[dims.len() - 2] > dims[dims.len() - 1] {
+            candle_core::bail!("causal-softmax: expected (.., T, Tk) with T <= Tk, got {dims:?}")
+        }
+        let (t, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(causal_softmax_rows(
+                slice::<f32>(s, l, "causal-softmax")?,
+                t,
+                tk,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(causal_softmax_rows(
+                slice::<f64>(s, l, "causal-softmax")?,
+                t,
+                tk,
+            )),
+            _ => candle_core::bail!("causal-softmax: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+/// dx = y * (dy - sum(dy * y)) per row; masked entries have y = 0 and get 0.
+struct SoftmaxBwd;
+
+fn softmax_bwd_rows<T: Real>(y: &[T], dy: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); y.len()];
+    for_rows(&mut out, n, |r, o| {
+        let (yr, gr) = (&y[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+        let dot: f64 = yr
+            .iter()
+            .zip(gr)
+            .map(|(a, b)| a.to_f64() * b.to_f64())
+            .sum();
+        for ((oj, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
+            *oj = T::from_f64(a.to_f64() * (b.to_f64() - dot));
+        }
+    });
+    out
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "causal-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = last_dim(l1);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(softmax_bwd_rows(
+                slice::<f32>(s1, l1, "softmax-bwd")?,
+                slice::<f32>(s2, l2, "softmax-bwd")?,
+                n,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(softmax_bwd_rows(
+                slice::<f64>(s1, l1, "softmax-bwd")?,
+                slice::<f64>(s2, l2, "softmax-bwd")?,
+                n,
+            )),
+            _ => candle_core::bail!("causal-softmax-bwd: f32 or f64 only, one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Causal softmax of attention scores `x` (.., T, Tk) on the CPU, with its backward pass.
+pub fn causal_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(CausalSoftmax)
+}
+
+// ---- LayerNorm / RMSNorm ----------------------------------------------------------------
+
+/// LayerNorm (with `bias`) or RMSNorm (without) over the last dimension. Only the input gets
+/// a gradient: weight and bias are frozen.
+#[derive(Clone, Copy)]
+struct Norm {
+    eps: f64,
+    rms: bool,
+}
+
+/// Per row: (mean, 1/std) of x (mean 0 for RMSNorm), in f64.
+fn row_stats<T: Real>(xr: &[T], rms: bool, eps: f64) -> (f64, f64) {
+    let n = xr.len() as f64;
+    let mean = if rms {
+        0.0
+    } else {
+        xr.iter().map(|v| v.to_f64()).sum::<f64>() / n
+    };
+    let var = xr.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn norm_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, d: usize, p: Norm) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    for_rows(&mut out, d, |r, o| {
+        let xr = &x[r * d..(r + 1) * d];
+        let (mean, inv) = row_stats(xr, p.rms, p.eps);
+        for j in 0..d {
+            let mut v = (xr[j].to_f64() - mean) * inv * w[j].to_f64();
+            if let Some(b) = b {
+                v += b[j].to_f64();
+            }
+            o[j] = T::from_f64(v);
+        }
+    });
+    out
+}
+
+/// dx = inv * (g - mean(g) - x̂ mean(g x̂)) with g = dy * w (LayerNorm); RMSNorm drops mean(g).
+fn norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], d: usize, p: Norm) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    for_rows(&mut out, d, |r, o| {
+        let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+        let (mean, inv) = row_stats(xr, p.rms, p.eps);
+        let (mut sg, mut sgx) = (0f64, 0f64);
+        for j in 0..d {
+            let g = gr[j].to_f64() * w[j].to_f64();
+            sg += g;
+            sgx += g * (xr[j].to_f64() - mean) * inv;
+        }
+        let n = d as f64;
+        let (mg, mgx) = (if p.rms { 0.0 } else { sg / n }, sgx / n);
+        for j in 0..d {
+            let g = gr[j].to_f64() * w[j].to_f64();
+            let xh = (xr[j].to_f64() - mean) * inv;
+            o[j] = T::from_f64(inv * (g - mg - xh * mgx));
+        }
+    });
+    out
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        if self.rms {
+            "rms-norm"
+        } else {
+            "layer-norm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1);
+        if l2.dims() != [d] {
+            candle_core::bail!(
+                "{}: weight of shape {:?} for rows of {d}",
+                self.name(),
+                l2.dims()
+            )
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                let b = if self.rms {
+                    None
+                } else {
+                    Some(slice::<f32>(s3, l3, "norm")?)
+                };
+                CpuStorage::F32(norm_fwd(
+                    slice::<f32>(s1, l1, "norm")?,
+                    slice::<f32>(s2, l2, "norm")?,
+                    b,
+                    d,
+                    *self,
+                ))
+            }
+            CpuStorage::F64(_) => {
+                let b = if self.rms {
+                    None
+                } else {
+                    Some(slice::<f64>(s3, l3, "norm")?)
+                };
+                CpuStorage::F64(norm_fwd(
+                    slice::<f64>(s1, l1, "norm")?,
+                    slice::<f64>(s2, l2, "norm")?,
+                    b,
+                    d,
+                    *self,
+                ))
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBwd(*self))?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+struct NormBwd(Norm);
+
+impl CustomOp3 for NormBwd {
+    fn name(&self) -> &'static str {
+        "norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(l1);
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(norm_bwd(
+                slice::<f32>(s1, l1, "norm-bwd")?,
+                slice::<f32>(s2, l2, "norm-bwd")?,
+                slice::<f32>(s3, l3, "norm-bwd")?,
+                d,
+                self.0,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(norm_bwd(
+                slice::<f64>(s1, l1, "norm-bwd")?,
+                slice::<f64>(s2, l2, "norm-bwd")?,
+                slice::<f64>(s3, l3, "norm-bwd")?,
+                d,
+                self.0,
+            )),
+            _ => candle_core::bail!("norm-bwd: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// LayerNorm on the CPU (f32/f64), gradient for `x` only.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Norm { eps, rms: false })
+}
+
+/// RMSNorm on the CPU (f32/f64), gradient for `x` only.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let w = w.contiguous()?;
+    x.contiguous()?.apply_op3(&w, &w, Norm { eps, rms: true })
+}
+
+/// Whether the fused CPU kernels apply to `x` (and its weights, of the same dtype).
+pub fn applies(x: &Tensor, w: Option<&Tensor>) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && w.is_none_or(|w| w.dtype() == x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Value and input gradient of `f` against `reference` (candle's own differentiable ops).
+    fn check(
+        shape: &[usize],
+        f: impl Fn(&Tensor) -> Tensor,
+        reference: impl Fn(&Tensor) -> Tensor,
+    ) {
+        let x = Var::from_tensor(&randn(shape, 1)).unwrap();
+        let wsum = randn(shape, 2);
+        let (y1, y2) = (f(x.as_tensor()), reference(x.as_tensor()));
+        assert!(
+            max_diff(&y1, &y2) < 1e-12,
+            "values differ by {}",
+            max_diff(&y1, &y2)
+        );
+        let g1 = (y1 * &wsum).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2 * &wsum).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(a, b) < 1e-12,
+            "gradients differ by {}",
+            max_diff(a, b)
+        );
+    }
+
+    #[test]
+    fn kernels_match_candles_differentiable_ops() {
+        let w = randn(&[6], 3);
+        let b = randn(&[6], 4);
+        check(
+            &[2, 5, 6],
+            |x| layer_norm(x, &w, &b, 1e-5).unwrap(),
+            |x| {
+                let mean = x.mean_keepdim(D::Minus1).unwrap();
+                let xc = x.broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xn = xc
+                    .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap();
+                xn.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap()
+            },
+        );
+        check(
+            &[2, 5, 6],
+            |x| rms_norm(x, &w, 1e-5).unwrap(),
+            |x| {
+                let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xn = x
+                    .broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap();
+                xn.broadcast_mul(&w).unwrap()
+            },
+        );
+        // Square (training) and T < Tk (cached prefill) score blocks.
+        for (t, tk) in [(5, 5), (3, 7)] {
+            let mask: Vec<f64> = (0..t)
+                .flat_map(|i| (0..tk).map(move |j| if j > tk - t + i { -1e300 } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, tk), &Device::Cpu).unwrap();
+            check(
+                &[2, 3, t, tk],
+                |x| causal_softmax(x).unwrap(),
+                |x| {
+                    let x = x.broadcast_add(&mask).unwrap();
+                    let e = x
+                        .broadcast_sub(&x.max_keepdim(D::Minus1).unwrap().detach())
+                        .unwrap()
+                        .exp()
+                        .unwrap();
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+                },
+            );
+        }
+    }
+}

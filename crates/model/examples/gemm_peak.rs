@@ -42,8 +42,11 @@ fn main() {
         "1024x512x2048 (MLP up): {:.1} GFLOP/s",
         rate(1024, 512, 2048)
     );
-    println!(
-        "256x512x50304 (head chunk): {:.1} GFLOP/s",
-        rate(256, 512, 50304)
-    );
+    for rows in [256, 512, 1024] {
+        println!(
+            "{rows}x512x50304 (head chunk): {:.1} GFLOP/s; its dh, {rows}x50304x512: {:.1} GFLOP/s",
+            rate(rows, 512, 50304),
+            rate(rows, 50304, 512)
+        );
+    }
 }

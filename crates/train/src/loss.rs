@@ -78,31 +78,38 @@ fn cross_entropy_ops(
 
 /// The same on the CPU in one parallel pass per row over an owned copy of the logits, which
 /// becomes the gradient in place (the op-by-op version makes eight passes and allocations).
+/// exp runs once per logit in f32 (the row max makes every argument <= 0); sums are f64.
 fn fused_cross_entropy_cpu(
     logits: &Tensor,
     targets: &[u32],
     grad_scale: Option<f64>,
 ) -> Result<(f64, Option<Tensor>)> {
-    use rayon::prelude::*;
     let (rows, vocab) = logits.dims2()?;
     let mut data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    let sum: f64 = data
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sumexp: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-            let lse = max as f64 + sumexp.ln();
-            let loss = lse - row[t as usize] as f64;
-            if let Some(scale) = grad_scale {
-                for x in row.iter_mut() {
-                    *x = (((*x as f64) - lse).exp() * scale) as f32;
-                }
-                row[t as usize] -= scale as f32;
+    let mut losses = vec![0f64; rows];
+    let losses_ptr = losses.as_mut_ptr() as usize;
+    loratune_model::fused::for_rows(&mut data, vocab, |r, row| {
+        let t = targets[r] as usize;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let target_logit = row[t];
+        let mut sumexp = 0f64;
+        for x in row.iter_mut() {
+            let e = (*x - max).exp();
+            *x = e;
+            sumexp += e as f64;
+        }
+        let loss = max as f64 + sumexp.ln() - target_logit as f64;
+        // SAFETY: each row index r comes once; `losses` has one slot per row and outlives this.
+        unsafe { *(losses_ptr as *mut f64).add(r) = loss };
+        if let Some(scale) = grad_scale {
+            let k = (scale / sumexp) as f32;
+            for x in row.iter_mut() {
+                *x *= k;
             }
-            loss
-        })
-        .sum();
+            row[t] -= scale as f32;
+        }
+    });
+    let sum: f64 = losses.iter().sum();
     let grad = match grad_scale {
         Some(_) => Some(Tensor::from_vec(data, (rows, vocab), logits.device())?),
         None => None,

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::frozen_matmul;
+use crate::ops::{frozen_linear, frozen_matmul};
 use crate::rng::Rng;
 
 /// Which linears get adapters. Lit-GPT's default is query and value.
@@ -274,14 +274,16 @@ impl LoraLinear {
     /// Forward pass. `dropout` is `Some` only in training; it draws the dropout mask.
     pub fn forward(&self, x: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
         // Mixed precision: the matmul runs in the weights' dtype, the rest in the input's.
-        let mut y = if x.dtype() == self.weight.dtype() {
-            frozen_matmul(x, &self.weight)?
+        let y = if x.dtype() == self.weight.dtype() {
+            frozen_linear(x, &self.weight, self.bias.as_ref())?
         } else {
-            frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?.to_dtype(x.dtype())?
+            let y = frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?
+                .to_dtype(x.dtype())?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
         if self.adapters.is_empty() {
             return Ok(y);
         }

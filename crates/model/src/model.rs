@@ -133,7 +133,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, mut dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
         match self {
             Mlp::GptNeox { fc, proj } => {
-                let h = fc.forward(x, dropout.as_deref_mut())?.gelu_erf()?;
+                let h = ops::gelu_erf(&fc.forward(x, dropout.as_deref_mut())?)?;
                 proj.forward(&h, dropout)
             }
             Mlp::Llama { fc_1, fc_2, proj } => {

@@ -111,6 +111,14 @@ fn causal_mask(t: usize, tk: usize, dtype: DType, device: &candle_core::Device) 
     Tensor::from_vec(mask, (t, tk), device)?.to_dtype(dtype)
 }
 
+/// GELU, exact erf form; the fused CPU kernel (parallel, own backward) where it applies.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(x, None) {
+        return crate::fused::gelu_erf(x);
+    }
+    x.gelu_erf()
+}
+
 /// Rotary position embedding, GPT-NeoX "rotate half" form, on the first `cos.dim(1) * 2`
 /// channels of `x` (B, H, T, head_size); the remaining channels pass through (partial rotary).
 /// `cos`/`sin` are (T, n_elem / 2).
@@ -147,11 +155,41 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `x @ w.T` for a frozen weight `w` (out, in): the backward pass yields dX = dY @ w only.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op1(FrozenMatmul { w: w.clone() })
+    x.apply_op1(FrozenMatmul {
+        w: w.clone(),
+        bias: None,
+    })
+}
+
+/// `x @ w.T + b` for a frozen weight and bias; on the CPU the bias is added in the GEMM's
+/// output buffer (no extra pass, no broadcast, no bias gradient).
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match b {
+        Some(b) if x.device().is_cpu() && b.dtype() == x.dtype() && w.dtype() == x.dtype() => {
+            let x = x.contiguous()?;
+            x.apply_op1(FrozenMatmul {
+                w: w.clone(),
+                bias: Some(b.contiguous()?),
+            })
+        }
+        Some(b) => frozen_matmul(x, w)?.broadcast_add(b),
+        None => frozen_matmul(x, w),
+    }
 }
 
 struct FrozenMatmul {
     w: Tensor,
+    /// Added to every output row (CPU only).
+    bias: Option<Tensor>,
+}
+
+/// Adds `bias` to every row of `out` in place.
+fn add_bias_rows<T: candle_core::WithDType + std::ops::AddAssign>(out: &mut [T], bias: &[T]) {
+    crate::fused::for_rows(out, bias.len(), |_, row| {
+        for (o, &b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    });
 }
 
 /// How to run `x @ w.T` as one 2-D GEMM: (m, n, k), the layouts of x and w.T, the output shape.
@@ -207,7 +245,26 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cpu(w) = &*w_s else {
             candle_core::bail!("linear: weight and input are on different devices")
         };
-        let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        let mut out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        if let Some(b) = &self.bias {
+            let (b_s, b_l) = b.storage_and_layout();
+            let Storage::Cpu(bs) = &*b_s else {
+                candle_core::bail!("linear: bias and input are on different devices")
+            };
+            let (start, end) = b_l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("linear: bias must be contiguous".into()))?;
+            if end - start != n {
+                candle_core::bail!("linear: bias of {} for {n} outputs", end - start)
+            }
+            match (&mut out, bs) {
+                (CpuStorage::F32(o), CpuStorage::F32(b)) => add_bias_rows(o, &b[start..end]),
+                (CpuStorage::F64(o), CpuStorage::F64(b)) => add_bias_rows(o, &b[start..end]),
+                (CpuStorage::BF16(o), CpuStorage::BF16(b)) => add_bias_rows(o, &b[start..end]),
+                (CpuStorage::F16(o), CpuStorage::F16(b)) => add_bias_rows(o, &b[start..end]),
+                _ => candle_core::bail!("linear: bias dtype differs from the input's"),
+            }
+        }
         Ok((out, p.out))
     }
 
@@ -218,6 +275,9 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cuda(w) = &*w_s else {
             candle_core::bail!("linear: weight and input are on different devices")
         };
+        if self.bias.is_some() {
+            candle_core::bail!("linear: the fused bias is CPU-only")
+        }
         let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
         Ok((out, p.out))
     }

@@ -97,8 +97,18 @@ impl CausalSelfAttention {
         let v = heads(nh + ng, ng)?;
 
         let (cos, sin) = rope.at(offset, t)?;
-        let q = (apply_rope(&q, &cos, &sin)? * (1.0 / (hs as f64).sqrt()))?;
-        let k = apply_rope(&k, &cos, &sin)?;
+        let scale = 1.0 / (hs as f64).sqrt();
+        let (q, k) = if crate::fused::applies(&q, Some(&cos)) {
+            (
+                crate::fused::rope(&q, &cos, &sin, scale)?,
+                crate::fused::rope(&k, &cos, &sin, 1.0)?,
+            )
+        } else {
+            (
+                (apply_rope(&q, &cos, &sin)? * scale)?,
+                apply_rope(&k, &cos, &sin)?,
+            )
+        };
         let (k, v) = match cache {
             Some(cache) => cache.append(&k, &v)?,
             None => (k, v),

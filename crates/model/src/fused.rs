@@ -500,6 +500,114 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
+// ---- rotary embedding -------------------------------------------------------------------
+
+/// GPT-NeoX rotary embedding ("rotate half") on the first 2 * half channels of x (.., T, hs),
+/// the rest passed through, everything multiplied by `scale` (the attention's 1/sqrt(hs) for
+/// queries). `inverse` applies the transpose rotation: the backward pass.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    scale: f64,
+    inverse: bool,
+}
+
+fn rope_rows<T: Real>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    t: usize,
+    hs: usize,
+    half: usize,
+    scale: f64,
+    inverse: bool,
+) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for_rows(&mut out, hs, |r, o| {
+        let xr = &x[r * hs..(r + 1) * hs];
+        let pos = r % t;
+        let (c, s) = (
+            &cos[pos * half..(pos + 1) * half],
+            &sin[pos * half..(pos + 1) * half],
+        );
+        for j in 0..half {
+            let (x1, x2) = (xr[j].to_f64(), xr[j + half].to_f64());
+            let (cj, sj) = (c[j].to_f64(), sign * s[j].to_f64());
+            o[j] = T::from_f64((x1 * cj - x2 * sj) * scale);
+            o[j + half] = T::from_f64((x2 * cj + x1 * sj) * scale);
+        }
+        for j in 2 * half..hs {
+            o[j] = T::from_f64(xr[j].to_f64() * scale);
+        }
+    });
+    out
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let (t, hs) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let half = self.cos.dim(1)?;
+        if self.cos.dims() != [t, half] || 2 * half > hs {
+            candle_core::bail!("rope: cos/sin {:?} for input {dims:?}", self.cos.dims())
+        }
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(ss)) = (&*cs, &*ss) else {
+            candle_core::bail!("rope: tables and input on different devices")
+        };
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(rope_rows(
+                slice::<f32>(s, l, "rope")?,
+                slice::<f32>(cs, cl, "rope")?,
+                slice::<f32>(ss, sl, "rope")?,
+                t,
+                hs,
+                half,
+                self.scale,
+                self.inverse,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(rope_rows(
+                slice::<f64>(s, l, "rope")?,
+                slice::<f64>(cs, cl, "rope")?,
+                slice::<f64>(ss, sl, "rope")?,
+                t,
+                hs,
+                half,
+                self.scale,
+                self.inverse,
+            )),
+            _ => candle_core::bail!("rope: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            scale: self.scale,
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// `scale * rope(x)` on the CPU: x (.., T, hs), cos/sin (T, half) of x's dtype.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        scale,
+        inverse: false,
+    })
+}
+
 /// Whether the fused CPU kernels apply to `x` (and its weights, of the same dtype).
 pub fn applies(x: &Tensor, w: Option<&Tensor>) -> bool {
     x.device().is_cpu()
@@ -591,6 +699,25 @@ mod tests {
                 gv[i]
             );
         }
+        // Rotary on 2 * 3 of 8 channels, scaled, against the rotate-half formula.
+        let (cos, sin) = (randn(&[5, 3], 6), randn(&[5, 3], 7));
+        check(
+            &[2, 3, 5, 8],
+            |x| rope(x, &cos, &sin, 0.5).unwrap(),
+            |x| {
+                let rot = x.narrow(D::Minus1, 0, 6).unwrap();
+                let (x1, x2) = (
+                    rot.narrow(D::Minus1, 0, 3).unwrap(),
+                    rot.narrow(D::Minus1, 3, 3).unwrap(),
+                );
+                let y1 =
+                    (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+                let y2 =
+                    (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+                let pass = x.narrow(D::Minus1, 6, 2).unwrap();
+                (Tensor::cat(&[&y1, &y2, &pass], D::Minus1).unwrap() * 0.5).unwrap()
+            },
+        );
         let w = randn(&[6], 3);
         let b = randn(&[6], 4);
         check(

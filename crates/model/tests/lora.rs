@@ -264,7 +264,8 @@ fn merged_model_matches_unmerged_logits() {
         assert!(model.lora_vars().is_empty() && model.lora_config().is_none());
         let after = model.forward(&idx).unwrap();
         let d = max_abs_diff(&before, &after);
-        assert!(d <= 1e-5, "{name}: merged vs unmerged max diff {d}");
+        // f32 rounding of two summation orders (the adapters change logits by > 1e-2).
+        assert!(d <= 3e-5, "{name}: merged vs unmerged max diff {d}");
         // The merged weights stand alone: reload them into a fresh model.
         let w = loratune_model::Weights::new(model.named_weights().into_iter().collect());
         let reloaded = Gpt::load(&model.config, w, &Device::Cpu).unwrap();

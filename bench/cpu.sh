@@ -25,12 +25,15 @@ PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
 PY=${PY:-$PEER_HOME/.venv/bin/python}
 WORK=${WORK:-$(mktemp -d /tmp/loratune-bench.XXXXXX)}
 MODELS=${*:-pythia-14m pythia-70m smollm2-135m}
-TORCH_TIMEOUT=${TORCH_TIMEOUT:-300}
+# A PyTorch run that takes longer than this is reported as not finished (bf16 on a CPU
+# without AVX512_BF16 crawls: its 20 steps would take tens of minutes).
+TORCH_TIMEOUT=${TORCH_TIMEOUT:-120}
 LT=$ROOT/target/release/loratune
 [ -x "$PY" ] || { echo "no peer venv at $PEER_HOME: run ../shared/peer/setup.sh first" >&2; exit 1; }
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
 export RAYON_NUM_THREADS=2
 DATA=$PEER_HOME/data/alpaca_like.json
+mkdir -p "$WORK"
 RESULTS=$WORK/results.jsonl
 : > "$RESULTS"
 say() { echo "[bench] $*" >&2; }

@@ -512,16 +512,16 @@ struct Rope {
     inverse: bool,
 }
 
+/// `dims` = (T, head_size, rotated half).
 fn rope_rows<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
-    t: usize,
-    hs: usize,
-    half: usize,
+    dims: (usize, usize, usize),
     scale: f64,
     inverse: bool,
 ) -> Vec<T> {
+    let (t, hs, half) = dims;
     let mut out = vec![T::from_f64(0.0); x.len()];
     let sign = if inverse { -1.0 } else { 1.0 };
     for_rows(&mut out, hs, |r, o| {
@@ -566,9 +566,7 @@ impl CustomOp1 for Rope {
                 slice::<f32>(s, l, "rope")?,
                 slice::<f32>(cs, cl, "rope")?,
                 slice::<f32>(ss, sl, "rope")?,
-                t,
-                hs,
-                half,
+                (t, hs, half),
                 self.scale,
                 self.inverse,
             )),
@@ -576,9 +574,7 @@ impl CustomOp1 for Rope {
                 slice::<f64>(s, l, "rope")?,
                 slice::<f64>(cs, cl, "rope")?,
                 slice::<f64>(ss, sl, "rope")?,
-                t,
-                hs,
-                half,
+                (t, hs, half),
                 self.scale,
                 self.inverse,
             )),

@@ -132,7 +132,7 @@ pub fn generate(
     let mut input = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
     let mut out = Vec::with_capacity(max_new);
     for _ in 0..max_new {
-        let logits = model.forward_cached(&input, &mut cache)?;
+        let logits = model.forward_cached_last(&input, &mut cache)?;
         let t = logits.dim(1)?;
         let last: Vec<f32> = logits.i((0, t - 1))?.to_dtype(DType::F32)?.to_vec1()?;
         let next = sample(&last, vocab, sampling, rng);

@@ -397,6 +397,19 @@ impl Gpt {
     /// Inference path: runs `idx` (B, T) at the positions after what `cache` holds, appends
     /// their keys and values, and returns logits (B, T, padded_vocab).
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
+        let h = self.hidden_cached(idx, cache)?;
+        self.head(&h, None)
+    }
+
+    /// Like `forward_cached`, but the logits of the last position only, (B, 1, padded_vocab):
+    /// what decoding needs, without the lm_head over every prompt position.
+    pub fn forward_cached_last(&self, idx: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
+        let h = self.hidden_cached(idx, cache)?;
+        let t = h.dim(1)?;
+        self.head(&h.narrow(1, t - 1, 1)?, None)
+    }
+
+    fn hidden_cached(&self, idx: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
         if cache.len() != self.blocks.len() {
             return Err(Error::Cache(format!(
@@ -411,8 +424,7 @@ impl Gpt {
         for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
             x = block.forward(&x, &self.rope, offset, Some(c), None)?;
         }
-        let h = self.ln_f.forward(&x)?;
-        self.head(&h, None)
+        self.ln_f.forward(&x)
     }
 
     fn check_positions(&self, offset: usize, t: usize) -> Result<()> {

@@ -117,52 +117,60 @@ pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Resu
         top_p: args.top_p,
     };
     let mut rng = Rng::new(args.seed);
-    let stdout = std::io::stdout();
     for i in 0..args.num_samples.max(1) {
         if args.num_samples > 1 {
             println!("--- sample {} ---", i + 1);
         }
-        let t0 = Instant::now();
-        let mut first: Option<f64> = None;
-        let mut stream = tok.stream();
-        let mut n = 0usize;
-        let out = generate(
-            model,
-            &ids,
-            args.max_new_tokens,
-            &sampling,
-            &tok.stop_ids,
-            &mut rng,
-            |id| {
-                n += 1;
-                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-                if let Some(piece) = stream.push(id)? {
-                    let mut lock = stdout.lock();
-                    let _ = lock.write_all(piece.as_bytes());
-                    let _ = lock.flush();
-                }
-                Ok(true)
-            },
-        )?;
-        if let Some(rest) = stream.finish()? {
-            print!("{rest}");
-        }
-        println!();
-        let _ = std::io::stdout().flush();
-        let total = t0.elapsed().as_secs_f64();
-        let ttft = first.unwrap_or(total);
-        let decode_rate = if out.len() > 1 {
-            (out.len() - 1) as f64 / (total - ttft).max(1e-9)
-        } else {
-            0.0
-        };
-        eprintln!(
-            "{} tokens; time to first token {:.0} ms; {:.1} tokens/s after it; peak RSS {:.0} MiB",
-            n,
-            ttft * 1000.0,
-            decode_rate,
-            crate::peak_rss_mib().unwrap_or(0.0)
-        );
+        stream_reply(model, tok, &ids, args.max_new_tokens, &sampling, &mut rng)?;
     }
     Ok(())
+}
+
+/// Generates from `ids`, streaming the text to stdout as it decodes (then a newline), and
+/// reports tokens, time to first token, decode rate and peak memory on stderr. Returns the
+/// text.
+pub fn stream_reply(
+    model: &Gpt,
+    tok: &Tokenizer,
+    ids: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    rng: &mut Rng,
+) -> Result<String> {
+    let stdout = std::io::stdout();
+    let t0 = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut stream = tok.stream();
+    let mut text = String::new();
+    let out = generate(model, ids, max_new, sampling, &tok.stop_ids, rng, |id| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        if let Some(piece) = stream.push(id)? {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+            text.push_str(&piece);
+        }
+        Ok(true)
+    })?;
+    if let Some(rest) = stream.finish()? {
+        print!("{rest}");
+        text.push_str(&rest);
+    }
+    println!();
+    let _ = std::io::stdout().flush();
+    let total = t0.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    let decode_rate = if out.len() > 1 {
+        (out.len() - 1) as f64 / (total - ttft).max(1e-9)
+    } else {
+        0.0
+    };
+    eprintln!(
+        "{} tokens; time to first token {:.0} ms; {:.1} tokens/s after it; peak RSS {:.0} MiB",
+        out.len(),
+        ttft * 1000.0,
+        decode_rate,
+        crate::peak_rss_mib().unwrap_or(0.0)
+    );
+    Ok(text)
 }

@@ -20,14 +20,7 @@ fn download(args: &[&str], endpoint: &str, hf_home: &std::path::Path) -> Run {
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
-    let r = Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-    r
+    finish(DOWNLOAD, out)
 }
 
 #[test]

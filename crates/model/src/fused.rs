@@ -51,21 +51,38 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-/// Runs `f(row_index, row)` over the rows of `out` (rows of `d`) on candle's CPU thread pool,
-/// the one its own kernels use (a second pool would fight it for the cores).
+/// Runs `f(row_index, row)` over the rows of `out` (rows of `d`; the last may be shorter) on
+/// candle's CPU thread pool, the one its own kernels use (a second pool would fight it for
+/// the cores).
 pub fn for_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let d = d.max(1);
-    let n = out.len() / d;
+    let len = out.len();
     let ptr = SendPtr(out.as_mut_ptr());
     let ptr = &ptr;
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(d), |range| {
         for r in range {
+            let n = d.min(len - r * d);
             // SAFETY: execute_chunked hands out each row index once, so rows never alias, and
             // every row lies inside `out`, which outlives the call.
-            let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * d), d) };
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * d), n) };
             f(r, row);
         }
     });
+}
+
+/// `out[i] = f(i)` for every element, in parallel blocks.
+fn map_indexed<T: Copy + Send + Sync + Default>(
+    len: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    const BLOCK: usize = 4096;
+    let mut out = vec![T::default(); len];
+    for_rows(&mut out, BLOCK, |r, o| {
+        for (j, oj) in o.iter_mut().enumerate() {
+            *oj = f(r * BLOCK + j);
+        }
+    });
+    out
 }
 
 fn slice<'a, T: candle_core::WithDType>(
@@ -396,22 +413,6 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-fn map_rows<T: Copy + Send + Sync + Default>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    let chunk = 4096.min(x.len().max(1));
-    for_rows(&mut out, chunk, |r, o| {
-        for (oj, &xj) in o.iter_mut().zip(&x[r * chunk..]) {
-            *oj = f(xj);
-        }
-    });
-    // The tail that does not fill a whole chunk.
-    let done = x.len() / chunk * chunk;
-    for (oj, &xj) in out[done..].iter_mut().zip(&x[done..]) {
-        *oj = f(xj);
-    }
-    out
-}
-
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu-erf"
@@ -419,12 +420,18 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(map_rows(slice::<f32>(s, l, "gelu")?, |x| {
-                0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2 as f32))
-            })),
-            CpuStorage::F64(_) => CpuStorage::F64(map_rows(slice::<f64>(s, l, "gelu")?, |x| {
-                0.5 * x * (1.0 + libm::erf(x * FRAC_1_SQRT_2))
-            })),
+            CpuStorage::F32(_) => {
+                let x = slice::<f32>(s, l, "gelu")?;
+                CpuStorage::F32(map_indexed(x.len(), |i| {
+                    0.5 * x[i] * (1.0 + libm::erff(x[i] * FRAC_1_SQRT_2 as f32))
+                }))
+            }
+            CpuStorage::F64(_) => {
+                let x = slice::<f64>(s, l, "gelu")?;
+                CpuStorage::F64(map_indexed(x.len(), |i| {
+                    0.5 * x[i] * (1.0 + libm::erf(x[i] * FRAC_1_SQRT_2))
+                }))
+            }
             _ => candle_core::bail!("gelu-erf: f32 or f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -437,26 +444,6 @@ impl CustomOp1 for GeluErf {
 
 /// dx = dy (Φ(x) + x φ(x)).
 struct GeluErfBwd;
-
-fn gelu_bwd<T: Copy + Send + Sync + Default>(
-    x: &[T],
-    dy: &[T],
-    f: impl Fn(T, T) -> T + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
-    let chunk = 4096.min(x.len().max(1));
-    for_rows(&mut out, chunk, |r, o| {
-        let base = r * chunk;
-        for (j, oj) in o.iter_mut().enumerate() {
-            *oj = f(x[base + j], dy[base + j]);
-        }
-    });
-    let done = x.len() / chunk * chunk;
-    for j in done..x.len() {
-        out[j] = f(x[j], dy[j]);
-    }
-    out
-}
 
 impl CustomOp2 for GeluErfBwd {
     fn name(&self) -> &'static str {
@@ -471,24 +458,28 @@ impl CustomOp2 for GeluErfBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(gelu_bwd(
-                slice::<f32>(s1, l1, "gelu-bwd")?,
-                slice::<f32>(s2, l2, "gelu-bwd")?,
-                |x, g| {
-                    let cdf = 0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2 as f32));
-                    let pdf = FRAC_1_SQRT_2PI as f32 * (-0.5 * x * x).exp();
-                    g * (cdf + x * pdf)
-                },
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(gelu_bwd(
-                slice::<f64>(s1, l1, "gelu-bwd")?,
-                slice::<f64>(s2, l2, "gelu-bwd")?,
-                |x, g| {
-                    let cdf = 0.5 * (1.0 + libm::erf(x * FRAC_1_SQRT_2));
-                    let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-                    g * (cdf + x * pdf)
-                },
-            )),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (x, g) = (
+                    slice::<f32>(s1, l1, "gelu-bwd")?,
+                    slice::<f32>(s2, l2, "gelu-bwd")?,
+                );
+                CpuStorage::F32(map_indexed(x.len(), |i| {
+                    let cdf = 0.5 * (1.0 + libm::erff(x[i] * FRAC_1_SQRT_2 as f32));
+                    let pdf = FRAC_1_SQRT_2PI as f32 * (-0.5 * x[i] * x[i]).exp();
+                    g[i] * (cdf + x[i] * pdf)
+                }))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (x, g) = (
+                    slice::<f64>(s1, l1, "gelu-bwd")?,
+                    slice::<f64>(s2, l2, "gelu-bwd")?,
+                );
+                CpuStorage::F64(map_indexed(x.len(), |i| {
+                    let cdf = 0.5 * (1.0 + libm::erf(x[i] * FRAC_1_SQRT_2));
+                    let pdf = FRAC_1_SQRT_2PI * (-0.5 * x[i] * x[i]).exp();
+                    g[i] * (cdf + x[i] * pdf)
+                }))
+            }
             _ => candle_core::bail!("gelu-erf-bwd: f32 or f64 only, one dtype"),
         };
         Ok((out, l1.shape().clone()))

@@ -2,19 +2,18 @@
 //! formatted by the tokenizer's chat template or a prompt style, history kept within the
 //! context window. Replies stream to stdout; prompts and timings go to stderr.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use loratune_data::chat::{fit_history, ChatFormat, Message};
 use loratune_data::PromptStyle;
-use loratune_model::generate::{generate, Sampling};
+use loratune_model::generate::Sampling;
 use loratune_model::Rng;
 
-use crate::generation::{load_model, GenerateArgs};
+use crate::generation::{load_model, stream_reply, GenerateArgs};
 use crate::Precision;
 
 /// Chat with a model. Type a message and Enter; `/reset` forgets the conversation, `/exit`
@@ -176,43 +175,7 @@ fn chat(args: Args) -> Result<()> {
             eprintln!("(dropped the oldest turns to fit the context)");
         }
         let ids = tok.encode(&prompt, add_bos, false)?;
-        let t0 = Instant::now();
-        let mut first = None;
-        let mut stream = tok.stream();
-        let mut reply = String::new();
-        let stdout = std::io::stdout();
-        let out = generate(
-            &model,
-            &ids,
-            args.max_new_tokens,
-            &sampling,
-            &tok.stop_ids,
-            &mut rng,
-            |id| {
-                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-                if let Some(piece) = stream.push(id)? {
-                    reply.push_str(&piece);
-                    let mut lock = stdout.lock();
-                    let _ = lock.write_all(piece.as_bytes());
-                    let _ = lock.flush();
-                }
-                Ok(true)
-            },
-        )?;
-        if let Some(rest) = stream.finish()? {
-            reply.push_str(&rest);
-            print!("{rest}");
-        }
-        println!();
-        let _ = std::io::stdout().flush();
-        let total = t0.elapsed().as_secs_f64();
-        let ttft = first.unwrap_or(total);
-        eprintln!(
-            "({} tokens; time to first token {:.0} ms; {:.1} tokens/s)",
-            out.len(),
-            ttft * 1000.0,
-            out.len().saturating_sub(1) as f64 / (total - ttft).max(1e-9)
-        );
+        let reply = stream_reply(&model, &tok, &ids, args.max_new_tokens, &sampling, &mut rng)?;
         history.push(Message::new("assistant", reply.trim()));
     }
     Ok(())

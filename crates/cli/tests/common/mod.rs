@@ -49,6 +49,11 @@ pub fn run(bin: &str, args: &[&str]) -> Run {
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    finish(bin, out)
+}
+
+/// A finished process as a `Run`; a panic message on stderr fails the test.
+pub fn finish(bin: &str, out: Output) -> Run {
     let r = Run {
         ok: out.status.success(),
         code: out.status.code(),
@@ -89,19 +94,7 @@ pub fn run_with_stdin(bin: &str, args: &[&str], input: &str) -> Run {
         .unwrap()
         .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let r = Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(
-        !r.stderr.contains("panicked"),
-        "{bin} panicked:\n{}",
-        r.stderr
-    );
-    r
+    finish(bin, child.wait_with_output().unwrap())
 }
 
 /// Serves the files of `dir` as the Hub model `repo` on 127.0.0.1 (the Hub's URL layout:

@@ -4,8 +4,9 @@
 The reference side of bench/ and scripts/gpu-check.sh. It reads a dataset that
 `prepare-alpaca` wrote (train.safetensors: input_ids, labels, offsets) and draws micro-batches
 the way loratune's Sampler does (the longest samples first, then a seeded xoshiro256++
-shuffle per epoch), right-padded with the EOS id and the ignore index, so both sides see the
-same tokens. One AdamW step per micro-batch (lr 3e-4, weight decay 0.01, constant lr, no
+shuffle per epoch), right-padded to the longest sample with the pad id and the ignore index
+(what a transformers user gets on CPU; loratune packs the same samples without padding), so
+both sides train on the same tokens. One AdamW step per micro-batch (lr 3e-4, weight decay 0.01, constant lr, no
 accumulation), LoRA r/alpha/dropout on the attention's fused query_key_value (GPT-NeoX) or
 q_proj/v_proj (Llama). Prints one JSON line: tokens/s over the timed steps, median step time,
 peak RSS, peak CUDA memory (allocated and reserved), first and last loss, and the per-step

@@ -1,52 +1,46 @@
 //! Micro-batches for training: a seeded sampler whose position can be saved and restored,
-//! and right-padding to the longest sample of the batch.
+//! and packing of a micro-batch's samples back to back (no padding: the model attends within
+//! each sample, so no work is spent on pad positions).
 
 use loratune_model::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Sample};
 
-/// A padded micro-batch, row-major (batch, seq).
+/// A packed micro-batch: its samples' tokens back to back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i32>,
-    pub batch: usize,
-    pub seq: usize,
+    /// Length of each sample, in order; they add up to `input_ids.len()`.
+    pub lengths: Vec<usize>,
     /// Positions whose label is not the ignore index (before the loss shifts them).
     pub label_tokens: usize,
-    /// Real (non-padding) tokens.
+    /// Tokens in the batch (all real: there is no padding).
     pub tokens: usize,
 }
 
-/// Right-pads samples to the longest one (ids with `pad_id`, labels with `ignore_index`),
-/// cutting every sample to `max_len`.
-pub fn collate(samples: &[Sample], pad_id: u32, ignore_index: i32, max_len: usize) -> Batch {
-    let seq = samples
-        .iter()
-        .map(|s| s.input_ids.len().min(max_len))
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut input_ids = Vec::with_capacity(samples.len() * seq);
-    let mut labels = Vec::with_capacity(samples.len() * seq);
-    let mut tokens = 0;
+/// Packs samples back to back, cutting each to `max_len` tokens (at least one).
+pub fn collate(samples: &[Sample], ignore_index: i32, max_len: usize) -> Batch {
+    let mut input_ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut lengths = Vec::with_capacity(samples.len());
     for s in samples {
-        let n = s.input_ids.len().min(seq);
-        tokens += n;
+        let n = s.input_ids.len().min(max_len.max(1));
+        if n == 0 {
+            continue;
+        }
         input_ids.extend_from_slice(&s.input_ids[..n]);
-        input_ids.extend(std::iter::repeat_n(pad_id, seq - n));
         labels.extend_from_slice(&s.labels[..n]);
-        labels.extend(std::iter::repeat_n(ignore_index, seq - n));
+        lengths.push(n);
     }
     let label_tokens = labels.iter().filter(|&&l| l != ignore_index).count();
     Batch {
+        tokens: input_ids.len(),
         input_ids,
         labels,
-        batch: samples.len(),
-        seq,
+        lengths,
         label_tokens,
-        tokens,
     }
 }
 
@@ -138,7 +132,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn collate_pads_right() {
+    fn collate_packs_without_padding() {
         let a = Sample {
             input_ids: vec![1, 2, 3],
             labels: vec![-100, 2, 3],
@@ -147,21 +141,21 @@ mod tests {
             input_ids: vec![4],
             labels: vec![4],
         };
-        let batch = collate(&[a, b], 0, -100, 8);
-        assert_eq!((batch.batch, batch.seq, batch.label_tokens), (2, 3, 3));
+        let batch = collate(&[a, b], -100, 8);
+        assert_eq!((batch.lengths.clone(), batch.label_tokens), (vec![3, 1], 3));
         assert_eq!(batch.tokens, 4);
-        assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 0, 0]);
-        assert_eq!(batch.labels, vec![-100, 2, 3, 4, -100, -100]);
+        assert_eq!(batch.input_ids, vec![1, 2, 3, 4]);
+        assert_eq!(batch.labels, vec![-100, 2, 3, 4]);
         let cut = collate(
             &[Sample {
                 input_ids: vec![1, 2, 3],
                 labels: vec![1, 2, 3],
             }],
-            0,
             -100,
             2,
         );
         assert_eq!(cut.input_ids, vec![1, 2]);
+        assert_eq!(cut.lengths, vec![2]);
     }
 
     #[test]

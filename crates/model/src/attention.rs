@@ -74,18 +74,44 @@ impl CausalSelfAttention {
     }
 
     /// `x` is (B, T, n_embd) at positions `offset..offset+T`. With a cache, keys and values of
-    /// earlier positions come from it and the new ones are appended.
+    /// earlier positions come from it and the new ones are appended. With `seqs`, `x` is
+    /// (1, N, n_embd) holding sequences of those lengths back to back (a packed training
+    /// batch, no padding): each attends only within itself, from position 0.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         offset: usize,
         cache: Option<&mut KvCache>,
+        seqs: Option<&[usize]>,
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, ng, hs) = (self.n_head, self.n_query_groups, self.head_size);
         let qkv = self.qkv.forward(x, dropout.as_deref_mut())?;
+        let y = match seqs {
+            Some(lens) if lens.len() > 1 => {
+                let mut ys = Vec::with_capacity(lens.len());
+                let mut start = 0;
+                for &len in lens {
+                    ys.push(self.attend(&qkv.narrow(1, start, len)?, rope, 0, None)?);
+                    start += len;
+                }
+                Tensor::cat(&ys, 1)?
+            }
+            _ => self.attend(&qkv, rope, offset, cache)?,
+        };
+        self.proj.forward(&y, dropout)
+    }
+
+    /// Causal attention of one (B, T, qkv) projection: (B, T, n_head * head_size).
+    fn attend(
+        &self,
+        qkv: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, ng, hs) = (self.n_head, self.n_query_groups, self.head_size);
         let heads = |start: usize, n: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, start * hs, n * hs)?
                 .reshape((b, t, n, hs))?
@@ -128,6 +154,6 @@ impl CausalSelfAttention {
             .reshape((b, nh, t, hs))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hs))?;
-        self.proj.forward(&y, dropout)
+        Ok(y)
     }
 }

@@ -55,6 +55,9 @@ pub enum Error {
 
     #[error("KV cache: {0}")]
     Cache(String),
+
+    #[error("invalid model input: {0}")]
+    Input(String),
 }
 
 fn source_hint(p: &Option<PathBuf>) -> String {

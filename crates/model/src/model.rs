@@ -207,12 +207,13 @@ impl Block {
         rope: &Rope,
         offset: usize,
         cache: Option<&mut KvCache>,
+        seqs: Option<&[usize]>,
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
         let n1 = self.norm_1.forward(x)?;
         let h = self
             .attn
-            .forward(&n1, rope, offset, cache, dropout.as_deref_mut())?;
+            .forward(&n1, rope, offset, cache, seqs, dropout.as_deref_mut())?;
         if self.parallel_residual {
             let n2 = match &self.norm_2 {
                 Some(norm) => norm.forward(x)?,
@@ -378,9 +379,48 @@ impl Gpt {
         self.check_positions(0, t)?;
         let mut x = self.embed(idx)?;
         for block in &self.blocks {
-            x = block.forward(&x, &self.rope, 0, None, dropout.as_deref_mut())?;
+            x = block.forward(&x, &self.rope, 0, None, None, dropout.as_deref_mut())?;
         }
         self.ln_f.forward(&x)
+    }
+
+    /// Hidden states after the final norm for a packed batch: `ids` (N,) holds sequences of
+    /// `lengths` back to back, each from position 0; returns (1, N, n_embd). Equal to
+    /// `forward_hidden` of each sequence alone, without computing any padding: the training
+    /// path.
+    pub fn forward_hidden_packed(
+        &self,
+        ids: &Tensor,
+        lengths: &[usize],
+        mut dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed_packed(ids, lengths)?;
+        for block in &self.blocks {
+            x = block.forward(
+                &x,
+                &self.rope,
+                0,
+                None,
+                Some(lengths),
+                dropout.as_deref_mut(),
+            )?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// Embeddings of a packed batch, (1, N, n_embd), after checking that the lengths add up
+    /// to the ids and that each fits the block size.
+    pub fn embed_packed(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let n = ids.dim(0)?;
+        if lengths.iter().sum::<usize>() != n || lengths.contains(&0) {
+            return Err(Error::Input(format!(
+                "packed batch: sequence lengths {lengths:?} do not split {n} token ids"
+            )));
+        }
+        for &len in lengths {
+            self.check_positions(0, len)?;
+        }
+        self.embed(&ids.reshape((1, n))?)
     }
 
     /// lm_head on hidden states: (B, T, n_embd) -> (B, T, padded_vocab).
@@ -422,7 +462,7 @@ impl Gpt {
         self.check_positions(offset, t)?;
         let mut x = self.embed(idx)?;
         for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
-            x = block.forward(&x, &self.rope, offset, Some(c), None)?;
+            x = block.forward(&x, &self.rope, offset, Some(c), None, None)?;
         }
         self.ln_f.forward(&x)
     }
@@ -438,18 +478,20 @@ impl Gpt {
         Ok(())
     }
 
-    /// Runs block `i` alone on the training path (positions from 0, causal): what activation
-    /// checkpointing recomputes during the backward pass.
+    /// Runs block `i` alone on the training path (positions from 0, causal; `x` packed as
+    /// in `forward_hidden_packed` when `lengths` is given): what activation checkpointing
+    /// recomputes during the backward pass.
     pub fn forward_block(
         &self,
         i: usize,
         x: &Tensor,
+        lengths: Option<&[usize]>,
         dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
         let block = self.blocks.get(i).ok_or_else(|| {
             Error::Cache(format!("block {i} of a {}-layer model", self.blocks.len()))
         })?;
-        block.forward(x, &self.rope, 0, None, dropout)
+        block.forward(x, &self.rope, 0, None, lengths, dropout)
     }
 
     /// Token embeddings (B, T) -> (B, T, n_embd), in the activation dtype.

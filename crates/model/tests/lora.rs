@@ -277,6 +277,71 @@ fn merged_model_matches_unmerged_logits() {
 }
 
 #[test]
+fn packed_batch_equals_each_sequence_alone() {
+    for name in VARIANTS {
+        let mut model = load(name, DType::F64);
+        model.add_lora(&LoraConfig::default(), 1).unwrap();
+        randomize_b(&model, 2, 0.2);
+        let vocab = model.config.padded_vocab_size;
+        let lengths = [5usize, 1, 7];
+        let seqs: Vec<Tensor> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| tokens(1, t, vocab, 10 + i as u64))
+            .collect();
+        let alone: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| model.forward_hidden(s, None).unwrap())
+            .collect();
+        let alone = Tensor::cat(&alone, 1).unwrap();
+        let ids = Tensor::cat(&seqs, 1).unwrap().flatten_all().unwrap();
+        let packed = model.forward_hidden_packed(&ids, &lengths, None).unwrap();
+        assert_eq!(packed.dims(), alone.dims(), "{name}");
+        let d = max_abs_diff(&packed, &alone);
+        assert!(d < 1e-10, "{name}: packed vs alone {d}");
+        // Gradients too: a random projection of the packed states against the same projection
+        // of each sequence's states, summed.
+        let r = tokens(1, packed.elem_count(), 7, 3)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .reshape(packed.dims())
+            .unwrap();
+        let g_packed = (&packed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut start = 0;
+        let mut g_alone = Vec::new();
+        for (s, &t) in seqs.iter().zip(&lengths) {
+            let h = model.forward_hidden(s, None).unwrap();
+            let loss = (h * r.narrow(1, start, t).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            g_alone.push(loss.backward().unwrap());
+            start += t;
+        }
+        for (vname, var) in model.lora_vars() {
+            let want = g_alone
+                .iter()
+                .map(|g| g.get(var.as_tensor()).unwrap().clone())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            let got = g_packed.get(var.as_tensor()).unwrap();
+            let d = max_abs_diff(got, &want);
+            assert!(d < 1e-9, "{name} {vname}: gradient packed vs alone {d}");
+        }
+        let err = model
+            .forward_hidden_packed(&ids, &[5, 1, 6], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[5, 1, 6]") && err.contains("13"), "{err}");
+    }
+}
+
+#[test]
 fn dropout_is_seeded_and_only_in_training() {
     let mut model = load("neox_parallel_rot025", DType::F32);
     let lora = LoraConfig {

@@ -26,15 +26,23 @@ fn main() {
     for step in 0..steps + 2 {
         let idx = sampler.next_indices(4);
         let samples: Vec<_> = idx.iter().map(|&i| ds.get(i)).collect();
-        let b = collate(&samples, 0, -100, 256);
+        let b = collate(&samples, -100, 256);
         let t0 = Instant::now();
-        let ids = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), &Device::Cpu).unwrap();
+        let ids = Tensor::from_slice(&b.input_ids, b.tokens, &Device::Cpu).unwrap();
         let h = model
-            .forward_hidden(&ids, Some(&mut DropoutCtx { rng: &mut rng }))
+            .forward_hidden_packed(&ids, &b.lengths, Some(&mut DropoutCtx { rng: &mut rng }))
             .unwrap();
         let t1 = Instant::now();
         let n = b.labels.iter().filter(|&&l| l != -100).count();
-        let out = head_loss(&model, &h, &b.labels, -100, Some(1.0 / n as f64)).unwrap();
+        let out = head_loss(
+            &model,
+            &h,
+            &b.labels,
+            &b.lengths,
+            -100,
+            Some(1.0 / n as f64),
+        )
+        .unwrap();
         let t2 = Instant::now();
         let g = out.surrogate.unwrap().backward().unwrap();
         let t3 = Instant::now();

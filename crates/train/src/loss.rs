@@ -12,18 +12,26 @@ use loratune_model::Gpt;
 
 use crate::error::Result;
 
-/// Rows of the flattened (B*T) hidden states whose next-token target counts, and the targets.
-pub fn target_rows(labels: &[i32], batch: usize, seq: usize, ignore: i32) -> (Vec<u32>, Vec<u32>) {
+/// Rows of the flattened hidden states whose next-token target counts, and the targets.
+/// `labels` holds sequences of `lengths` back to back (a packed batch; a padded (B, T) batch
+/// is B sequences of length T); each position predicts the next label of its own sequence.
+pub fn target_rows(labels: &[i32], lengths: &[usize], ignore: i32) -> (Vec<u32>, Vec<u32>) {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
-    for b in 0..batch {
-        for t in 0..seq.saturating_sub(1) {
-            let y = labels[b * seq + t + 1];
+    let mut start = 0;
+    for &len in lengths {
+        for t in start
+            ..(start + len)
+                .saturating_sub(1)
+                .min(labels.len().saturating_sub(1))
+        {
+            let y = labels[t + 1];
             if y != ignore && y >= 0 {
-                rows.push((b * seq + t) as u32);
+                rows.push(t as u32);
                 targets.push(y as u32);
             }
         }
+        start += len;
     }
     (rows, targets)
 }
@@ -117,18 +125,20 @@ fn fused_cross_entropy_cpu(
     Ok((sum, grad))
 }
 
-/// Cross-entropy of the next-token predictions from hidden states `h` (B, T, C).
+/// Cross-entropy of the next-token predictions from hidden states `h` (B, T, C), whose rows
+/// hold sequences of `lengths` (see `target_rows`).
 /// With `grad_scale = Some(s)` the returned surrogate's gradient is `s` times the gradient of
 /// the summed loss (s = 1 / total targets of the optimizer step gives the token mean).
 pub fn head_loss(
     model: &Gpt,
     h: &Tensor,
     labels: &[i32],
+    lengths: &[usize],
     ignore: i32,
     grad_scale: Option<f64>,
 ) -> Result<HeadLoss> {
     let (b, t, c) = h.dims3()?;
-    let (rows, targets) = target_rows(labels, b, t, ignore);
+    let (rows, targets) = target_rows(labels, lengths, ignore);
     let n = rows.len();
     if n == 0 {
         return Ok(HeadLoss {
@@ -252,9 +262,14 @@ mod tests {
     #[test]
     fn targets_are_shifted_and_masked() {
         let labels = [-100, -100, 5, 6, /* row 2 */ 7, -100, -100, -100];
-        let (rows, targets) = target_rows(&labels, 2, 4, -100);
+        let (rows, targets) = target_rows(&labels, &[4, 4], -100);
         // Position t predicts label t + 1.
         assert_eq!(rows, vec![1, 2]);
         assert_eq!(targets, vec![5, 6]);
+        // Packed: no position predicts across a sequence boundary.
+        let labels = [1, 2, /* next */ 3, 4, 5];
+        let (rows, targets) = target_rows(&labels, &[2, 3], -100);
+        assert_eq!(rows, vec![0, 2, 3]);
+        assert_eq!(targets, vec![2, 4, 5]);
     }
 }

@@ -41,7 +41,6 @@ pub struct TrainConfig {
     pub seed: u64,
     pub keep_last: Option<usize>,
     pub ignore_index: i32,
-    pub pad_id: u32,
     /// Keep only each block's input during the forward pass and recompute the block in the
     /// backward pass: activation memory of one block instead of all, for ~1.3x the compute.
     #[serde(default)]
@@ -263,12 +262,7 @@ impl Trainer {
     fn next_batch(&mut self) -> Batch {
         let idx = self.sampler.next_indices(self.cfg.micro_batch_size);
         let samples: Vec<_> = idx.iter().map(|&i| self.train.get(i)).collect();
-        collate(
-            &samples,
-            self.cfg.pad_id,
-            self.cfg.ignore_index,
-            self.cfg.max_seq_length,
-        )
+        collate(&samples, self.cfg.ignore_index, self.cfg.max_seq_length)
     }
 
     /// One optimizer step over `batch_size / micro_batch_size` micro-batches.
@@ -437,20 +431,24 @@ pub fn accumulate_gradients(
     let ignore = opts.ignore;
     let n_targets: usize = batches
         .iter()
-        .map(|b| target_rows(&b.labels, b.batch, b.seq, ignore).0.len())
+        .map(|b| target_rows(&b.labels, &b.lengths, ignore).0.len())
         .sum();
     let scale = 1.0 / n_targets.max(1) as f64;
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut loss_sum = 0.0;
     for b in batches {
-        let idx = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), model.device())?;
+        let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
         if opts.activation_checkpointing {
             loss_sum +=
                 checkpointed_backward(model, vars, &idx, b, ignore, scale, rng, &mut grads)?;
             continue;
         }
-        let h = model.forward_hidden(&idx, Some(&mut DropoutCtx { rng: &mut *rng }))?;
-        let out = head_loss(model, &h, &b.labels, ignore, Some(scale))?;
+        let h = model.forward_hidden_packed(
+            &idx,
+            &b.lengths,
+            Some(&mut DropoutCtx { rng: &mut *rng }),
+        )?;
+        let out = head_loss(model, &h, &b.labels, &b.lengths, ignore, Some(scale))?;
         loss_sum += out.loss_sum;
         if let Some(surrogate) = out.surrogate {
             add_grads(&mut grads, vars, &surrogate.backward()?)?;
@@ -503,16 +501,17 @@ fn checkpointed_backward(
     let n_layer = model.blocks.len();
     let mut inputs = Vec::with_capacity(n_layer);
     let mut rng_states = Vec::with_capacity(n_layer);
-    let mut x = model.embed(idx)?.detach();
+    let lengths = Some(b.lengths.as_slice());
+    let mut x = model.embed_packed(idx, &b.lengths)?.detach();
     for i in 0..n_layer {
         rng_states.push(rng.state());
-        let y = model.forward_block(i, &x, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+        let y = model.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
         inputs.push(std::mem::replace(&mut x, y.detach()));
     }
     let top = candle_core::Var::from_tensor(&x)?;
     drop(x);
     let h = model.ln_f.forward(top.as_tensor())?;
-    let out = head_loss(model, &h, &b.labels, ignore, Some(scale))?;
+    let out = head_loss(model, &h, &b.labels, &b.lengths, ignore, Some(scale))?;
     let Some(surrogate) = out.surrogate else {
         return Ok(out.loss_sum);
     };
@@ -531,6 +530,7 @@ fn checkpointed_backward(
         let y = model.forward_block(
             i,
             xin.as_tensor(),
+            lengths,
             Some(&mut DropoutCtx { rng: &mut replay }),
         )?;
         let g = (y * &dy)?.sum_all()?.backward()?;
@@ -557,10 +557,17 @@ pub fn dataset_loss(
     let (mut sum, mut count) = (0.0, 0usize);
     for start in (0..n).step_by(mb) {
         let samples: Vec<_> = (start..(start + mb).min(n)).map(|i| ds.get(i)).collect();
-        let b = collate(&samples, cfg.pad_id, cfg.ignore_index, cfg.max_seq_length);
-        let idx = Tensor::from_slice(&b.input_ids, (b.batch, b.seq), model.device())?;
-        let h = model.forward_hidden(&idx, None)?;
-        let out = head_loss(model, &h.detach(), &b.labels, cfg.ignore_index, None)?;
+        let b = collate(&samples, cfg.ignore_index, cfg.max_seq_length);
+        let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
+        let h = model.forward_hidden_packed(&idx, &b.lengths, None)?;
+        let out = head_loss(
+            model,
+            &h.detach(),
+            &b.labels,
+            &b.lengths,
+            cfg.ignore_index,
+            None,
+        )?;
         sum += out.loss_sum;
         count += out.n_targets;
     }

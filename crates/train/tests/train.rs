@@ -95,8 +95,8 @@ fn loss_gradients_match_finite_differences() {
         let m = model("llama_gqa_untied", DType::F64, targets);
         let vars = m.lora_vars();
         let batches: Vec<Batch> = vec![
-            collate(&samples(3, 5), 0, -100, 64),
-            collate(&samples(2, 6), 0, -100, 64),
+            collate(&samples(3, 5), -100, 64),
+            collate(&samples(2, 6), -100, 64),
         ];
         let loss =
             |m: &Gpt| accumulate_gradients(m, &vars, &batches, &PLAIN, &mut Rng::new(0)).unwrap();
@@ -130,8 +130,8 @@ fn accumulating_micro_batches_equals_one_large_batch() {
     let m = model("neox_parallel_rot025", DType::F32, LoraTargets::default());
     let vars = m.lora_vars();
     let all = samples(8, 9);
-    let micro: Vec<Batch> = all.chunks(2).map(|c| collate(c, 0, -100, 64)).collect();
-    let one = vec![collate(&all, 0, -100, 64)];
+    let micro: Vec<Batch> = all.chunks(2).map(|c| collate(c, -100, 64)).collect();
+    let one = vec![collate(&all, -100, 64)];
     let (g_micro, l_micro) =
         accumulate_gradients(&m, &vars, &micro, &PLAIN, &mut Rng::new(0)).unwrap();
     let (g_one, l_one) = accumulate_gradients(&m, &vars, &one, &PLAIN, &mut Rng::new(0)).unwrap();
@@ -181,8 +181,8 @@ fn activation_checkpointing_gives_the_same_gradients() {
             let m = model_with_dropout(name, DType::F64, targets, 0.1);
             let vars = m.lora_vars();
             let batches = vec![
-                collate(&samples(3, 5), 0, -100, 64),
-                collate(&samples(2, 6), 0, -100, 64),
+                collate(&samples(3, 5), -100, 64),
+                collate(&samples(2, 6), -100, 64),
             ];
             let ckpt = GradOptions {
                 activation_checkpointing: true,

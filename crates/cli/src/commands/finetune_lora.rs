@@ -348,7 +348,6 @@ fn finetune(args: Args) -> Result<()> {
         seed: args.seed,
         keep_last: args.keep_last,
         ignore_index: meta.ignore_index,
-        pad_id: tok.eos_id.unwrap_or(0),
         activation_checkpointing: args.activation_checkpointing,
     };
     cfg.validate()?;

@@ -112,7 +112,7 @@ pub fn generate(
     sampling: &Sampling,
     stop_ids: &[u32],
     rng: &mut Rng,
-    mut on_token: impl FnMut(u32) -> Result<bool>,
+    on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Vec<u32>> {
     sampling.validate()?;
     let block = model.config.block_size;
@@ -126,6 +126,19 @@ pub fn generate(
             prompt.len()
         )));
     }
+    crate::lora::no_grad(|| decode(model, prompt, max_new, sampling, stop_ids, rng, on_token))
+}
+
+/// The decoding loop of `generate`, after its checks.
+fn decode(
+    model: &Gpt,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    stop_ids: &[u32],
+    rng: &mut Rng,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Vec<u32>> {
     let vocab = model.config.vocab_size;
     let mut cache = model.new_cache(prompt.len() + max_new);
     let device = model.device();

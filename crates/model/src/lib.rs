@@ -27,7 +27,7 @@ pub use attention::CausalSelfAttention;
 pub use config::{Config, MlpKind, NormKind};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use lora::{DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
+pub use lora::{no_grad, DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
 pub use model::{Block, Gpt};
 pub use rng::Rng;
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -114,6 +114,34 @@ impl LoraConfig {
     }
 }
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every adapter read as a constant, so nothing it computes is tracked for
+/// autograd: evaluation and generation. Without it a model with adapters records a graph of
+/// every op (and keeps every activation alive) for a backward pass that never comes, and
+/// misses the fused inference kernels.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD.with(|c| c.replace(true)));
+    f()
+}
+
+/// An adapter parameter as the forward pass reads it.
+fn param(v: &Var) -> Tensor {
+    if NO_GRAD.with(|c| c.get()) {
+        v.as_tensor().detach()
+    } else {
+        v.as_tensor().clone()
+    }
+}
+
 /// Per-call options for the training forward pass.
 pub struct DropoutCtx<'a> {
     pub rng: &'a mut Rng,
@@ -250,7 +278,7 @@ impl LoraLinear {
             .adapters
             .iter()
             .map(|ad| {
-                let b = ad.b.as_tensor();
+                let b = param(&ad.b);
                 let r = b.dims()[1];
                 let mut parts = Vec::with_capacity(3);
                 if ad.rows.start > 0 {
@@ -267,7 +295,7 @@ impl LoraLinear {
     }
 
     fn a_stack(&self) -> Result<Tensor> {
-        let a: Vec<&Tensor> = self.adapters.iter().map(|ad| ad.a.as_tensor()).collect();
+        let a: Vec<Tensor> = self.adapters.iter().map(|ad| param(&ad.a)).collect();
         Ok(Tensor::cat(&a, 0)?)
     }
 

@@ -12,16 +12,146 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Tensors still in their file, read (and cast) one at a time when taken.
+    file: Option<LazyFile>,
     source: Option<PathBuf>,
     dtype: Option<DType>,
     /// Mixed precision: 1-D tensors (norm weights, biases) take this dtype instead.
     vector_dtype: Option<DType>,
 }
 
+/// A safetensors file's index: where each tensor's bytes are.
+#[derive(Debug)]
+struct LazyFile {
+    file: std::fs::File,
+    device: Device,
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    offset: u64,
+}
+
+impl LazyFile {
+    /// Reads the header and checks every entry against the file: known dtype, byte range
+    /// matching the shape, inside the file.
+    fn open(path: &Path, device: &Device) -> Result<LazyFile> {
+        use std::io::Read;
+        let bad = |reason: String| Error::BadCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| bad("not a safetensors file (shorter than its header)".into()))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > (100 << 20) || 8 + header_len > file_len {
+            return Err(bad("not a safetensors file (bad header length)".into()));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("not a safetensors file (header: {e})")))?;
+        let data_start = 8 + header_len;
+        let mut entries = HashMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(v)
+                .map_err(|e| bad(format!("tensor {name:?}: bad header entry ({e})")))?;
+            let dtype = match info.dtype.as_str() {
+                "F32" => DType::F32,
+                "BF16" => DType::BF16,
+                "F16" => DType::F16,
+                "F64" => DType::F64,
+                other => {
+                    return Err(bad(format!(
+                        "tensor {name:?} has dtype {other}; weights must be F32, BF16, F16 or F64"
+                    )))
+                }
+            };
+            let [start, end] = info.data_offsets;
+            let numel: usize = info.shape.iter().product();
+            if end < start
+                || end - start != (numel * dtype.size_in_bytes()) as u64
+                || data_start + end > file_len
+            {
+                return Err(bad(format!(
+                    "tensor {name:?}: bytes {start}..{end} do not hold a {dtype:?} tensor of \
+                     shape {:?} inside the file",
+                    info.shape
+                )));
+            }
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape,
+                    offset: data_start + start,
+                },
+            );
+        }
+        Ok(LazyFile {
+            file,
+            device: device.clone(),
+            entries,
+        })
+    }
+
+    /// Reads one tensor straight into its buffer (no intermediate copy of the file).
+    fn read(&self, path: &Path, e: &Entry) -> Result<Tensor> {
+        fn load<T: candle_core::WithDType + Default + Clone>(
+            f: &std::fs::File,
+            e: &Entry,
+            device: &Device,
+        ) -> std::io::Result<candle_core::Result<Tensor>> {
+            use std::os::unix::fs::FileExt;
+            let n: usize = e.shape.iter().product();
+            let mut v = vec![T::default(); n];
+            // SAFETY: T is a plain number type (f32, f64, bf16, f16) for which every bit
+            // pattern is a value; the slice covers exactly v's initialised elements.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    v.as_mut_ptr() as *mut u8,
+                    std::mem::size_of_val(&v[..]),
+                )
+            };
+            f.read_exact_at(bytes, e.offset)?;
+            Ok(Tensor::from_vec(v, e.shape.as_slice(), device))
+        }
+        let f = &self.file;
+        let d = &self.device;
+        let t = match e.dtype {
+            DType::F32 => load::<f32>(f, e, d),
+            DType::F64 => load::<f64>(f, e, d),
+            DType::BF16 => load::<half::bf16>(f, e, d),
+            _ => load::<half::f16>(f, e, d),
+        }
+        .map_err(|err| Error::io(path, err))??;
+        Ok(t)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TensorInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>) -> Weights {
         Weights {
             tensors,
+            file: None,
             source: None,
             dtype: None,
             vector_dtype: None,
@@ -42,22 +172,19 @@ impl Weights {
         self
     }
 
-    /// Reads a safetensors file (memory-mapped) onto `device`.
+    /// Opens a safetensors file for `device`. Its index is read and checked now; each tensor
+    /// is read when taken, straight into memory of the dtype asked for, so loading never
+    /// holds the file and the model at once (peak: the model plus one tensor).
     pub fn from_safetensors(path: &Path, device: &Device) -> Result<Weights> {
-        let bad = |reason: String| Error::BadCheckpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
         if !path.is_file() {
             return Err(Error::io(
                 path,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
             ));
         }
-        let tensors = candle_core::safetensors::load(path, device)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
         Ok(Weights {
-            tensors,
+            tensors: HashMap::new(),
+            file: Some(LazyFile::open(path, device)?),
             source: Some(path.to_path_buf()),
             dtype: None,
             vector_dtype: None,
@@ -66,17 +193,34 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+            || self
+                .file
+                .as_ref()
+                .is_some_and(|f| f.entries.contains_key(name))
     }
 
     /// Removes and returns `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.to_string(),
-                source_file: self.source.clone(),
-            })?;
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            source_file: self.source.clone(),
+        };
+        let t = match self.tensors.remove(name) {
+            Some(t) => t,
+            None => {
+                let file = self.file.as_mut().ok_or_else(missing)?;
+                let e = file.entries.remove(name).ok_or_else(missing)?;
+                if e.shape != shape {
+                    return Err(Error::ShapeMismatch {
+                        name: name.to_string(),
+                        expected: shape.to_vec(),
+                        actual: e.shape,
+                    });
+                }
+                let path = self.source.clone().unwrap_or_default();
+                file.read(&path, &e)?
+            }
+        };
         if t.dims() != shape {
             return Err(Error::ShapeMismatch {
                 name: name.to_string(),
@@ -96,10 +240,13 @@ impl Weights {
 
     /// Fails if tensors are left that nothing took (a checkpoint for another config).
     pub fn finish(self) -> Result<()> {
-        if self.tensors.is_empty() {
+        let mut left: Vec<_> = self.tensors.into_keys().collect();
+        if let Some(f) = self.file {
+            left.extend(f.entries.into_keys());
+        }
+        if left.is_empty() {
             return Ok(());
         }
-        let mut left: Vec<_> = self.tensors.into_keys().collect();
         left.sort();
         let shown = left.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
         Err(Error::BadCheckpoint {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
 use crate::error::{Error, Result};
-use crate::loss::{head_loss, target_rows};
+use crate::loss::{head_loss, target_rows, HeadLoss};
 use crate::metrics::{self, MetricsLog, Record};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, LrSchedule};
 
@@ -559,15 +559,11 @@ pub fn dataset_loss(
         let samples: Vec<_> = (start..(start + mb).min(n)).map(|i| ds.get(i)).collect();
         let b = collate(&samples, cfg.ignore_index, cfg.max_seq_length);
         let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
-        let h = model.forward_hidden_packed(&idx, &b.lengths, None)?;
-        let out = head_loss(
-            model,
-            &h.detach(),
-            &b.labels,
-            &b.lengths,
-            cfg.ignore_index,
-            None,
-        )?;
+        // Evaluation: no graph (and no activations kept for a backward pass).
+        let out = loratune_model::no_grad(|| -> Result<HeadLoss> {
+            let h = model.forward_hidden_packed(&idx, &b.lengths, None)?;
+            head_loss(model, &h, &b.labels, &b.lengths, cfg.ignore_index, None)
+        })?;
         sum += out.loss_sum;
         count += out.n_targets;
     }

@@ -1,5 +1,6 @@
 //! Fused CPU kernels with their own backward pass, for the ops that dominate a training step
-//! besides the matmuls: causal softmax over attention scores, LayerNorm and RMSNorm.
+//! besides the matmuls: causal softmax over attention scores, LayerNorm and RMSNorm, GELU,
+//! SwiGLU, rotary embedding.
 //!
 //! Built from candle's element-wise ops, each of these is 5-10 passes over the data forward
 //! and as many again backward, each allocating, plus gradients for constants (the causal
@@ -491,6 +492,125 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
+// ---- SwiGLU -------------------------------------------------------------------------------
+
+/// silu(gate) * up, the LLaMA MLP's gate: one pass, and the graph keeps only gate and up
+/// (candle's silu-then-mul also keeps silu(gate) and makes two passes each way).
+struct SwiGlu;
+
+macro_rules! swiglu_kernels {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        fn $fwd(g: &[$t], u: &[$t]) -> Vec<$t> {
+            map_indexed(g.len(), |i| {
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                g[i] * s * u[i]
+            })
+        }
+
+        /// [d gate | d up], each g.len() long.
+        fn $bwd(g: &[$t], u: &[$t], dy: &[$t]) -> Vec<$t> {
+            let n = g.len();
+            map_indexed(2 * n, |j| {
+                let i = j % n;
+                let s = 1.0 / (1.0 + (-g[i]).exp());
+                if j < n {
+                    dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
+                } else {
+                    dy[i] * g[i] * s
+                }
+            })
+        }
+    };
+}
+swiglu_kernels!(f32, swiglu_f32, swiglu_bwd_f32);
+swiglu_kernels!(f64, swiglu_f64, swiglu_bwd_f64);
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(swiglu_f32(
+                slice(s1, l1, "swiglu")?,
+                slice(s2, l2, "swiglu")?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(swiglu_f64(
+                slice(s1, l1, "swiglu")?,
+                slice(s2, l2, "swiglu")?,
+            )),
+            _ => candle_core::bail!("swiglu: f32 or f64 only, one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// (gate, up, dy) -> (2, ..): d gate, d up.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(swiglu_bwd_f32(
+                    slice(s1, l1, "swiglu-bwd")?,
+                    slice(s2, l2, "swiglu-bwd")?,
+                    slice(s3, l3, "swiglu-bwd")?,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(swiglu_bwd_f64(
+                    slice(s1, l1, "swiglu-bwd")?,
+                    slice(s2, l2, "swiglu-bwd")?,
+                    slice(s3, l3, "swiglu-bwd")?,
+                ))
+            }
+            _ => candle_core::bail!("swiglu-bwd: f32 or f64 only, one dtype"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// silu(gate) * up on the CPU, with its backward pass.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
 // ---- rotary embedding -------------------------------------------------------------------
 
 /// GPT-NeoX rotary embedding ("rotate half") on the first 2 * half channels of x (.., T, hs),
@@ -686,6 +806,18 @@ mod tests {
                 gv[i]
             );
         }
+        // SwiGLU on 2 x 4500 elements (chunks and a tail), gate and up from one variable.
+        check(
+            &[2, 4500],
+            |x| {
+                let y = swiglu(&x.get(0).unwrap(), &x.get(1).unwrap()).unwrap();
+                Tensor::stack(&[&y, &y], 0).unwrap()
+            },
+            |x| {
+                let y = (x.get(0).unwrap().silu().unwrap() * x.get(1).unwrap()).unwrap();
+                Tensor::stack(&[&y, &y], 0).unwrap()
+            },
+        );
         // Rotary on 2 * 3 of 8 channels, scaled, against the rotate-half formula.
         let (cos, sin) = (randn(&[5, 3], 6), randn(&[5, 3], 7));
         check(

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::{frozen_linear, frozen_matmul};
+use crate::ops::{frozen_linear, frozen_linear_add, frozen_matmul};
 use crate::rng::Rng;
 
 /// Which linears get adapters. Lit-GPT's default is query and value.
@@ -301,19 +301,8 @@ impl LoraLinear {
 
     /// Forward pass. `dropout` is `Some` only in training; it draws the dropout mask.
     pub fn forward(&self, x: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
-        // Mixed precision: the matmul runs in the weights' dtype, the rest in the input's.
-        let y = if x.dtype() == self.weight.dtype() {
-            frozen_linear(x, &self.weight, self.bias.as_ref())?
-        } else {
-            let y = frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?
-                .to_dtype(x.dtype())?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
-        };
         if self.adapters.is_empty() {
-            return Ok(y);
+            return self.frozen_forward(x);
         }
         let mut xa = x.to_dtype(self.adapter_dtype())?;
         if let Some(ctx) = dropout {
@@ -324,10 +313,29 @@ impl LoraLinear {
                 )?;
             }
         }
-        let h = xa.broadcast_matmul(&self.a_stack()?.t()?)?;
-        let delta = (h.broadcast_matmul(&self.b_block()?.t()?)? * self.scaling)?;
-        let delta = delta.to_dtype(y.dtype())?;
-        Ok((y + delta)?)
+        // The scaling goes on the skinny (tokens, n_adapters * r) product, not the full-width
+        // update.
+        let h = (xa.broadcast_matmul(&self.a_stack()?.t()?)? * self.scaling)?;
+        let delta = h.broadcast_matmul(&self.b_block()?.t()?)?;
+        if let Some(y) = frozen_linear_add(x, &self.weight, self.bias.as_ref(), &delta)? {
+            return Ok(y);
+        }
+        let y = self.frozen_forward(x)?;
+        Ok((&y + delta.to_dtype(y.dtype())?)?)
+    }
+
+    /// x W^T + b. Mixed precision: the matmul runs in the weights' dtype, the rest in the
+    /// input's.
+    fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == self.weight.dtype() {
+            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
+        }
+        let y = frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?
+            .to_dtype(x.dtype())?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     /// Every adapter together: A stacked (n_adapters * r, in), B placed at its rows

@@ -137,9 +137,9 @@ impl Mlp {
                 proj.forward(&h, dropout)
             }
             Mlp::Llama { fc_1, fc_2, proj } => {
-                let gate = fc_1.forward(x, dropout.as_deref_mut())?.silu()?;
+                let gate = fc_1.forward(x, dropout.as_deref_mut())?;
                 let up = fc_2.forward(x, dropout.as_deref_mut())?;
-                proj.forward(&(gate * up)?, dropout)
+                proj.forward(&ops::swiglu(&gate, &up)?, dropout)
             }
         }
     }

@@ -10,7 +10,9 @@
 //! lm_head would cost a second copy of itself per step. The custom op here returns only dX.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
+};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -119,6 +121,14 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// silu(gate) * up (the LLaMA MLP).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(gate, Some(up)) {
+        return crate::fused::swiglu(gate, up);
+    }
+    gate.silu()? * up
+}
+
 /// Rotary position embedding, GPT-NeoX "rotate half" form, on the first `cos.dim(1) * 2`
 /// channels of `x` (B, H, T, head_size); the remaining channels pass through (partial rotary).
 /// `cos`/`sin` are (T, n_elem / 2).
@@ -175,6 +185,27 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         Some(b) => frozen_matmul(x, w)?.broadcast_add(b),
         None => frozen_matmul(x, w),
     }
+}
+
+/// `x @ w.T + b + add` for a frozen weight and bias on the CPU (f32/f64, one dtype), in one
+/// op: the GEMM's output buffer takes the bias and `add` (a LoRA update) in place. The graph
+/// then keeps `add` but neither the plain product nor a sum of two tensors; the backward
+/// pass gives dX = dY @ w and d(add) = dY. `None` where it does not apply.
+pub fn frozen_linear_add(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    add: &Tensor,
+) -> Result<Option<Tensor>> {
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    if !(crate::fused::applies(x, Some(w)) && same(add) && b.is_none_or(same)) {
+        return Ok(None);
+    }
+    let op = FrozenMatmul {
+        w: w.clone(),
+        bias: b.map(|b| b.contiguous()).transpose()?,
+    };
+    Ok(Some(x.contiguous()?.apply_op2(&add.contiguous()?, op)?))
 }
 
 struct FrozenMatmul {
@@ -240,6 +271,84 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.plan(l)?;
+        let out = self.cpu_product(s, &p)?;
+        Ok((out, p.out))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = self.plan(l)?;
+        let (m, n, k) = p.mnk;
+        let (w_s, _) = self.w.storage_and_layout();
+        let Storage::Cuda(w) = &*w_s else {
+            candle_core::bail!("linear: weight and input are on different devices")
+        };
+        if self.bias.is_some() {
+            candle_core::bail!("linear: the fused bias is CPU-only")
+        }
+        let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        Ok((out, p.out))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.plan(l)?;
+        if al.dims() != p.out.dims() {
+            candle_core::bail!(
+                "linear: update of shape {:?} for an output of {:?}",
+                al.dims(),
+                p.out.dims()
+            )
+        }
+        let mut out = self.cpu_product(s, &p)?;
+        let (start, end) = al
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("linear: update must be contiguous".into()))?;
+        match (&mut out, a) {
+            (CpuStorage::F32(o), CpuStorage::F32(a)) => add_rows(o, &a[start..end], p.mnk.1),
+            (CpuStorage::F64(o), CpuStorage::F64(a)) => add_rows(o, &a[start..end], p.mnk.1),
+            _ => candle_core::bail!("linear: update dtype differs from the input's"),
+        }
+        Ok((out, p.out))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _add: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.broadcast_matmul(&self.w)?), Some(grad.clone())))
+    }
+}
+
+/// `out += add`, element-wise, in parallel rows of `n`.
+fn add_rows<T: candle_core::WithDType + std::ops::AddAssign>(out: &mut [T], add: &[T], n: usize) {
+    crate::fused::for_rows(out, n, |r, row| {
+        for (o, &a) in row.iter_mut().zip(&add[r * n..]) {
+            *o += a;
+        }
+    });
+}
+
+impl FrozenMatmul {
+    /// The CPU GEMM, plus the bias.
+    fn cpu_product(&self, s: &CpuStorage, p: &MatmulPlan) -> Result<CpuStorage> {
         let (m, n, k) = p.mnk;
         let (w_s, _) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*w_s else {
@@ -265,25 +374,7 @@ impl CustomOp1 for FrozenMatmul {
                 _ => candle_core::bail!("linear: bias dtype differs from the input's"),
             }
         }
-        Ok((out, p.out))
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let p = self.plan(l)?;
-        let (m, n, k) = p.mnk;
-        let (w_s, _) = self.w.storage_and_layout();
-        let Storage::Cuda(w) = &*w_s else {
-            candle_core::bail!("linear: weight and input are on different devices")
-        };
-        if self.bias.is_some() {
-            candle_core::bail!("linear: the fused bias is CPU-only")
-        }
-        let out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
-        Ok((out, p.out))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.broadcast_matmul(&self.w)?))
+        Ok(out)
     }
 }
 

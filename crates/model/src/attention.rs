@@ -141,15 +141,15 @@ impl CausalSelfAttention {
         };
         let tk = k.dim(2)?;
 
-        // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk)
-        let att = q
-            .contiguous()?
-            .reshape((b, ng, (nh / ng) * t, hs))?
-            .matmul(&k.t()?)?
-            .reshape((b, nh, t, tk))?;
-        let att = causal_softmax(&att)?;
+        // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk), causal softmax.
+        let q = q.contiguous()?.reshape((b, ng, (nh / ng) * t, hs))?;
+        let att = if crate::fused::applies(&q, Some(&k)) {
+            crate::fused::attention_probs(&q, &k, t)?
+        } else {
+            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
+            causal_softmax(&att)?.reshape((b, ng, (nh / ng) * t, tk))?
+        };
         let y = att
-            .reshape((b, ng, (nh / ng) * t, tk))?
             .matmul(&v.contiguous()?)?
             .reshape((b, nh, t, hs))?
             .transpose(1, 2)?

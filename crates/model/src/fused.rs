@@ -9,6 +9,7 @@
 //! frozen in LoRA training). CPU only (f32 and f64); `ops` picks these on the CPU and keeps
 //! the composite forms elsewhere. The model's finite-difference tests run through them.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 type Result<T> = candle_core::Result<T>;
@@ -219,6 +220,87 @@ impl CustomOp2 for SoftmaxBwd {
 /// Causal softmax of attention scores `x` (.., T, Tk) on the CPU, with its backward pass.
 pub fn causal_softmax(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(CausalSoftmax)
+}
+
+/// Attention probabilities straight from queries and keys: softmax(causal(q @ k^T)), the
+/// scale already folded into q. q is (B, G, R, hs) with R = (heads per group) * T, k is
+/// (B, G, Tk, hs); the result (B, G, R, Tk) is the (B, H, T, Tk) probabilities. The scores
+/// live only inside the op, so the graph keeps q, k and the probabilities, not a second
+/// (heads x T x Tk) tensor per layer.
+struct AttentionProbs {
+    t: usize,
+}
+
+impl AttentionProbs {
+    fn scores(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, (usize, usize, usize, usize))> {
+        let (b, g, r, hs) = lq.shape().dims4()?;
+        let (b2, g2, tk, hs2) = lk.shape().dims4()?;
+        if (b, g, hs) != (b2, g2, hs2) || r % self.t != 0 || self.t > tk {
+            candle_core::bail!(
+                "attention-probs: q {:?} and k {:?} do not match (T = {})",
+                lq.dims(),
+                lk.dims(),
+                self.t
+            )
+        }
+        let (qo, ko) = match (lq.contiguous_offsets(), lk.contiguous_offsets()) {
+            (Some((qo, _)), Some((ko, _))) => (qo, ko),
+            _ => candle_core::bail!("attention-probs: q and k must be contiguous"),
+        };
+        let q_l = Layout::contiguous_with_offset((b * g, r, hs), qo);
+        let kt_l = Layout::contiguous_with_offset((b * g, tk, hs), ko).transpose(1, 2)?;
+        let s = sq.matmul(sk, (b * g, r, tk, hs), &q_l, &kt_l)?;
+        Ok((s, (b, g, r, tk)))
+    }
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, dims) = self.scores(sq, lq, sk, lk)?;
+        let tk = dims.3;
+        let out = match &s {
+            CpuStorage::F32(x) => CpuStorage::F32(causal_softmax_rows(x, self.t, tk)),
+            CpuStorage::F64(x) => CpuStorage::F64(causal_softmax_rows(x, self.t, tk)),
+            _ => candle_core::bail!("attention-probs: f32 or f64 only"),
+        };
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
+/// softmax(causal(q @ k^T)) for q (B, G, R, hs) and k (B, G, Tk, hs) on the CPU, with its
+/// backward pass; see `AttentionProbs`.
+pub fn attention_probs(q: &Tensor, k: &Tensor, t: usize) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op2(&k.contiguous()?, AttentionProbs { t })
 }
 
 // ---- LayerNorm / RMSNorm ----------------------------------------------------------------
@@ -805,6 +887,52 @@ mod tests {
                 xs[i],
                 gv[i]
             );
+        }
+        // Attention probabilities, GQA layout (2 heads per group, T = 3 of Tk = 5), against
+        // matmul + mask + softmax from candle's differentiable ops; values and both gradients.
+        {
+            let (t, tk) = (3usize, 5usize);
+            let mask: Vec<f64> = (0..t)
+                .flat_map(|i| (0..tk).map(move |j| if j > tk - t + i { -1e30 } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, tk), &Device::Cpu).unwrap();
+            let q = Var::from_tensor(&randn(&[2, 3, 2 * t, 4], 8)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, 3, tk, 4], 9)).unwrap();
+            let wsum = randn(&[2, 3, 2 * t, tk], 10);
+            let fused = attention_probs(q.as_tensor(), k.as_tensor(), t).unwrap();
+            let s = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+            let s = s
+                .reshape((2, 6, t, tk))
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let e = s
+                .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
+                .unwrap()
+                .exp()
+                .unwrap();
+            let reference = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+            let reference = reference.reshape((2, 3, 2 * t, tk)).unwrap();
+            assert!(max_diff(&fused, &reference) < 1e-12);
+            let g1 = (fused * &wsum)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (reference * &wsum)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&q, &k] {
+                let d = max_diff(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-12, "attention-probs gradient differs by {d}");
+            }
         }
         // SwiGLU on 2 x 4500 elements (chunks and a tail), gate and up from one variable.
         check(

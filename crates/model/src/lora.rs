@@ -330,8 +330,8 @@ impl LoraLinear {
         if x.dtype() == self.weight.dtype() {
             return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
         }
-        let y = frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?
-            .to_dtype(x.dtype())?;
+        let y =
+            frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?.to_dtype(x.dtype())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -208,6 +208,28 @@ pub fn frozen_linear_add(
     Ok(Some(x.contiguous()?.apply_op2(&add.contiguous()?, op)?))
 }
 
+/// `x @ w.T` for CPU f32 tensors as an owned row-major buffer (rows, out), for callers that
+/// transform the product in place (the loss turns logits into their gradient); `None`
+/// elsewhere.
+pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let op = FrozenMatmul {
+        w: w.clone(),
+        bias: None,
+    };
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cpu(xs) = &*xs else {
+        return Ok(None);
+    };
+    match op.cpu_product(xs, &op.plan(xl)?)? {
+        CpuStorage::F32(v) => Ok(Some(v)),
+        _ => Ok(None),
+    }
+}
+
 struct FrozenMatmul {
     w: Tensor,
     /// Added to every output row (CPU only).

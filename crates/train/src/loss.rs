@@ -84,19 +84,20 @@ fn cross_entropy_ops(
     Ok((sum, grad))
 }
 
-/// The same on the CPU in one parallel pass per row over an owned copy of the logits, which
-/// becomes the gradient in place (the op-by-op version makes eight passes and allocations).
+/// The same on the CPU in one parallel pass per row over the logits (rows, vocab), which
+/// become the gradient in place (the op-by-op version makes eight passes and allocations).
 /// exp runs once per logit in f32 (the row max makes every argument <= 0); sums are f64.
+/// Returns the summed loss; `data` then holds `grad_scale * (softmax - one_hot)`.
 fn fused_cross_entropy_cpu(
-    logits: &Tensor,
+    data: &mut [f32],
+    vocab: usize,
     targets: &[u32],
     grad_scale: Option<f64>,
-) -> Result<(f64, Option<Tensor>)> {
-    let (rows, vocab) = logits.dims2()?;
-    let mut data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+) -> f64 {
+    let rows = targets.len();
     let mut losses = vec![0f64; rows];
     let losses_ptr = losses.as_mut_ptr() as usize;
-    loratune_model::fused::for_rows(&mut data, vocab, |r, row| {
+    loratune_model::fused::for_rows(data, vocab, |r, row| {
         let t = targets[r] as usize;
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let target_logit = row[t];
@@ -117,12 +118,7 @@ fn fused_cross_entropy_cpu(
             row[t] -= scale as f32;
         }
     });
-    let sum: f64 = losses.iter().sum();
-    let grad = match grad_scale {
-        Some(_) => Some(Tensor::from_vec(data, (rows, vocab), logits.device())?),
-        None => None,
-    };
-    Ok((sum, grad))
+    losses.iter().sum()
 }
 
 /// Cross-entropy of the next-token predictions from hidden states `h` (B, T, C), whose rows
@@ -160,12 +156,24 @@ pub fn head_loss(
         let len = CHUNK_ROWS.min(n - start);
         let hc = hv.narrow(0, start, len)?;
         let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
-        let logits = loratune_model::ops::frozen_matmul(&hc.to_dtype(w.dtype())?, w)?;
-        let logits = logits.to_dtype(loss_dtype(&logits))?;
-        let (sum, dlogits) = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-            fused_cross_entropy_cpu(&logits, &targets[start..start + len], grad_scale)?
-        } else {
-            cross_entropy_ops(&logits, &tg, grad_scale)?
+        let hc = hc.to_dtype(w.dtype())?;
+        let (sum, dlogits) = match loratune_model::ops::frozen_matmul_cpu_f32(&hc, w)? {
+            // CPU f32: one logits buffer, which becomes the gradient in place.
+            Some(mut data) => {
+                let vocab = w.dim(0)?;
+                let tg = &targets[start..start + len];
+                let sum = fused_cross_entropy_cpu(&mut data, vocab, tg, grad_scale);
+                let grad = match grad_scale {
+                    Some(_) => Some(Tensor::from_vec(data, (len, vocab), device)?),
+                    None => None,
+                };
+                (sum, grad)
+            }
+            None => {
+                let logits = loratune_model::ops::frozen_matmul(&hc, w)?;
+                let logits = logits.to_dtype(loss_dtype(&logits))?;
+                cross_entropy_ops(&logits, &tg, grad_scale)?
+            }
         };
         loss_sum += sum;
         if let Some(d) = dlogits {
@@ -243,7 +251,9 @@ mod tests {
         let logits = Tensor::from_vec(v, (6, 50), &Device::Cpu).unwrap();
         let targets = [3u32, 0, 49, 7, 7, 20];
         let tg = Tensor::from_slice(&targets, (6, 1), &Device::Cpu).unwrap();
-        let (a, ga) = fused_cross_entropy_cpu(&logits, &targets, Some(0.25)).unwrap();
+        let mut data = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = fused_cross_entropy_cpu(&mut data, 50, &targets, Some(0.25));
+        let ga = Some(Tensor::from_vec(data, (6, 50), &Device::Cpu).unwrap());
         let (b, gb) = cross_entropy_ops(&logits, &tg, Some(0.25)).unwrap();
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         let d: f32 = (ga.unwrap() - gb.unwrap())

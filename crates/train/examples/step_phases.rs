@@ -29,10 +29,12 @@ fn main() {
         let b = collate(&samples, -100, 256);
         let t0 = Instant::now();
         let ids = Tensor::from_slice(&b.input_ids, b.tokens, &Device::Cpu).unwrap();
+        let mut hwm = [0f64; 4];
         let h = model
             .forward_hidden_packed(&ids, &b.lengths, Some(&mut DropoutCtx { rng: &mut rng }))
             .unwrap();
         let t1 = Instant::now();
+        hwm[0] = peak_rss_mib();
         let n = b.labels.iter().filter(|&&l| l != -100).count();
         let out = head_loss(
             &model,
@@ -44,15 +46,24 @@ fn main() {
         )
         .unwrap();
         let t2 = Instant::now();
+        hwm[1] = peak_rss_mib();
         let g = out.surrogate.unwrap().backward().unwrap();
         let t3 = Instant::now();
+        hwm[2] = peak_rss_mib();
         let grads: Vec<Tensor> = opt
             .params()
             .iter()
             .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
             .collect();
         opt.update(&grads, 1e-4).unwrap();
+        hwm[3] = peak_rss_mib();
         let t4 = Instant::now();
+        if step == 0 {
+            // The first batch is the longest: where the run's memory peak is.
+            for (name, hwm) in ["forward", "loss", "backward", "optimizer"].iter().zip(hwm) {
+                println!("step 0 peak RSS after {name:10} {hwm:6.0} MiB");
+            }
+        }
         if step >= 2 {
             for (acc, d) in t.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
                 *acc += d.as_secs_f64();
@@ -73,4 +84,16 @@ fn main() {
         1000.0 * total / steps as f64,
         tokens as f64 / total
     );
+}
+
+/// VmHWM of this process, MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -490,7 +490,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // ---- GELU (erf) --------------------------------------------------------------------------
 
 /// GELU with the exact erf form (GPT-NeoX's, Falcon's): y = x Φ(x).
-struct GeluErf;
+pub(crate) struct GeluErf;
 
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
@@ -526,7 +526,7 @@ impl CustomOp1 for GeluErf {
 }
 
 /// dx = dy (Φ(x) + x φ(x)).
-struct GeluErfBwd;
+pub(crate) struct GeluErfBwd;
 
 impl CustomOp2 for GeluErfBwd {
     fn name(&self) -> &'static str {
@@ -578,7 +578,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// silu(gate) * up, the LLaMA MLP's gate: one pass, and the graph keeps only gate and up
 /// (candle's silu-then-mul also keeps silu(gate) and makes two passes each way).
-struct SwiGlu;
+pub(crate) struct SwiGlu;
 
 macro_rules! swiglu_kernels {
     ($t:ty, $fwd:ident, $bwd:ident) => {
@@ -649,7 +649,7 @@ impl CustomOp2 for SwiGlu {
 }
 
 /// (gate, up, dy) -> (2, ..): d gate, d up.
-struct SwiGluBwd;
+pub(crate) struct SwiGluBwd;
 
 impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {

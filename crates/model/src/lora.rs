@@ -324,6 +324,32 @@ impl LoraLinear {
         Ok((&y + delta.to_dtype(y.dtype())?)?)
     }
 
+    /// This linear applied to `gelu(x)`, as one op that keeps no activation (see
+    /// `ops::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
+    pub fn forward_after_gelu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.adapters.is_empty() {
+            return Ok(None);
+        }
+        Ok(crate::ops::gelu_then_frozen_linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+        )?)
+    }
+
+    /// This linear applied to `silu(gate) * up`, likewise.
+    pub fn forward_after_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+        if !self.adapters.is_empty() {
+            return Ok(None);
+        }
+        Ok(crate::ops::swiglu_then_frozen_linear(
+            gate,
+            up,
+            &self.weight,
+            self.bias.as_ref(),
+        )?)
+    }
+
     /// x W^T + b. Mixed precision: the matmul runs in the weights' dtype, the rest in the
     /// input's.
     fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {

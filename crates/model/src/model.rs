@@ -133,13 +133,19 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, mut dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
         match self {
             Mlp::GptNeox { fc, proj } => {
-                let h = ops::gelu_erf(&fc.forward(x, dropout.as_deref_mut())?)?;
-                proj.forward(&h, dropout)
+                let f = fc.forward(x, dropout.as_deref_mut())?;
+                match proj.forward_after_gelu(&f)? {
+                    Some(y) => Ok(y),
+                    None => proj.forward(&ops::gelu_erf(&f)?, dropout),
+                }
             }
             Mlp::Llama { fc_1, fc_2, proj } => {
                 let gate = fc_1.forward(x, dropout.as_deref_mut())?;
                 let up = fc_2.forward(x, dropout.as_deref_mut())?;
-                proj.forward(&ops::swiglu(&gate, &up)?, dropout)
+                match proj.forward_after_swiglu(&gate, &up)? {
+                    Some(y) => Ok(y),
+                    None => proj.forward(&ops::swiglu(&gate, &up)?, dropout),
+                }
             }
         }
     }

@@ -230,6 +230,93 @@ pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>>
     }
 }
 
+/// `gelu(x) @ w.T + b` for a frozen weight (GELU-MLP's projection), CPU f32/f64: the
+/// activation is computed inside the op and never kept; the backward pass recomputes its
+/// derivative from `x`, which the graph holds anyway. `None` where it does not apply.
+pub fn gelu_then_frozen_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !(crate::fused::applies(x, Some(w)) && b.is_none_or(|b| b.dtype() == x.dtype())) {
+        return Ok(None);
+    }
+    let op = ActThenFrozen(FrozenMatmul {
+        w: w.clone(),
+        bias: b.map(|b| b.contiguous()).transpose()?,
+    });
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// `(silu(gate) * up) @ w.T + b`, the LLaMA MLP's projection, likewise.
+pub fn swiglu_then_frozen_linear(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let same = |t: &Tensor| t.dtype() == gate.dtype();
+    if !(crate::fused::applies(gate, Some(w)) && same(up) && b.is_none_or(same)) {
+        return Ok(None);
+    }
+    let op = ActThenFrozen(FrozenMatmul {
+        w: w.clone(),
+        bias: b.map(|b| b.contiguous()).transpose()?,
+    });
+    Ok(Some(gate.contiguous()?.apply_op2(&up.contiguous()?, op)?))
+}
+
+/// An activation, then a frozen linear: GELU for one input, SwiGLU for two.
+struct ActThenFrozen(FrozenMatmul);
+
+impl CustomOp1 for ActThenFrozen {
+    fn name(&self) -> &'static str {
+        "gelu-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, shape) = crate::fused::GeluErf.cpu_fwd(s, l)?;
+        CustomOp1::cpu_fwd(&self.0, &a, &Layout::contiguous(shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let da = grad.broadcast_matmul(&self.0.w)?;
+        Ok(Some(x.apply_op2_no_bwd(
+            &da.contiguous()?,
+            &crate::fused::GeluErfBwd,
+        )?))
+    }
+}
+
+impl CustomOp2 for ActThenFrozen {
+    fn name(&self) -> &'static str {
+        "swiglu-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, shape) = crate::fused::SwiGlu.cpu_fwd(s1, l1, s2, l2)?;
+        CustomOp1::cpu_fwd(&self.0, &a, &Layout::contiguous(shape))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let da = grad.broadcast_matmul(&self.0.w)?;
+        let both = gate.apply_op3_no_bwd(up, &da.contiguous()?, &crate::fused::SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
 struct FrozenMatmul {
     w: Tensor,
     /// Added to every output row (CPU only).
@@ -457,6 +544,75 @@ mod tests {
             let comp = apply_rope(tracked, &cos, &sin).unwrap();
             assert!(max_diff(&fused, &comp) < 1e-5, "rope {n_elem}");
         }
+    }
+
+    /// f64 values and input gradients of two functions of the same inputs.
+    fn same_values_and_grads(inputs: &[Var], f: &dyn Fn() -> Tensor, g: &dyn Fn() -> Tensor) {
+        let (a, b) = (f(), g());
+        let d = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-12, "values");
+        let w = randn(a.dims(), 99).to_dtype(DType::F64).unwrap();
+        let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in inputs {
+            let (x, y) = (
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d.to_scalar::<f64>().unwrap() < 1e-10, "gradients");
+        }
+    }
+
+    #[test]
+    fn activation_then_frozen_linear_matches_the_two_ops() {
+        let f64t = |shape: &[usize], seed| randn(shape, seed).to_dtype(DType::F64).unwrap();
+        let (w, b) = (f64t(&[5, 7], 1), f64t(&[5], 2));
+        let x = Var::from_tensor(&f64t(&[2, 3, 7], 3)).unwrap();
+        let up = Var::from_tensor(&f64t(&[2, 3, 7], 4)).unwrap();
+        same_values_and_grads(
+            &[x.clone()],
+            &|| {
+                gelu_then_frozen_linear(x.as_tensor(), &w, Some(&b))
+                    .unwrap()
+                    .unwrap()
+            },
+            &|| frozen_linear(&gelu_erf(x.as_tensor()).unwrap(), &w, Some(&b)).unwrap(),
+        );
+        same_values_and_grads(
+            &[x.clone(), up.clone()],
+            &|| {
+                swiglu_then_frozen_linear(x.as_tensor(), up.as_tensor(), &w, None)
+                    .unwrap()
+                    .unwrap()
+            },
+            &|| frozen_matmul(&swiglu(x.as_tensor(), up.as_tensor()).unwrap(), &w).unwrap(),
+        );
+        // And the LoRA update added in the output buffer.
+        let add = Var::from_tensor(&f64t(&[2, 3, 5], 5)).unwrap();
+        same_values_and_grads(
+            &[x.clone(), add.clone()],
+            &|| {
+                frozen_linear_add(x.as_tensor(), &w, Some(&b), add.as_tensor())
+                    .unwrap()
+                    .unwrap()
+            },
+            &|| (frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap() + add.as_tensor()).unwrap(),
+        );
     }
 
     #[test]

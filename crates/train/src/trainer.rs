@@ -41,10 +41,12 @@ pub struct TrainConfig {
     pub seed: u64,
     pub keep_last: Option<usize>,
     pub ignore_index: i32,
-    /// Keep only each block's input during the forward pass and recompute the block in the
-    /// backward pass: activation memory of one block instead of all, for ~1.3x the compute.
+    /// Activation checkpointing: for the first N blocks (all if N >= the layer count) keep
+    /// only each block's input during the forward pass and recompute the block in the backward
+    /// pass. All blocks: activation memory of one block instead of all, for ~1.3x the
+    /// compute; fewer blocks trade less compute for less saving.
     #[serde(default)]
-    pub activation_checkpointing: bool,
+    pub activation_checkpointing: Option<usize>,
 }
 
 impl TrainConfig {
@@ -413,8 +415,9 @@ impl Trainer {
 pub struct GradOptions {
     /// Label value that marks a position with no target.
     pub ignore: i32,
-    /// Recompute each block during the backward pass instead of keeping its activations.
-    pub activation_checkpointing: bool,
+    /// Recompute the first N blocks during the backward pass instead of keeping their
+    /// activations (see `TrainConfig::activation_checkpointing`).
+    pub activation_checkpointing: Option<usize>,
 }
 
 /// Gradients (one per var, in order) of the mean next-token loss over every target token of
@@ -438,9 +441,10 @@ pub fn accumulate_gradients(
     let mut loss_sum = 0.0;
     for b in batches {
         let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
-        if opts.activation_checkpointing {
+        if let Some(n) = opts.activation_checkpointing.filter(|&n| n > 0) {
+            let n = n.min(model.blocks.len());
             loss_sum +=
-                checkpointed_backward(model, vars, &idx, b, ignore, scale, rng, &mut grads)?;
+                checkpointed_backward(model, vars, &idx, b, n, ignore, scale, rng, &mut grads)?;
             continue;
         }
         let h = model.forward_hidden_packed(
@@ -481,9 +485,11 @@ fn add_grads(
     Ok(())
 }
 
-/// One micro-batch with activation checkpointing. Forward: each block runs on a detached
-/// input and only that input is kept (the block's graph is dropped with its output). Backward:
-/// from the loss down to block 0, the block is recomputed with its input as a variable, with
+/// One micro-batch with activation checkpointing of the first `n_ckpt` blocks. Forward: each
+/// of those runs on a detached input and only that input is kept (the block's graph is
+/// dropped with its output); the blocks above run as usual from a variable. Backward: the
+/// loss is backpropagated through the upper blocks to that variable; then from block
+/// `n_ckpt - 1` down to block 0, the block is recomputed with its input as a variable, with
 /// the dropout RNG replayed from where the forward pass drew, and `sum(y * dL/dy)` is
 /// backpropagated, giving the block's adapter gradients and dL/d(input) for the block below.
 /// Returns the micro-batch's loss sum.
@@ -493,36 +499,46 @@ fn checkpointed_backward(
     vars: &[(String, candle_core::Var)],
     idx: &Tensor,
     b: &Batch,
+    n_ckpt: usize,
     ignore: i32,
     scale: f64,
     rng: &mut Rng,
     grads: &mut [Option<Tensor>],
 ) -> Result<f64> {
     let n_layer = model.blocks.len();
-    let mut inputs = Vec::with_capacity(n_layer);
-    let mut rng_states = Vec::with_capacity(n_layer);
     let lengths = Some(b.lengths.as_slice());
+    let mut inputs = Vec::with_capacity(n_ckpt);
+    let mut rng_states = Vec::with_capacity(n_ckpt);
     let mut x = model.embed_packed(idx, &b.lengths)?.detach();
-    for i in 0..n_layer {
+    for i in 0..n_ckpt {
         rng_states.push(rng.state());
         let y = model.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
         inputs.push(std::mem::replace(&mut x, y.detach()));
     }
     let top = candle_core::Var::from_tensor(&x)?;
     drop(x);
-    let h = model.ln_f.forward(top.as_tensor())?;
+    let mut x = top.as_tensor().clone();
+    for i in n_ckpt..n_layer {
+        x = model.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+    }
+    let h = model.ln_f.forward(&x)?;
+    drop(x);
     let out = head_loss(model, &h, &b.labels, &b.lengths, ignore, Some(scale))?;
+    drop(h);
     let Some(surrogate) = out.surrogate else {
         return Ok(out.loss_sum);
     };
     let g = surrogate.backward()?;
+    drop(surrogate);
     add_grads(grads, vars, &g)?;
     let mut dy = g
         .get(top.as_tensor())
-        .ok_or_else(|| Error::Invalid("no gradient reached the last block's output".into()))?
+        .ok_or_else(|| {
+            Error::Invalid("no gradient reached the checkpointed blocks' output".into())
+        })?
         .clone();
     drop(g);
-    for i in (0..n_layer).rev() {
+    for i in (0..n_ckpt).rev() {
         let Some(x_i) = inputs.pop() else { break };
         let xin = candle_core::Var::from_tensor(&x_i)?;
         drop(x_i);

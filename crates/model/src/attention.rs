@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attn_kernel::{packed_attention, PackedAttention};
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -87,6 +88,24 @@ impl CausalSelfAttention {
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
         let qkv = self.qkv.forward(x, dropout.as_deref_mut())?;
+        if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.cos)) {
+            // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
+            let (b, t, _) = qkv.dims3()?;
+            let lengths = seqs.map_or_else(|| vec![t; b], <[usize]>::to_vec);
+            let y = packed_attention(
+                &qkv,
+                PackedAttention {
+                    lengths,
+                    n_head: self.n_head,
+                    n_query_groups: self.n_query_groups,
+                    head_size: self.head_size,
+                    cos: rope.cos.clone(),
+                    sin: rope.sin.clone(),
+                    scale: 1.0 / (self.head_size as f64).sqrt(),
+                },
+            )?;
+            return self.proj.forward(&y, dropout);
+        }
         let y = match seqs {
             Some(lens) if lens.len() > 1 => {
                 let mut ys = Vec::with_capacity(lens.len());

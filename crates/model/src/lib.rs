@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod attn_kernel;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -585,7 +585,7 @@ mod tests {
         let x = Var::from_tensor(&f64t(&[2, 3, 7], 3)).unwrap();
         let up = Var::from_tensor(&f64t(&[2, 3, 7], 4)).unwrap();
         same_values_and_grads(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &|| {
                 gelu_then_frozen_linear(x.as_tensor(), &w, Some(&b))
                     .unwrap()

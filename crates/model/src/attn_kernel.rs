@@ -1,0 +1,622 @@
+//! Causal self-attention of a packed batch as one CPU op with its own backward pass: from the
+//! fused qkv projection's output (N, (H + 2G) * hs) straight to the heads' outputs
+//! (N, H * hs), rotary embedding and the 1/sqrt(hs) query scale included.
+//!
+//! Built from tensor ops, attention keeps for the backward pass a copy of Q, K and V in head
+//! layout, the rotated Q and K, the (heads x T x T) probabilities, the output in head layout
+//! and its transposed copy, plus a narrow and a cat per packed sequence: about a third of a
+//! block's activations. This op keeps nothing but its input (which the graph holds anyway)
+//! and its output. The backward pass recomputes the probabilities, as flash attention does,
+//! one (sequence, key/value group) at a time on candle's thread pool, each with its own
+//! small single-threaded GEMMs (the `gemm` crate that candle's CPU matmul uses).
+//!
+//! f32 and f64 on the CPU; `attention.rs` keeps the tensor-op path for other devices and
+//! dtypes and for decoding with a KV cache.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use num_traits::Float;
+
+type Result<T> = candle_core::Result<T>;
+
+/// Shapes and tables of one attention call.
+#[derive(Clone)]
+pub struct PackedAttention {
+    /// Length of each packed sequence; they add up to N.
+    pub lengths: Vec<usize>,
+    pub n_head: usize,
+    pub n_query_groups: usize,
+    pub head_size: usize,
+    /// Rotary tables (>= longest sequence, half), contiguous, the input's dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Multiplies the queries (1/sqrt(hs)).
+    pub scale: f64,
+}
+
+/// Attention of `qkv` (.., N, (H + 2G) * hs): the rows hold the sequences of `p.lengths`
+/// back to back, each from position 0. Returns (.., N, H * hs).
+pub fn packed_attention(qkv: &Tensor, p: PackedAttention) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(p)
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint regions of one buffer to the pool's threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Everything a (sequence, group) task needs, as raw slices.
+struct Ctx<'a, T> {
+    qkv: &'a [T],
+    cos: &'a [T],
+    sin: &'a [T],
+    half: usize,
+    nh: usize,
+    ng: usize,
+    hs: usize,
+    scale: T,
+}
+
+impl<T: Float> Ctx<'_, T> {
+    fn w(&self) -> usize {
+        (self.nh + 2 * self.ng) * self.hs
+    }
+
+    /// Rotates `row` (one head, position `pos`) in place; `inverse` rotates back (the
+    /// backward pass). Channels past the rotary ones pass through.
+    fn rope(&self, row: &mut [T], pos: usize, inverse: bool) {
+        let half = self.half;
+        let (c, s) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
+        for j in 0..half {
+            let (x1, x2) = (row[j], row[j + half]);
+            let sj = if inverse { -s[j] } else { s[j] };
+            row[j] = x1 * c[j] - x2 * sj;
+            row[j + half] = x2 * c[j] + x1 * sj;
+        }
+    }
+
+    /// Rotated (and scaled by `mul`) rows `off..off + t` of the head starting at column
+    /// `col`, as a contiguous (t, hs) buffer.
+    fn rotated(&self, off: usize, t: usize, col: usize, mul: T) -> Vec<T> {
+        let (hs, w) = (self.hs, self.w());
+        let mut out = Vec::with_capacity(t * hs);
+        for i in 0..t {
+            let start = out.len();
+            out.extend(
+                self.qkv[(off + i) * w + col..(off + i) * w + col + hs]
+                    .iter()
+                    .map(|&x| x * mul),
+            );
+            self.rope(&mut out[start..], i, false);
+        }
+        out
+    }
+}
+
+/// C (m x n, row stride `ldc`) = A (m x k) B (k x n), (+= C when `acc`), with explicit
+/// row/column strides for A and B. Single-threaded: the caller parallelises over tasks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<T: 'static + Float>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    ldc: usize,
+    acc: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+) {
+    // SAFETY: the caller guarantees every addressed element lies inside its buffer.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            acc,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Causal softmax of the (t x t) scores in place: row i sees keys 0..=i.
+fn causal_softmax<T: Float>(s: &mut [T], t: usize) {
+    for i in 0..t {
+        let row = &mut s[i * t..(i + 1) * t];
+        let m = row[..=i].iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = T::zero();
+        for x in &mut row[..=i] {
+            *x = (*x - m).exp();
+            sum = sum + *x;
+        }
+        let inv = T::one() / sum;
+        for x in &mut row[..=i] {
+            *x = *x * inv;
+        }
+        for x in &mut row[i + 1..] {
+            *x = T::zero();
+        }
+    }
+}
+
+/// Rotated, scaled queries of head `h`, rotated keys of group `g`, and the probabilities
+/// (t x t) of head `h`, for the sequence at rows `off..off + t`.
+fn probs<T: Float + 'static>(
+    cx: &Ctx<T>,
+    off: usize,
+    t: usize,
+    h: usize,
+    k: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let hs = cx.hs;
+    let q = cx.rotated(off, t, h * hs, cx.scale);
+    let mut s = vec![T::zero(); t * t];
+    // S = Q K^T: B(kk, n) = K[n, kk].
+    // SAFETY: q, k are (t, hs), s is (t, t).
+    unsafe {
+        gemm(
+            (t, t, hs),
+            s.as_mut_ptr(),
+            t,
+            false,
+            q.as_ptr(),
+            (hs, 1),
+            k.as_ptr(),
+            (1, hs),
+        )
+    };
+    causal_softmax(&mut s, t);
+    (q, s)
+}
+
+/// The (sequence, group) tasks and the row offset of each sequence.
+fn tasks(lengths: &[usize], ng: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::with_capacity(lengths.len() * ng);
+    let mut off = 0;
+    for &t in lengths {
+        for g in 0..ng {
+            out.push((off, t, g));
+        }
+        off += t;
+    }
+    out
+}
+
+fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        for i in range {
+            f(i)
+        }
+    });
+}
+
+fn forward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], n: usize) -> Vec<T> {
+    let (nh, ng, hs) = (cx.nh, cx.ng, cx.hs);
+    let (w, yw, hpg) = (cx.w(), nh * hs, nh / ng);
+    let mut y = vec![T::zero(); n * yw];
+    let yp = SendPtr(y.as_mut_ptr());
+    let yp = &yp;
+    let tasks = tasks(lengths, ng);
+    run_tasks(tasks.len(), |i| {
+        let (off, t, g) = tasks[i];
+        let k = cx.rotated(off, t, (nh + g) * hs, T::one());
+        let v = cx.qkv[off * w + (nh + ng + g) * hs..].as_ptr();
+        for h in g * hpg..(g + 1) * hpg {
+            let (_, p) = probs(cx, off, t, h, &k);
+            // Y[rows, head h] = P V.
+            // SAFETY: task (off, g) alone writes rows off..off+t, columns of its group's
+            // heads; V is rows off..off+t of qkv with row stride w.
+            unsafe {
+                gemm(
+                    (t, hs, t),
+                    yp.0.add(off * yw + h * hs),
+                    yw,
+                    false,
+                    p.as_ptr(),
+                    (t, 1),
+                    v,
+                    (w, 1),
+                )
+            };
+        }
+    });
+    y
+}
+
+fn backward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], dy: &[T]) -> Vec<T> {
+    let (nh, ng, hs) = (cx.nh, cx.ng, cx.hs);
+    let (w, yw, hpg) = (cx.w(), nh * hs, nh / ng);
+    let mut dqkv = vec![T::zero(); cx.qkv.len()];
+    let dp_ = SendPtr(dqkv.as_mut_ptr());
+    let dp_ = &dp_;
+    let tasks = tasks(lengths, ng);
+    run_tasks(tasks.len(), |i| {
+        let (off, t, g) = tasks[i];
+        let k = cx.rotated(off, t, (nh + g) * hs, T::one());
+        let v = cx.qkv[off * w + (nh + ng + g) * hs..].as_ptr();
+        let mut dk = vec![T::zero(); t * hs];
+        let mut dpr = vec![T::zero(); t * t];
+        let mut dq = vec![T::zero(); t * hs];
+        for h in g * hpg..(g + 1) * hpg {
+            let (q, p) = probs(cx, off, t, h, &k);
+            let dout = dy[off * yw + h * hs..].as_ptr();
+            // SAFETY (all gemms below): buffers are (t, t) or (t, hs) as declared; dout and v
+            // address rows off..off+t with row strides yw and w; this task alone writes the
+            // rows off..off+t of its group's columns in dqkv.
+            unsafe {
+                // dP = dO V^T
+                gemm(
+                    (t, t, hs),
+                    dpr.as_mut_ptr(),
+                    t,
+                    false,
+                    dout,
+                    (yw, 1),
+                    v,
+                    (1, w),
+                );
+                // dV += P^T dO, straight into dqkv's V columns.
+                gemm(
+                    (t, hs, t),
+                    dp_.0.add(off * w + (nh + ng + g) * hs),
+                    w,
+                    true,
+                    p.as_ptr(),
+                    (1, t),
+                    dout,
+                    (yw, 1),
+                );
+            }
+            // dS = P * (dP - rowsum(dP * P)), in place in dpr.
+            for r in 0..t {
+                let (pr, dr) = (&p[r * t..(r + 1) * t], &mut dpr[r * t..(r + 1) * t]);
+                let dot = pr
+                    .iter()
+                    .zip(dr.iter())
+                    .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                for (d, &x) in dr.iter_mut().zip(pr) {
+                    *d = x * (*d - dot);
+                }
+            }
+            unsafe {
+                // dQ = dS K; dK += dS^T Q.
+                gemm(
+                    (t, hs, t),
+                    dq.as_mut_ptr(),
+                    hs,
+                    false,
+                    dpr.as_ptr(),
+                    (t, 1),
+                    k.as_ptr(),
+                    (hs, 1),
+                );
+                gemm(
+                    (t, hs, t),
+                    dk.as_mut_ptr(),
+                    hs,
+                    true,
+                    dpr.as_ptr(),
+                    (1, t),
+                    q.as_ptr(),
+                    (hs, 1),
+                );
+            }
+            for r in 0..t {
+                let row = &mut dq[r * hs..(r + 1) * hs];
+                cx.rope(row, r, true);
+                // SAFETY: row off + r, head h's columns: this task's region.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(dp_.0.add((off + r) * w + h * hs), hs)
+                };
+                for (d, &x) in dst.iter_mut().zip(row.iter()) {
+                    *d = x * cx.scale;
+                }
+            }
+        }
+        for r in 0..t {
+            let row = &mut dk[r * hs..(r + 1) * hs];
+            cx.rope(row, r, true);
+            // SAFETY: row off + r, group g's key columns: this task's region.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(dp_.0.add((off + r) * w + (nh + g) * hs), hs)
+            };
+            dst.copy_from_slice(row);
+        }
+    });
+    dqkv
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("packed attention: input must be contiguous".into())
+    })?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+impl PackedAttention {
+    /// Checks the input's shape against the lengths and heads; returns N.
+    fn check(&self, l: &Layout) -> Result<usize> {
+        let (nh, ng, hs) = (self.n_head, self.n_query_groups, self.head_size);
+        let w = (nh + 2 * ng) * hs;
+        let dims = l.dims();
+        let n: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let longest = self.lengths.iter().copied().max().unwrap_or(0);
+        let (cos_rows, half) = self.cos.dims2()?;
+        if dims.last() != Some(&w)
+            || self.lengths.iter().sum::<usize>() != n
+            || ng == 0
+            || nh % ng != 0
+            || 2 * half > hs
+            || longest > cos_rows
+        {
+            candle_core::bail!(
+                "packed attention: input {dims:?} does not fit {nh} heads, {ng} groups of size \
+                 {hs}, sequences {:?}, rotary tables {:?}",
+                self.lengths,
+                self.cos.dims()
+            )
+        }
+        Ok(n)
+    }
+
+    /// The slices and sizes for input storage `s` of dtype T (errors if it is another).
+    fn ctx<'a, T: candle_core::WithDType + Float>(
+        &self,
+        s: &'a CpuStorage,
+        l: &Layout,
+        tables: &(&'a CpuStorage, &Layout, &'a CpuStorage, &Layout),
+    ) -> Result<Ctx<'a, T>> {
+        let &(cs, cl, ss, sl) = tables;
+        Ok(Ctx {
+            qkv: slice(s, l)?,
+            cos: slice(cs, cl)?,
+            sin: slice(ss, sl)?,
+            half: cl.dims()[1],
+            nh: self.n_head,
+            ng: self.n_query_groups,
+            hs: self.head_size,
+            scale: T::from(self.scale).unwrap_or_else(T::one),
+        })
+    }
+
+    /// Runs `f` with the rotary tables' CPU storage and layouts.
+    fn with_tables<R>(
+        &self,
+        f: impl FnOnce(&(&CpuStorage, &Layout, &CpuStorage, &Layout)) -> Result<R>,
+    ) -> Result<R> {
+        let (cg, cl) = self.cos.storage_and_layout();
+        let (sg, sl) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(ss)) = (&*cg, &*sg) else {
+            candle_core::bail!("packed attention: rotary tables must be on the CPU")
+        };
+        f(&(cs, cl, ss, sl))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = self.check(l)?;
+        let out = self.with_tables(|tables| {
+            Ok(match s {
+                CpuStorage::F32(_) => {
+                    CpuStorage::F32(forward(&self.ctx(s, l, tables)?, &self.lengths, n))
+                }
+                CpuStorage::F64(_) => {
+                    CpuStorage::F64(forward(&self.ctx(s, l, tables)?, &self.lengths, n))
+                }
+                _ => candle_core::bail!("packed attention: f32 or f64 only"),
+            })
+        })?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("checked") = self.n_head * self.head_size;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &Backward(self.clone()),
+        )?))
+    }
+}
+
+/// (qkv, dY) -> dqkv.
+struct Backward(PackedAttention);
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        "packed-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = &self.0;
+        let n = p.check(l)?;
+        if gl.shape().elem_count() != n * p.n_head * p.head_size {
+            candle_core::bail!(
+                "packed attention: gradient {:?} for input {:?}",
+                gl.dims(),
+                l.dims()
+            )
+        }
+        let out = p.with_tables(|tables| {
+            Ok(match (s, gs) {
+                (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                    CpuStorage::F32(backward(&p.ctx(s, l, tables)?, &p.lengths, slice(gs, gl)?))
+                }
+                (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                    CpuStorage::F64(backward(&p.ctx(s, l, tables)?, &p.lengths, slice(gs, gl)?))
+                }
+                _ => candle_core::bail!("packed attention: f32 or f64 only, one dtype"),
+            })
+        })?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// One sequence's attention from candle's differentiable ops: rotate-half rotary on the
+    /// first 2 * half channels, scale, causal mask, softmax, grouped heads.
+    fn reference(
+        qkv: &Tensor,
+        nh: usize,
+        ng: usize,
+        hs: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Tensor {
+        let t = qkv.dim(0).unwrap();
+        let half = cos.dim(1).unwrap();
+        let (cos, sin) = (cos.narrow(0, 0, t).unwrap(), sin.narrow(0, 0, t).unwrap());
+        let heads = |start: usize, n: usize| {
+            qkv.narrow(1, start * hs, n * hs)
+                .unwrap()
+                .reshape((t, n, hs))
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+        };
+        let rot = |x: Tensor| {
+            let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+            let x2 = x.narrow(D::Minus1, half, half).unwrap();
+            let rest = x.narrow(D::Minus1, 2 * half, hs - 2 * half).unwrap();
+            let y1 = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+            let y2 = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+            Tensor::cat(&[&y1, &y2, &rest], D::Minus1).unwrap()
+        };
+        let q = (rot(heads(0, nh)) / (hs as f64).sqrt()).unwrap();
+        let k = rot(heads(nh, ng));
+        let v = heads(nh + ng, ng);
+        let mask: Vec<f64> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { -1e30 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let mut ys = Vec::new();
+        for h in 0..nh {
+            let g = h / (nh / ng);
+            let (qh, kg, vg) = (q.get(h).unwrap(), k.get(g).unwrap(), v.get(g).unwrap());
+            let s = qh
+                .matmul(&kg.t().unwrap())
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let e = s
+                .broadcast_sub(&s.max_keepdim(1).unwrap())
+                .unwrap()
+                .exp()
+                .unwrap();
+            let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
+            ys.push(p.matmul(&vg).unwrap());
+        }
+        Tensor::cat(&ys, 1).unwrap()
+    }
+
+    #[test]
+    fn matches_tensor_ops_in_values_and_gradients() {
+        // MHA, GQA and MQA; partial rotary (2 * 2 of 6 channels); three packed sequences.
+        for (nh, ng) in [(2, 2), (4, 2), (3, 1)] {
+            let (hs, half, lengths) = (6, 2, vec![3usize, 1, 4]);
+            let n: usize = lengths.iter().sum();
+            let w = (nh + 2 * ng) * hs;
+            let qkv = Var::from_tensor(&randn(&[1, n, w], 1)).unwrap();
+            let (cos, sin) = (randn(&[5, half], 2), randn(&[5, half], 3));
+            let y = packed_attention(
+                qkv.as_tensor(),
+                PackedAttention {
+                    lengths: lengths.clone(),
+                    n_head: nh,
+                    n_query_groups: ng,
+                    head_size: hs,
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    scale: 1.0 / (hs as f64).sqrt(),
+                },
+            )
+            .unwrap();
+            let flat = qkv.as_tensor().reshape((n, w)).unwrap();
+            let mut parts = Vec::new();
+            let mut off = 0;
+            for &t in &lengths {
+                let seq = flat.narrow(0, off, t).unwrap();
+                parts.push(reference(&seq, nh, ng, hs, &cos, &sin));
+                off += t;
+            }
+            let want = Tensor::cat(&parts, 0).unwrap().unsqueeze(0).unwrap();
+            assert_eq!(y.dims(), &[1, n, nh * hs]);
+            assert!(max_diff(&y, &want) < 1e-12, "({nh}, {ng}) values");
+            let wsum = randn(&[1, n, nh * hs], 4).to_dtype(DType::F64).unwrap();
+            let g1 = (y * &wsum).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &wsum)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = max_diff(
+                g1.get(qkv.as_tensor()).unwrap(),
+                g2.get(qkv.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-12, "({nh}, {ng}) gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn rejects_lengths_that_do_not_split_the_input() {
+        let qkv = randn(&[1, 5, 18], 1);
+        let err = packed_attention(
+            &qkv,
+            PackedAttention {
+                lengths: vec![2, 2],
+                n_head: 1,
+                n_query_groups: 1,
+                head_size: 6,
+                cos: randn(&[8, 2], 2),
+                sin: randn(&[8, 2], 3),
+                scale: 1.0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[2, 2]"), "{err}");
+    }
+}

@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod attn_kernel;
+pub mod bf16_gemm;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -353,7 +353,9 @@ impl LoraLinear {
     /// x W^T + b. Mixed precision: the matmul runs in the weights' dtype, the rest in the
     /// input's.
     fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() == self.weight.dtype() {
+        if x.dtype() == self.weight.dtype()
+            || (x.device().is_cpu() && crate::ops::cpu_weight_ok(x, &self.weight))
+        {
             return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
         }
         let y =

@@ -171,11 +171,17 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Whether the CPU frozen linear takes `w` for input `x`: the same dtype, or bf16 weights
+/// for an f32 input (mixed precision, see `bf16_gemm`).
+pub fn cpu_weight_ok(x: &Tensor, w: &Tensor) -> bool {
+    w.dtype() == x.dtype() || (w.dtype() == DType::BF16 && x.dtype() == DType::F32)
+}
+
 /// `x @ w.T + b` for a frozen weight and bias; on the CPU the bias is added in the GEMM's
 /// output buffer (no extra pass, no broadcast, no bias gradient).
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
-        Some(b) if x.device().is_cpu() && b.dtype() == x.dtype() && w.dtype() == x.dtype() => {
+        Some(b) if x.device().is_cpu() && b.dtype() == x.dtype() && cpu_weight_ok(x, w) => {
             let x = x.contiguous()?;
             x.apply_op1(FrozenMatmul {
                 w: w.clone(),
@@ -280,7 +286,7 @@ impl CustomOp1 for ActThenFrozen {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let da = grad.broadcast_matmul(&self.0.w)?;
+        let da = frozen_weight_grad(grad, &self.0.w)?;
         Ok(Some(x.apply_op2_no_bwd(
             &da.contiguous()?,
             &crate::fused::GeluErfBwd,
@@ -311,7 +317,7 @@ impl CustomOp2 for ActThenFrozen {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let da = grad.broadcast_matmul(&self.0.w)?;
+        let da = frozen_weight_grad(grad, &self.0.w)?;
         let both = gate.apply_op3_no_bwd(up, &da.contiguous()?, &crate::fused::SwiGluBwd)?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
@@ -399,7 +405,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.broadcast_matmul(&self.w)?))
+        Ok(Some(frozen_weight_grad(grad, &self.w)?))
     }
 }
 
@@ -442,7 +448,7 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.broadcast_matmul(&self.w)?), Some(grad.clone())))
+        Ok((Some(frozen_weight_grad(grad, &self.w)?), Some(grad.clone())))
     }
 }
 
@@ -463,7 +469,47 @@ impl FrozenMatmul {
         let Storage::Cpu(w) = &*w_s else {
             candle_core::bail!("linear: weight and input are on different devices")
         };
-        let mut out = s.matmul(w, (1, m, n, k), &p.x, &p.wt)?;
+        let mut out = match (s, w) {
+            // bf16 weights: f32 accumulation, f32 out for an f32 input (mixed precision),
+            // rounded to bf16 after the bias for a bf16 input.
+            (CpuStorage::F32(_) | CpuStorage::BF16(_), CpuStorage::BF16(wv)) => {
+                let (xo, _) = p.x.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("linear: input must be contiguous".into())
+                })?;
+                let (wo, _) = p.wt.transpose(0, 1)?.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("linear: weight must be contiguous".into())
+                })?;
+                let w = &wv[wo..wo + n * k];
+                let y = match s {
+                    CpuStorage::F32(x) => {
+                        crate::bf16_gemm::matmul_t(&x[xo..xo + m * k], m, k, w, n)
+                    }
+                    CpuStorage::BF16(x) => {
+                        let x: Vec<f32> = x[xo..xo + m * k].iter().map(|v| v.to_f32()).collect();
+                        crate::bf16_gemm::matmul_t(&x, m, k, w, n)
+                    }
+                    _ => unreachable_dtype()?,
+                };
+                let y = CpuStorage::F32(y);
+                let y = match &self.bias {
+                    Some(_) => self.add_bias(y, n)?,
+                    None => y,
+                };
+                return Ok(match s {
+                    CpuStorage::BF16(_) => y.to_dtype(&Layout::contiguous(m * n), DType::BF16)?,
+                    _ => y,
+                });
+            }
+            _ => s.matmul(w, (1, m, n, k), &p.x, &p.wt)?,
+        };
+        if self.bias.is_some() {
+            out = self.add_bias(out, n)?;
+        }
+        Ok(out)
+    }
+
+    /// Adds the bias to every row of `out` (n wide); an f32 output takes a bf16 bias too.
+    fn add_bias(&self, mut out: CpuStorage, n: usize) -> Result<CpuStorage> {
         if let Some(b) = &self.bias {
             let (b_s, b_l) = b.storage_and_layout();
             let Storage::Cpu(bs) = &*b_s else {
@@ -480,10 +526,77 @@ impl FrozenMatmul {
                 (CpuStorage::F64(o), CpuStorage::F64(b)) => add_bias_rows(o, &b[start..end]),
                 (CpuStorage::BF16(o), CpuStorage::BF16(b)) => add_bias_rows(o, &b[start..end]),
                 (CpuStorage::F16(o), CpuStorage::F16(b)) => add_bias_rows(o, &b[start..end]),
+                (CpuStorage::F32(o), CpuStorage::BF16(b)) => {
+                    let b: Vec<f32> = b[start..end].iter().map(|v| v.to_f32()).collect();
+                    add_bias_rows(o, &b)
+                }
                 _ => candle_core::bail!("linear: bias dtype differs from the input's"),
             }
         }
         Ok(out)
+    }
+}
+
+fn unreachable_dtype<T>() -> Result<T> {
+    candle_core::bail!("linear: unsupported input dtype")
+}
+
+/// `dy @ w` for a frozen weight `w` (out, in): a frozen linear's input gradient. bf16
+/// weights on the CPU go through `bf16_gemm` (f32 accumulation, the gradient's dtype out).
+pub fn frozen_weight_grad(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if dy.device().is_cpu() && w.dtype() == DType::BF16 && dy.dtype() != DType::F64 {
+        return dy
+            .contiguous()?
+            .apply_op1_no_bwd(&Bf16InputGrad { w: w.clone() });
+    }
+    dy.broadcast_matmul(w)
+}
+
+/// dY (.., n) -> dY @ w (.., k) for a bf16 `w` (n, k), on the CPU.
+struct Bf16InputGrad {
+    w: Tensor,
+}
+
+impl CustomOp1 for Bf16InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear-bwd-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.w.dims2()?;
+        let dims = l.dims();
+        if dims.last() != Some(&n) {
+            candle_core::bail!(
+                "linear backward: gradient {dims:?} for weight {:?}",
+                self.w.dims()
+            )
+        }
+        let m = l.shape().elem_count() / n.max(1);
+        let (go, _) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("linear backward: gradient not contiguous".into())
+        })?;
+        let (w_s, w_l) = self.w.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::BF16(wv)), Some((wo, _))) = (&*w_s, w_l.contiguous_offsets())
+        else {
+            candle_core::bail!("linear backward: weight must be a contiguous CPU bf16 tensor")
+        };
+        let w = &wv[wo..wo + n * k];
+        let dx = match s {
+            CpuStorage::F32(g) => crate::bf16_gemm::matmul(&g[go..go + m * n], m, n, w, k),
+            CpuStorage::BF16(g) => {
+                let g: Vec<f32> = g[go..go + m * n].iter().map(|v| v.to_f32()).collect();
+                crate::bf16_gemm::matmul(&g, m, n, w, k)
+            }
+            _ => candle_core::bail!("linear backward: f32 or bf16 gradient expected"),
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = k;
+        let out = CpuStorage::F32(dx);
+        let out = match s {
+            CpuStorage::BF16(_) => out.to_dtype(&Layout::contiguous(m * k), DType::BF16)?,
+            _ => out,
+        };
+        Ok((out, Shape::from(out_dims)))
     }
 }
 

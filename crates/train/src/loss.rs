@@ -156,7 +156,14 @@ pub fn head_loss(
         let len = CHUNK_ROWS.min(n - start);
         let hc = hv.narrow(0, start, len)?;
         let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
-        let hc = hc.to_dtype(w.dtype())?;
+        // The CPU takes bf16 weights with f32 rows (f32 accumulation); elsewhere the rows
+        // take the weights' dtype.
+        let cpu_bf16 = device.is_cpu() && w.dtype() == DType::BF16;
+        let hc = if cpu_bf16 {
+            hc
+        } else {
+            hc.to_dtype(w.dtype())?
+        };
         let (sum, dlogits) = match loratune_model::ops::frozen_matmul_cpu_f32(&hc, w)? {
             // CPU f32: one logits buffer, which becomes the gradient in place.
             Some(mut data) => {
@@ -177,7 +184,11 @@ pub fn head_loss(
         };
         loss_sum += sum;
         if let Some(d) = dlogits {
-            dh_chunks.push(d.to_dtype(w.dtype())?.matmul(w)?);
+            dh_chunks.push(if cpu_bf16 {
+                loratune_model::ops::frozen_weight_grad(&d, w)?
+            } else {
+                d.to_dtype(w.dtype())?.matmul(w)?
+            });
         }
     }
     let surrogate = match grad_scale {

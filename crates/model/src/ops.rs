@@ -204,7 +204,7 @@ pub fn frozen_linear_add(
     add: &Tensor,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == x.dtype();
-    if !(crate::fused::applies(x, Some(w)) && same(add) && b.is_none_or(same)) {
+    if !(crate::fused::applies(x, None) && cpu_weight_ok(x, w) && same(add) && b.is_none_or(same)) {
         return Ok(None);
     }
     let op = FrozenMatmul {
@@ -214,11 +214,11 @@ pub fn frozen_linear_add(
     Ok(Some(x.contiguous()?.apply_op2(&add.contiguous()?, op)?))
 }
 
-/// `x @ w.T` for CPU f32 tensors as an owned row-major buffer (rows, out), for callers that
+/// `x @ w.T` for a CPU f32 input (f32 or bf16 weights) as an owned row-major buffer (rows, out), for callers that
 /// transform the product in place (the loss turns logits into their gradient); `None`
 /// elsewhere.
 pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && cpu_weight_ok(x, w)) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -244,7 +244,10 @@ pub fn gelu_then_frozen_linear(
     w: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if !(crate::fused::applies(x, Some(w)) && b.is_none_or(|b| b.dtype() == x.dtype())) {
+    if !(crate::fused::applies(x, None)
+        && cpu_weight_ok(x, w)
+        && b.is_none_or(|b| b.dtype() == x.dtype()))
+    {
         return Ok(None);
     }
     let op = ActThenFrozen(FrozenMatmul {
@@ -262,7 +265,11 @@ pub fn swiglu_then_frozen_linear(
     b: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == gate.dtype();
-    if !(crate::fused::applies(gate, Some(w)) && same(up) && b.is_none_or(same)) {
+    if !(crate::fused::applies(gate, None)
+        && cpu_weight_ok(gate, w)
+        && same(up)
+        && b.is_none_or(same))
+    {
         return Ok(None);
     }
     let op = ActThenFrozen(FrozenMatmul {

@@ -125,10 +125,7 @@ fn bf16_weights_track_transformers_f32_logits() {
                 .to_dtype(DType::F32)
                 .unwrap();
             let d = max_abs_diff(&cached, &o.logits);
-            assert!(
-                d <= tol,
-                "{name} mixed={mixed}: cached decode off by {d}"
-            );
+            assert!(d <= tol, "{name} mixed={mixed}: cached decode off by {d}");
         }
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # loratune vs PyTorch + transformers + PEFT on this CPU: training and generation, same
-# weights, same token batches, one table. Not part of `cargo test`; runs in ~15 minutes.
+# weights, same token batches, one table. Not part of `cargo test`; runs in ~20 minutes.
 #
 #   ../shared/peer/setup.sh        # once: the PyTorch venv, random-init pythia-14m/-70m, data
 #   scripts/fetch_assets.sh        # once: the real SmolLM2-135M-Instruct GGUF
@@ -12,9 +12,12 @@
 # v_proj for Llama), one AdamW step per micro-batch, 20 timed steps after 2 warm-up, 2
 # threads. Both sides train on the same batches: bench/peft_train.py replays loratune's
 # sampler on the dataset prepare-alpaca wrote (the table says whether the per-step token
-# counts matched). PyTorch runs in float32 and bfloat16; the faster is the reference.
+# counts matched; loratune packs each micro-batch, PEFT pads it to its longest sample).
+# loratune runs in 32-true, bf16-mixed and bf16-mixed with --activation-checkpointing;
+# PyTorch in float32 and bfloat16, the faster being the reference for every ratio.
 # Generation: greedy, KV cache, 128 new tokens, time to first token and decode tokens/s,
-# against transformers' generate (bench/hf_generate.py).
+# loratune in 32-true and bf16-mixed against transformers' generate (bench/hf_generate.py)
+# in float32 and bfloat16.
 # The SmolLM2 weights are the Q4_1 GGUF imported by loratune and written back as a Hugging
 # Face folder by `export --format hf`, so both sides load identical f32 weights.
 #
@@ -57,11 +60,19 @@ for m in $MODELS; do
     "$LT" prepare-alpaca --checkpoint-dir "$ck" --data-file "$DATA" --destination-path "$ds" \
         --mask-inputs --max-seq-length 256 --test-split-size 8 --prompt-style alpaca > /dev/null
 
-    say "$m: loratune finetune-lora"
-    "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
-        --batch-size 4 --micro-batch-size 4 --max-iters 22 --warmup-steps 1 --eval-interval 1000 \
-        --eval-iters 1 --save-interval 1000 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 > /dev/null 2>&1
-    row "$m" loratune-f32 train "$("$PY" - "$out/metrics.jsonl" <<'PYEOF'
+    # loratune in three settings: f32 (the same weights' precision as PEFT float32), bf16-mixed
+    # (frozen weights in bf16, activations, adapters and loss in f32), and bf16-mixed with
+    # every block checkpointed (the least memory).
+    for cfg in "32-true::32-true" "bf16-mixed::bf16-mixed" "bf16-mixed+ckpt::bf16-mixed --activation-checkpointing"; do
+        name=${cfg%%::*}; flags=${cfg#*::}
+        say "$m: loratune finetune-lora $name"
+        rm -rf "$out"
+        # shellcheck disable=SC2086
+        "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
+            --batch-size 4 --micro-batch-size 4 --max-iters 22 --warmup-steps 1 --eval-interval 1000 \
+            --eval-iters 1 --save-interval 1000 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 \
+            --precision $flags > /dev/null 2>&1
+        row "$m" "loratune-$name" train "$("$PY" - "$out/metrics.jsonl" <<'PYEOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 toks = [b["tokens"] - a["tokens"] for a, b in zip(rows[1:21], rows[2:22])]
@@ -70,6 +81,7 @@ print(json.dumps({"tokens_per_s": sum(toks) / sum(secs), "step_ms_median": 1000 
                   "peak_rss_mb": rows[-1]["peak_rss_mib"] * 1.048576, "step_tokens": toks}))
 PYEOF
 )"
+    done
     for dt in float32 bfloat16; do
         say "$m: PEFT $dt"
         r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/peft_train.py" --model "$hf" --data-dir "$ds" --steps 20 \
@@ -82,15 +94,17 @@ PYEOF
     alpaca) text=$'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n'"$prompt"$'\n\n### Response:' ;;
     chatml) text=$'<|im_start|>user\n'"$prompt"$'<|im_end|>\n<|im_start|>assistant\n' ;;
     esac
-    say "$m: loratune generate"
-    g=$("$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style --temperature 0 \
-        --max-new-tokens 128 2>&1 >/dev/null | tail -1)
-    row "$m" loratune-f32 generate "$(echo "$g" | "$PY" -c '
+    for prec in 32-true bf16-mixed; do
+        say "$m: loratune generate $prec"
+        g=$("$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style --temperature 0 \
+            --max-new-tokens 128 --precision $prec 2>&1 >/dev/null | tail -1)
+        row "$m" "loratune-$prec" generate "$(echo "$g" | "$PY" -c '
 import json, re, sys
 s = sys.stdin.read()
 m = re.search(r"(\d+) tokens; time to first token (\d+) ms; ([\d.]+) tokens/s after it; peak RSS (\d+) MiB", s)
 print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_tokens_per_s": float(m[3]),
                   "peak_rss_mb": float(m[4]) * 1.048576}) if m else "null")')"
+    done
     for dt in float32 bfloat16; do
         say "$m: transformers generate $dt"
         r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/hf_generate.py" --model "$hf" --prompt "$text" \
@@ -117,16 +131,21 @@ for r in rows:
     if r["kind"] != "generate": continue
     x = r["result"]
     print(f"{r['model']:14} {r['run']:16} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}" if x else "   did not finish"))
-print("\nratios, loratune / PyTorch's better dtype")
+print("\nratios, each loratune run / PyTorch's better dtype")
 for m in dict.fromkeys(r["model"] for r in rows):
-    ours, ref = best(m, "train", "loratune", "tokens_per_s"), best(m, "train", "peft", "tokens_per_s")
-    if ours and ref:
-        a, b = ours["result"], ref["result"]
-        same = a["step_tokens"][:len(b.get("step_tokens", []))] == b.get("step_tokens")
-        print(f"{m}: training tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (vs {ref['run']}; same batches: {same})")
-    ours, ref = best(m, "generate", "loratune", "decode_tokens_per_s"), best(m, "generate", "hf", "decode_tokens_per_s")
-    if ours and ref:
-        a, b = ours["result"], ref["result"]
-        print(f"{m}: decode tokens/s x{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}, time to first token x{a['ttft_ms'] / b['ttft_ms']:.2f} (vs {ref['run']})")
+    for kind, key in (("train", "tokens_per_s"), ("generate", "decode_tokens_per_s")):
+        ref = best(m, kind, "peft" if kind == "train" else "hf", key)
+        if not ref:
+            continue
+        b = ref["result"]
+        for r in rows:
+            if r["model"] != m or r["kind"] != kind or not r["run"].startswith("loratune") or not r["result"]:
+                continue
+            a = r["result"]
+            if kind == "train":
+                same = a["step_tokens"][:len(b.get("step_tokens", []))] == b.get("step_tokens")
+                print(f"{m}: {r['run']}: training tokens/s x{a[key] / b[key]:.2f}, peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f} (vs {ref['run']}; same batches: {same})")
+            else:
+                print(f"{m}: {r['run']}: decode tokens/s x{a[key] / b[key]:.2f}, time to first token x{a['ttft_ms'] / b['ttft_ms']:.2f} (vs {ref['run']})")
 PYEOF
 echo "raw results: $RESULTS" >&2

@@ -28,9 +28,12 @@ PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
 PY=${PY:-$PEER_HOME/.venv/bin/python}
 WORK=${WORK:-$(mktemp -d /tmp/loratune-bench.XXXXXX)}
 MODELS=${*:-pythia-14m pythia-70m smollm2-135m}
-# A PyTorch run that takes longer than this is reported as not finished (bf16 on a CPU
-# without AVX512_BF16 crawls: its 20 steps would take tens of minutes).
-TORCH_TIMEOUT=${TORCH_TIMEOUT:-120}
+# A PyTorch run that takes longer than this is reported as not finished: bfloat16 on a CPU
+# without AVX512_BF16 crawls (its 22 steps would take tens of minutes); float32 gets long
+# enough for SmolLM2's ~6 s steps.
+TORCH_TIMEOUT_F32=${TORCH_TIMEOUT_F32:-600}
+TORCH_TIMEOUT_BF16=${TORCH_TIMEOUT_BF16:-150}
+torch_timeout() { if [ "$1" = float32 ]; then echo "$TORCH_TIMEOUT_F32"; else echo "$TORCH_TIMEOUT_BF16"; fi; }
 LT=$ROOT/target/release/loratune
 [ -x "$PY" ] || { echo "no peer venv at $PEER_HOME: run ../shared/peer/setup.sh first" >&2; exit 1; }
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
@@ -84,7 +87,7 @@ PYEOF
     done
     for dt in float32 bfloat16; do
         say "$m: PEFT $dt"
-        r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/peft_train.py" --model "$hf" --data-dir "$ds" --steps 20 \
+        r=$(timeout "$(torch_timeout $dt)" "$PY" "$ROOT/bench/peft_train.py" --model "$hf" --data-dir "$ds" --steps 20 \
             --warmup-steps 2 --micro-batch-size 4 --max-seq-length 256 --dtype $dt --threads 2 2> /dev/null) || r=null
         row "$m" "peft-$dt" train "$r"
     done
@@ -107,7 +110,7 @@ print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_token
     done
     for dt in float32 bfloat16; do
         say "$m: transformers generate $dt"
-        r=$(timeout "$TORCH_TIMEOUT" "$PY" "$ROOT/bench/hf_generate.py" --model "$hf" --prompt "$text" \
+        r=$(timeout "$(torch_timeout $dt)" "$PY" "$ROOT/bench/hf_generate.py" --model "$hf" --prompt "$text" \
             --new-tokens 128 --dtype $dt --threads 2 2> /dev/null) || r=null
         row "$m" "hf-$dt" generate "$r"
     done

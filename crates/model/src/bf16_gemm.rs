@@ -176,6 +176,11 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows(x: &[f32], m: usize, k: usize, w: &[bf16], acc: &mut [f32]) {
+        if m == 1 {
+            // SAFETY: forwarded from the caller.
+            acc[0] = unsafe { dot1(x, k, w) };
+            return;
+        }
         let mut sums = [_mm256_setzero_ps(); super::GEMV_MAX_ROWS];
         let k8 = k / 8 * 8;
         let mut i = 0;
@@ -198,6 +203,38 @@ mod avx2 {
             }
             acc[r] = a;
         }
+    }
+
+    /// One row: four independent accumulators, so the FMA latency chain does not bound a
+    /// memory-bound loop (decoding's case).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot1(x: &[f32], k: usize, w: &[bf16]) -> f32 {
+        let mut s = [_mm256_setzero_ps(); 4];
+        let k32 = k / 32 * 32;
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut i = 0;
+        while i < k32 {
+            for (j, sj) in s.iter_mut().enumerate() {
+                // SAFETY: i + 8 * j + 8 <= k32 <= k, the length of x's row and of w.
+                unsafe {
+                    let o = i + 8 * j;
+                    *sj = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), load8(wp.add(o)), *sj);
+                }
+            }
+            i += 32;
+        }
+        let mut t = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+        while i + 8 <= k {
+            // SAFETY: i + 8 <= k.
+            unsafe { t = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load8(wp.add(i)), t) };
+            i += 8;
+        }
+        // SAFETY: plain register arithmetic.
+        let mut a = unsafe { hsum(t) };
+        for j in i..k {
+            a += x[j] * w[j].to_f32();
+        }
+        a
     }
 }
 

@@ -284,7 +284,12 @@ pub fn export_hf(
                 })
         })?;
     let text = serde_json::to_string_pretty(&config).expect("json");
-    crate::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    // Each file appears atomically; a weights file without its config.json is not a
+    // checkpoint, so if the config cannot be written the weights just written go too.
+    if let Err(e) = crate::io::write_atomic(&dir.join("config.json"), text.as_bytes()) {
+        let _ = std::fs::remove_file(dir.join("model.safetensors"));
+        return Err(e);
+    }
     Ok(ExportReport {
         family,
         n_tensors: specs.len(),
@@ -415,6 +420,9 @@ pub fn export_peft(model: &Gpt, dir: &Path) -> Result<usize> {
         Some(HashMap::from([("format".to_string(), "pt".to_string())])),
     )?;
     let text = serde_json::to_string_pretty(&config).expect("json");
-    crate::io::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    if let Err(e) = crate::io::write_atomic(&dir.join("adapter_config.json"), text.as_bytes()) {
+        let _ = std::fs::remove_file(dir.join("adapter_model.safetensors"));
+        return Err(e);
+    }
     Ok(tensors.len())
 }

@@ -16,6 +16,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
+use crate::fused::{gemm, run_tasks, SendPtr};
+
 type Result<T> = candle_core::Result<T>;
 
 /// Shapes and tables of one attention call.
@@ -38,11 +40,6 @@ pub struct PackedAttention {
 pub fn packed_attention(qkv: &Tensor, p: PackedAttention) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(p)
 }
-
-struct SendPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint regions of one buffer to the pool's threads.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Everything a (sequence, group) task needs, as raw slices.
 struct Ctx<'a, T> {
@@ -92,45 +89,6 @@ impl<T: Float> Ctx<'_, T> {
             self.rope(&mut out[start..], i, false);
         }
         out
-    }
-}
-
-/// C (m x n, row stride `ldc`) = A (m x k) B (k x n), (+= C when `acc`), with explicit
-/// row/column strides for A and B. Single-threaded: the caller parallelises over tasks.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: 'static + Float>(
-    (m, n, k): (usize, usize, usize),
-    c: *mut T,
-    ldc: usize,
-    acc: bool,
-    a: *const T,
-    (a_rs, a_cs): (usize, usize),
-    b: *const T,
-    (b_rs, b_cs): (usize, usize),
-) {
-    // SAFETY: the caller guarantees every addressed element lies inside its buffer.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            ldc as isize,
-            acc,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 
@@ -195,14 +153,6 @@ fn tasks(lengths: &[usize], ng: usize) -> Vec<(usize, usize, usize)> {
         off += t;
     }
     out
-}
-
-fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-        for i in range {
-            f(i)
-        }
-    });
 }
 
 fn forward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], n: usize) -> Vec<T> {

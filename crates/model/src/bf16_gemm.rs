@@ -14,23 +14,12 @@
 
 use half::bf16;
 
+use crate::fused::{gemm, run_tasks, SendPtr};
+
 /// Rows up to which the GEMV is used.
 const GEMV_MAX_ROWS: usize = 8;
 /// Weight rows (or columns, for `x @ w`) widened per task in the blocked path.
 const BLOCK: usize = 64;
-
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint column blocks of one output to the pool's threads.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-        for i in range {
-            f(i)
-        }
-    });
-}
 
 /// `x @ w^T`: x (m, k) f32 row-major, w (n, k) bf16 row-major; returns (m, n) f32.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32> {
@@ -60,26 +49,15 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32>
         // SAFETY: the task's columns j0..j1 of y (row stride n); x is (m, k); wf is
         // (j1 - j0, k).
         unsafe {
-            gemm::gemm(
-                m,
-                j1 - j0,
-                k,
+            gemm(
+                (m, j1 - j0, k),
                 yp.0.add(j0),
-                1,
-                n as isize,
+                n,
                 false,
                 x.as_ptr(),
-                1,
-                k as isize,
+                (k, 1),
                 wf.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (1, k),
             )
         };
     });
@@ -102,26 +80,15 @@ pub fn matmul(dy: &[f32], m: usize, n: usize, w: &[bf16], k: usize) -> Vec<f32> 
         }
         // SAFETY: the task's columns c0..c1 of dx (row stride k); dy is (m, n).
         unsafe {
-            gemm::gemm(
-                m,
-                kb,
-                n,
+            gemm(
+                (m, kb, n),
                 dp.0.add(c0),
-                1,
-                k as isize,
+                k,
                 false,
                 dy.as_ptr(),
-                1,
-                n as isize,
+                (n, 1),
                 wf.as_ptr(),
-                1,
-                kb as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (kb, 1),
             )
         };
     });

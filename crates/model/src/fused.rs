@@ -48,8 +48,9 @@ impl Real for f64 {
     }
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to hand disjoint rows of one buffer to the pool's threads.
+/// A raw pointer handed to the pool's threads, each writing its own disjoint region.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand disjoint regions of one buffer to the pool's threads.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
@@ -70,6 +71,54 @@ pub fn for_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + 
             f(r, row);
         }
     });
+}
+
+/// Runs `f(i)` for the tasks `0..n` on candle's CPU thread pool.
+pub(crate) fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        for i in range {
+            f(i)
+        }
+    });
+}
+
+/// C (m x n, row stride `ldc`) = A (m x k) B (k x n), (+= C when `acc`), with explicit
+/// row/column strides for A and B. Single-threaded: the caller parallelises over tasks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<T: 'static + num_traits::Float>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    ldc: usize,
+    acc: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+) {
+    // SAFETY: the caller guarantees every addressed element lies inside its buffer.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            acc,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// `out[i] = f(i)` for every element, in parallel blocks.

@@ -2,12 +2,13 @@
 """A random-init Hugging Face checkpoint of a real model's shape, for benchmarks.
 
     make_random_model.py OUT --preset stablelm-3b [--dtype bfloat16] [--device cuda]
-                         [--tokenizer-dir DIR] [--seed 0]
+                         [--tokenizer-dir DIR] [--seed 0] [--num-hidden-layers N]
 
 Writes config.json + model.safetensors (transformers' save_pretrained, one shard) and copies
 the tokenizer files from --tokenizer-dir (a vocabulary no larger than the preset's). Shapes are
 the real models' (Hugging Face configs); weights are transformers' default init. Never part
-of loratune's run path or its tests.
+of loratune's run path or its tests. --num-hidden-layers keeps every other shape and changes the
+depth (per-layer memory and time, measured without the full model).
 """
 import argparse
 import json
@@ -44,12 +45,15 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokenizer-dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-hidden-layers", type=int)
     args = ap.parse_args()
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = dict(PRESETS[args.preset])
+    if args.num_hidden_layers:
+        p["num_hidden_layers"] = args.num_hidden_layers
     cfg = AutoConfig.for_model(p.pop("model_type"), **p)
     cfg.bos_token_id = cfg.eos_token_id = 0
     torch.manual_seed(args.seed)

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraLinear};
 use crate::ops::{apply_rope, causal_softmax};
+use crate::recompute::recompute;
 
 /// cos/sin tables for every position up to the block size: (block_size, rope_n_elem / 2).
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ impl Rope {
     }
 
     /// Tables for positions `offset .. offset + len`.
-    fn at(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+    fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
             self.cos.narrow(0, offset, len)?,
             self.sin.narrow(0, offset, len)?,
@@ -106,73 +107,171 @@ impl CausalSelfAttention {
             )?;
             return self.proj.forward(&y, dropout);
         }
+        if cache.is_none() && offset == 0 && qkv.track_op() {
+            // Tensor path (CUDA; CPU with bf16 activations) in training: attention computed
+            // without a graph and recomputed in the backward pass, so the graph keeps qkv
+            // alone instead of every (head, query, key) intermediate.
+            let heads = self.layout();
+            let lens: Option<Vec<usize>> = seqs.filter(|l| l.len() > 1).map(<[usize]>::to_vec);
+            let rope = rope.clone();
+            let fwd_lens = lens.clone();
+            let fwd_rope = rope.clone();
+            let y = recompute(
+                "attention",
+                &[&qkv],
+                move |a| per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| attend(heads, x, &fwd_rope, 0, None)),
+                move |a, dy| {
+                    let dqkv = per_sequence(&a[0], Some(dy), lens.as_deref(), |x, dy| {
+                        attend_backward(heads, x, dy.expect("a gradient"), &rope)
+                    })?;
+                    Ok(vec![Some(dqkv)])
+                },
+            )?;
+            return self.proj.forward(&y, dropout);
+        }
         let y = match seqs {
             Some(lens) if lens.len() > 1 => {
-                let mut ys = Vec::with_capacity(lens.len());
-                let mut start = 0;
-                for &len in lens {
-                    ys.push(self.attend(&qkv.narrow(1, start, len)?, rope, 0, None)?);
-                    start += len;
-                }
-                Tensor::cat(&ys, 1)?
+                per_sequence(&qkv, None, Some(lens), |x, _| attend(self.layout(), x, rope, 0, None))?
             }
-            _ => self.attend(&qkv, rope, offset, cache)?,
+            _ => attend(self.layout(), &qkv, rope, offset, cache)?,
         };
         self.proj.forward(&y, dropout)
     }
 
-    /// Causal attention of one (B, T, qkv) projection: (B, T, n_head * head_size).
-    fn attend(
-        &self,
-        qkv: &Tensor,
-        rope: &Rope,
-        offset: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = qkv.dims3()?;
-        let (nh, ng, hs) = (self.n_head, self.n_query_groups, self.head_size);
-        let heads = |start: usize, n: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, start * hs, n * hs)?
-                .reshape((b, t, n, hs))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(0, nh)?;
-        let k = heads(nh, ng)?;
-        let v = heads(nh + ng, ng)?;
-
-        let (cos, sin) = rope.at(offset, t)?;
-        let scale = 1.0 / (hs as f64).sqrt();
-        let (q, k) = if crate::fused::applies(&q, Some(&cos)) {
-            (
-                crate::fused::rope(&q, &cos, &sin, scale)?,
-                crate::fused::rope(&k, &cos, &sin, 1.0)?,
-            )
-        } else {
-            (
-                (apply_rope(&q, &cos, &sin)? * scale)?,
-                apply_rope(&k, &cos, &sin)?,
-            )
-        };
-        let (k, v) = match cache {
-            Some(cache) => cache.append(&k, &v)?,
-            None => (k, v),
-        };
-        let tk = k.dim(2)?;
-
-        // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk), causal softmax.
-        let q = q.contiguous()?.reshape((b, ng, (nh / ng) * t, hs))?;
-        let att = if crate::fused::applies(&q, Some(&k)) {
-            crate::fused::attention_probs(&q, &k, t)?
-        } else {
-            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
-            causal_softmax(&att)?.reshape((b, ng, (nh / ng) * t, tk))?
-        };
-        let y = att
-            .matmul(&v.contiguous()?)?
-            .reshape((b, nh, t, hs))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hs))?;
-        Ok(y)
+    fn layout(&self) -> HeadLayout {
+        HeadLayout {
+            n_head: self.n_head,
+            n_query_groups: self.n_query_groups,
+            head_size: self.head_size,
+        }
     }
+}
+
+/// How the fused qkv projection splits into heads.
+#[derive(Debug, Clone, Copy)]
+struct HeadLayout {
+    n_head: usize,
+    n_query_groups: usize,
+    head_size: usize,
+}
+
+impl HeadLayout {
+    /// Heads `start .. start + n` of a (B, T, qkv) projection as (B, n, T, head_size).
+    fn heads(&self, qkv: &Tensor, start: usize, n: usize) -> CResult<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let hs = self.head_size;
+        qkv.narrow(2, start * hs, n * hs)?
+            .reshape((b, t, n, hs))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+}
+
+type CResult<T> = candle_core::Result<T>;
+
+/// `f` on each sequence of a packed (1, N, ..) tensor (with its slice of `dy`), the results
+/// concatenated along N; the whole tensor at once without `lens`.
+fn per_sequence(
+    x: &Tensor,
+    dy: Option<&Tensor>,
+    lens: Option<&[usize]>,
+    f: impl Fn(&Tensor, Option<&Tensor>) -> CResult<Tensor>,
+) -> CResult<Tensor> {
+    let Some(lens) = lens else {
+        return f(x, dy);
+    };
+    let mut ys = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &len in lens {
+        let dy = dy.map(|d| d.narrow(1, start, len)).transpose()?;
+        ys.push(f(&x.narrow(1, start, len)?, dy.as_ref())?);
+        start += len;
+    }
+    Tensor::cat(&ys, 1)
+}
+
+/// Causal attention of one (B, T, qkv) projection: (B, T, n_head * head_size).
+fn attend(
+    h: HeadLayout,
+    qkv: &Tensor,
+    rope: &Rope,
+    offset: usize,
+    cache: Option<&mut KvCache>,
+) -> CResult<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let (nh, ng, hs) = (h.n_head, h.n_query_groups, h.head_size);
+    let q = h.heads(qkv, 0, nh)?;
+    let k = h.heads(qkv, nh, ng)?;
+    let v = h.heads(qkv, nh + ng, ng)?;
+
+    let (cos, sin) = rope.at(offset, t)?;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let (q, k) = if crate::fused::applies(&q, Some(&cos)) {
+        (
+            crate::fused::rope(&q, &cos, &sin, scale)?,
+            crate::fused::rope(&k, &cos, &sin, 1.0)?,
+        )
+    } else {
+        (
+            (apply_rope(&q, &cos, &sin)? * scale)?,
+            apply_rope(&k, &cos, &sin)?,
+        )
+    };
+    let (k, v) = match cache {
+        Some(cache) => cache
+            .append(&k, &v)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        None => (k, v),
+    };
+    let tk = k.dim(2)?;
+
+    // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk), causal softmax.
+    let q = q.contiguous()?.reshape((b, ng, (nh / ng) * t, hs))?;
+    let att = if crate::fused::applies(&q, Some(&k)) {
+        crate::fused::attention_probs(&q, &k, t)?
+    } else {
+        let att = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
+        causal_softmax(&att)?.reshape((b, ng, (nh / ng) * t, tk))?
+    };
+    att.matmul(&v.contiguous()?)?
+        .reshape((b, nh, t, hs))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hs))
+}
+
+/// The gradient of [`attend`] (no cache, from position 0) with respect to its qkv input,
+/// recomputing the probabilities: with S = rope(Q) K^T * scale, P = causal softmax(S) and
+/// Y = P V, dV = P^T dY, dS = P * (dP - rowsum(dP * P)) for dP = dY V^T, then dQ and dK
+/// through S, and the rotary's transpose (a rotation by minus the angle).
+fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CResult<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let (nh, ng, hs) = (h.n_head, h.n_query_groups, h.head_size);
+    let dtype = qkv.dtype();
+    let exact = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let (cos, sin) = rope.at(0, t)?;
+    let scale = 1.0 / (hs as f64).sqrt();
+    let grouped = (b, ng, (nh / ng) * t, hs);
+    let q = (apply_rope(&h.heads(qkv, 0, nh)?, &cos, &sin)? * scale)?.reshape(grouped)?;
+    let k = apply_rope(&h.heads(qkv, nh, ng)?, &cos, &sin)?;
+    let v = h.heads(qkv, nh + ng, ng)?;
+
+    let s = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+    let p_exact = causal_softmax(&s.to_dtype(exact)?)?.reshape((b, ng, (nh / ng) * t, t))?;
+    let p = p_exact.to_dtype(dtype)?;
+    let dy = dy
+        .reshape((b, t, nh, hs))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(grouped)?;
+    let dv = p.t()?.matmul(&dy)?;
+    let dp = dy.matmul(&v.t()?)?.to_dtype(exact)?;
+    let row = (&dp * &p_exact)?.sum_keepdim(candle_core::D::Minus1)?;
+    let ds = (&p_exact * dp.broadcast_sub(&row)?)?.to_dtype(dtype)?;
+    let dq = (ds.matmul(&k)? * scale)?.reshape((b, nh, t, hs))?;
+    let dk = ds.t()?.matmul(&q)?;
+    let back = sin.neg()?;
+    let dq = apply_rope(&dq, &cos, &back)?;
+    let dk = apply_rope(&dk, &cos, &back)?;
+    let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b, t, n * hs));
+    Tensor::cat(&[flat(dq, nh)?, flat(dk, ng)?, flat(dv, ng)?], 2)
 }

@@ -846,9 +846,27 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor
     })
 }
 
+thread_local! {
+    static TENSOR_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with these kernels off on this thread: every op takes the tensor path, the one
+/// CUDA runs. For tests that hold that path to the kernels' numbers, and for measuring it.
+pub fn tensor_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            TENSOR_PATH.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(TENSOR_PATH.with(|c| c.replace(true)));
+    f()
+}
+
 /// Whether the fused CPU kernels apply to `x` (and its weights, of the same dtype).
 pub fn applies(x: &Tensor, w: Option<&Tensor>) -> bool {
-    x.device().is_cpu()
+    !TENSOR_PATH.with(std::cell::Cell::get)
+        && x.device().is_cpu()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && w.is_none_or(|w| w.dtype() == x.dtype())
 }

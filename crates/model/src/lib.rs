@@ -21,6 +21,7 @@ pub mod kv_cache;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod recompute;
 pub mod rng;
 pub mod tokenizer;
 pub mod weights;

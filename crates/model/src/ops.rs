@@ -14,6 +14,8 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
 };
 
+use crate::recompute::recompute;
+
 type Result<T> = candle_core::Result<T>;
 
 /// The precision reductions run in: f32, or f64 for f64 tensors.
@@ -38,6 +40,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if use_fused(x) {
         return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
     }
+    if recomputes(x, &[weight, bias]) {
+        let (w, b) = (weight.clone(), bias.clone());
+        return recompute(
+            "layer-norm",
+            &[x],
+            |a| layer_norm(&a[0], &w, &b, eps),
+            norm_backward(weight, eps, true),
+        );
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
     let d = x.dim(D::Minus1)? as f64;
@@ -58,12 +69,61 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if use_fused(x) {
         return candle_nn::ops::rms_norm(x, weight, eps as f32);
     }
+    if recomputes(x, &[weight]) {
+        let w = weight.clone();
+        return recompute(
+            "rms-norm",
+            &[x],
+            |a| rms_norm(&a[0], &w, eps),
+            norm_backward(weight, eps, false),
+        );
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
     let d = x.dim(D::Minus1)? as f64;
     let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
     let xn = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     xn.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Whether an op on the tensor path runs through [`recompute`]: its input is on a graph and
+/// its frozen parameters are not (a trainable weight needs candle's own graph).
+fn recomputes(x: &Tensor, frozen: &[&Tensor]) -> bool {
+    x.track_op() && !crate::fused::applies(x, None) && frozen.iter().all(|w| !w.track_op())
+}
+
+/// dX of LayerNorm (`centered`) or RMSNorm for a frozen weight, recomputing the statistics
+/// from X in f32: with g = dY * w and x̂ the normalised input,
+/// dX = rstd * (g - mean(g) - x̂ * mean(g * x̂)), without the mean(g) term for RMSNorm.
+fn norm_backward(
+    weight: &Tensor,
+    eps: f64,
+    centered: bool,
+) -> impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static {
+    let weight = weight.clone();
+    move |a, dy| {
+        let x = &a[0];
+        let cd = compute_dtype(x.dtype());
+        let x = x.to_dtype(cd)?;
+        let d = x.dim(D::Minus1)? as f64;
+        let x = if centered {
+            x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / d)?)?
+        } else {
+            x
+        };
+        let rstd = ((x.sqr()?.sum_keepdim(D::Minus1)? / d)? + eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = x.broadcast_mul(&rstd)?;
+        let g = dy.to_dtype(cd)?.broadcast_mul(&weight.to_dtype(cd)?)?;
+        let proj = (&g * &xhat)?.sum_keepdim(D::Minus1)? / d;
+        let mut inner = (g - xhat.broadcast_mul(&proj?)?)?;
+        if centered {
+            let mean = (inner.sum_keepdim(D::Minus1)? / d)?;
+            inner = inner.broadcast_sub(&mean)?;
+        }
+        Ok(vec![Some(inner.broadcast_mul(&rstd)?)])
+    }
 }
 
 /// Softmax over the last dimension, computed in f32. The row max is a constant shift
@@ -118,13 +178,53 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if crate::fused::applies(x, None) {
         return crate::fused::gelu_erf(x);
     }
+    if recomputes(x, &[]) {
+        return recompute(
+            "gelu",
+            &[x],
+            |a| a[0].gelu_erf(),
+            |a, dy| Ok(vec![Some(gelu_erf_grad(&a[0], dy)?)]),
+        );
+    }
     x.gelu_erf()
+}
+
+/// dY * gelu'(x), gelu'(x) = Φ(x) + x φ(x), in f32 (f64 for f64). candle's own GELU
+/// backward rounds 1/sqrt(2π) to six digits.
+fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(compute_dtype(x.dtype()))?;
+    let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
+    let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()? * inv_sqrt_2pi)?;
+    (cdf + (x * pdf)?)?.mul(&dy.to_dtype(compute_dtype(dy.dtype()))?)
+}
+
+/// (dY * d/dgate, dY * d/dup) of silu(gate) * up, in f32 (f64 for f64):
+/// silu'(g) = σ(g) (1 + g (1 - σ(g))).
+fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let cd = compute_dtype(gate.dtype());
+    let (g, u, dy) = (gate.to_dtype(cd)?, up.to_dtype(cd)?, dy.to_dtype(cd)?);
+    let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+    let silu = (&g * &sig)?;
+    let dsilu = (&sig * ((&g * (1.0 - &sig)?)? + 1.0)?)?;
+    Ok(((dy.mul(&u)? * dsilu)?, dy.mul(&silu)?))
 }
 
 /// silu(gate) * up (the LLaMA MLP).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if crate::fused::applies(gate, Some(up)) {
         return crate::fused::swiglu(gate, up);
+    }
+    if recomputes(gate, &[]) || recomputes(up, &[]) {
+        return recompute(
+            "swiglu",
+            &[gate, up],
+            |a| a[0].silu()? * &a[1],
+            |a, dy| {
+                let (dg, du) = swiglu_grad(&a[0], &a[1], dy)?;
+                Ok(vec![Some(dg), Some(du)])
+            },
+        );
     }
     gate.silu()? * up
 }
@@ -244,6 +344,19 @@ pub fn gelu_then_frozen_linear(
     w: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    if recomputes(x, &[]) && x.dtype() == w.dtype() && b.is_none_or(|b| b.dtype() == x.dtype()) {
+        let (w, b) = (w.clone(), b.cloned());
+        let wb = w.clone();
+        return Ok(Some(recompute(
+            "gelu-frozen-linear",
+            &[x],
+            |a| frozen_linear(&a[0].gelu_erf()?, &w, b.as_ref()),
+            move |a, dy| {
+                let da = frozen_weight_grad(dy, &wb)?;
+                Ok(vec![Some(gelu_erf_grad(&a[0], &da)?)])
+            },
+        )?));
+    }
     if !(crate::fused::applies(x, None)
         && cpu_weight_ok(x, w)
         && b.is_none_or(|b| b.dtype() == x.dtype()))
@@ -265,6 +378,21 @@ pub fn swiglu_then_frozen_linear(
     b: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == gate.dtype();
+    if (recomputes(gate, &[]) || recomputes(up, &[])) && same(up) && same(w) && b.is_none_or(same)
+    {
+        let (w, b) = (w.clone(), b.cloned());
+        let wb = w.clone();
+        return Ok(Some(recompute(
+            "swiglu-frozen-linear",
+            &[gate, up],
+            |a| frozen_linear(&(a[0].silu()? * &a[1])?, &w, b.as_ref()),
+            move |a, dy| {
+                let da = frozen_weight_grad(dy, &wb)?;
+                let (dg, du) = swiglu_grad(&a[0], &a[1], &da)?;
+                Ok(vec![Some(dg), Some(du)])
+            },
+        )?));
+    }
     if !(crate::fused::applies(gate, None)
         && cpu_weight_ok(gate, w)
         && same(up)

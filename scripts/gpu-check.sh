@@ -9,7 +9,8 @@
 #    `loratune logits` against transformers on the same GPU, in float32 and in bfloat16.
 # 2. A StableLM-3B-shaped model with random weights (transformers init, bf16), converted by
 #    loratune; 50 finetune-lora steps, bf16-true, LoRA q,v r 8, micro-batch 4, on the real
-#    Alpaca-format demo set (999 records, real tokenizer), with tokens/s and peak GPU memory.
+#    Alpaca-format demo set (999 records, real tokenizer), with tokens/s and peak GPU memory;
+#    then the same with --activation-checkpointing.
 # 3. The same 50 steps with PEFT on PyTorch, on the same batches (bench/peft_train.py).
 # 4. Decode speed of generate on the 3B model.
 # Results: a table on stdout and $OUT/gpu-check.json (OUT defaults to /tmp/gpu-check).
@@ -110,14 +111,20 @@ DS=$WORK/ds-$PRESET
 
 PREC=$([ "$DEVICE" = cpu ] && echo 32-true || echo bf16-true)
 ITERS=$((STEPS + 2))
-say "finetune-lora: $ITERS steps ($STEPS timed), $PREC, micro-batch 4"
-FT=$WORK/ft-$PRESET
-rm -rf "$FT"
-measure loratune "$BIN" finetune-lora --checkpoint-dir "$CK" --data-dir "$DS" --out-dir "$FT" \
-    --device "$DEVICE" --precision "$PREC" --batch-size 4 --micro-batch-size 4 --max-iters $ITERS \
-    --warmup-steps 1 --eval-interval 100000 --eval-iters 1 --save-interval 100000 --quiet >&2
-ft_rc=$?
-ours=$("$PY" - "$FT/metrics.jsonl" "$WORK/loratune.peak_mib" <<'PYEOF'
+ft_rc=0
+# finetune SIDE [FLAGS...]: the timed run, recorded as SIDE.
+finetune() {
+    local side=$1; shift
+    say "finetune-lora ($side): $ITERS steps ($STEPS timed), $PREC, micro-batch 4 $*"
+    local ft=$WORK/ft-$PRESET-$side
+    rm -rf "$ft"
+    measure "$side" "$BIN" finetune-lora --checkpoint-dir "$CK" --data-dir "$DS" --out-dir "$ft" \
+        --device "$DEVICE" --precision "$PREC" --batch-size 4 --micro-batch-size 4 --max-iters $ITERS \
+        --warmup-steps 1 --eval-interval 100000 --eval-iters 1 --save-interval 100000 --quiet "$@" >&2
+    local rc=$?
+    [ $rc = 0 ] || ft_rc=$rc
+    local ours
+    ours=$("$PY" - "$ft/metrics.jsonl" "$WORK/$side.peak_mib" <<'PYEOF'
 import json, statistics, sys
 try:
     rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -130,7 +137,10 @@ print(json.dumps({"tokens_per_s": sum(toks) / sum(secs), "step_ms_median": 1000 
                   "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "step_tokens": toks}))
 PYEOF
 )
-record "{\"check\": \"finetune\", \"side\": \"loratune\", \"rc\": $ft_rc, \"result\": $ours}"
+    record "{\"check\": \"finetune\", \"side\": \"$side\", \"rc\": $rc, \"result\": ${ours:-null}}"
+}
+finetune loratune
+finetune loratune-ckpt --activation-checkpointing
 
 say "PEFT: the same batches"
 PTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
@@ -163,11 +173,12 @@ for side, x in fin.items():
               f"peak GPU {x.get('peak_gpu_mib', 0):7.0f} MiB  loss {x['loss_first']:.3f} -> {x['loss_last']:.3f}")
     else:
         print(f"finetune {side:9} FAILED")
-if fin.get("loratune") and fin.get("peft"):
-    a, b = fin["loratune"], fin["peft"]
-    print(f"ratio loratune/peft: tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, "
-          f"peak GPU x{a['peak_gpu_mib'] / max(b['peak_gpu_mib'], 1):.2f}, "
-          f"same batches: {a['step_tokens'][:len(b['step_tokens'])] == b['step_tokens']}")
+for side in ("loratune", "loratune-ckpt"):
+    if fin.get(side) and fin.get("peft"):
+        a, b = fin[side], fin["peft"]
+        print(f"ratio {side}/peft: tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}, "
+              f"peak GPU x{a['peak_gpu_mib'] / max(b['peak_gpu_mib'], 1):.2f}, "
+              f"same batches: {a['step_tokens'][:len(b['step_tokens'])] == b['step_tokens']}")
 for r in rows:
     if r["check"] == "generate":
         print("generate:", r["stderr"])

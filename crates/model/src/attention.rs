@@ -119,7 +119,11 @@ impl CausalSelfAttention {
             let y = recompute(
                 "attention",
                 &[&qkv],
-                move |a| per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| attend(heads, x, &fwd_rope, 0, None)),
+                move |a| {
+                    per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
+                        attend(heads, x, &fwd_rope, 0, None)
+                    })
+                },
                 move |a, dy| {
                     let dqkv = per_sequence(&a[0], Some(dy), lens.as_deref(), |x, dy| {
                         attend_backward(heads, x, dy.expect("a gradient"), &rope)
@@ -130,9 +134,9 @@ impl CausalSelfAttention {
             return self.proj.forward(&y, dropout);
         }
         let y = match seqs {
-            Some(lens) if lens.len() > 1 => {
-                per_sequence(&qkv, None, Some(lens), |x, _| attend(self.layout(), x, rope, 0, None))?
-            }
+            Some(lens) if lens.len() > 1 => per_sequence(&qkv, None, Some(lens), |x, _| {
+                attend(self.layout(), x, rope, 0, None)
+            })?,
             _ => attend(self.layout(), &qkv, rope, offset, cache)?,
         };
         self.proj.forward(&y, dropout)
@@ -247,7 +251,11 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
     let (b, t, _) = qkv.dims3()?;
     let (nh, ng, hs) = (h.n_head, h.n_query_groups, h.head_size);
     let dtype = qkv.dtype();
-    let exact = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let exact = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let (cos, sin) = rope.at(0, t)?;
     let scale = 1.0 / (hs as f64).sqrt();
     let grouped = (b, ng, (nh / ng) * t, hs);

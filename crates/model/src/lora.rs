@@ -9,11 +9,12 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::{frozen_linear, frozen_linear_add, frozen_matmul};
+use crate::ops::{frozen_linear, frozen_linear_add, frozen_matmul, frozen_weight_grad};
+use crate::recompute::recompute;
 use crate::rng::Rng;
 
 /// Which linears get adapters. Lit-GPT's default is query and value.
@@ -304,24 +305,67 @@ impl LoraLinear {
         if self.adapters.is_empty() {
             return self.frozen_forward(x);
         }
-        let mut xa = x.to_dtype(self.adapter_dtype())?;
-        if let Some(ctx) = dropout {
-            if self.dropout > 0.0 {
-                xa = xa.broadcast_mul(
-                    &dropout_mask(xa.dims(), self.dropout, ctx.rng, x.device())?
-                        .to_dtype(xa.dtype())?,
-                )?;
-            }
-        }
-        // The scaling goes on the skinny (tokens, n_adapters * r) product, not the full-width
-        // update.
-        let h = (xa.broadcast_matmul(&self.a_stack()?.t()?)? * self.scaling)?;
-        let delta = h.broadcast_matmul(&self.b_block()?.t()?)?;
-        if let Some(y) = frozen_linear_add(x, &self.weight, self.bias.as_ref(), &delta)? {
-            return Ok(y);
-        }
-        let y = self.frozen_forward(x)?;
-        Ok((&y + delta.to_dtype(y.dtype())?)?)
+        // The dropout mask is drawn from a seed and drawn again in the backward pass, so the
+        // graph keeps neither the mask nor the dropped input; the low-rank update joins the
+        // frozen product inside one op, so it keeps neither the full-width update nor a sum.
+        // What stays per linear is x (shared) and the skinny (tokens, n_adapters * r) product.
+        let mask = match dropout {
+            Some(ctx) if self.dropout > 0.0 => Some((self.dropout, ctx.rng.next_u64())),
+            _ => None,
+        };
+        let dtype = self.adapter_dtype();
+        let scaling = self.scaling;
+        let a = self.a_stack()?;
+        let h = recompute(
+            "lora-down",
+            &[x, &a],
+            |t| lora_down(&t[0], &t[1], scaling, mask, dtype),
+            move |t, dh| {
+                let (x, a) = (&t[0], &t[1]);
+                let xd = dropped(x, mask, dtype)?;
+                let dh = (dh.to_dtype(dtype)? * scaling)?;
+                let rows = dh.elem_count() / dh.dim(D::Minus1)?;
+                let dh2 = dh.reshape((rows, dh.dim(D::Minus1)?))?;
+                let da = dh2.t()?.matmul(&xd.reshape((rows, xd.dim(D::Minus1)?))?)?;
+                let mut dx = dh.broadcast_matmul(a)?;
+                if let Some((p, seed)) = mask {
+                    dx = dx.mul(&dropout_mask(x.dims(), p, seed, x.device())?.to_dtype(dtype)?)?;
+                }
+                Ok(vec![Some(dx), Some(da)])
+            },
+        )?;
+        let (w, bias) = (self.weight.clone(), self.bias.clone());
+        let b = self.b_block()?;
+        Ok(recompute(
+            "lora-up",
+            &[x, &h, &b],
+            |t| {
+                let delta = t[1].broadcast_matmul(&t[2].t()?)?;
+                match frozen_linear_add(&t[0], &w, bias.as_ref(), &delta)? {
+                    Some(y) => Ok(y),
+                    None => {
+                        let y = frozen_forward(&t[0], &w, bias.as_ref())?;
+                        let delta = delta.to_dtype(y.dtype())?;
+                        y + delta
+                    }
+                }
+            },
+            {
+                let w = self.weight.clone();
+                move |t, dy| {
+                    let (h, b) = (&t[1], &t[2]);
+                    let dx = linear_input_grad(dy, &w)?;
+                    let dy = dy.to_dtype(h.dtype())?;
+                    let dh = dy.broadcast_matmul(b)?;
+                    let rows = dy.elem_count() / dy.dim(D::Minus1)?;
+                    let db = dy
+                        .reshape((rows, dy.dim(D::Minus1)?))?
+                        .t()?
+                        .matmul(&h.reshape((rows, h.dim(D::Minus1)?))?)?;
+                    Ok(vec![Some(dx), Some(dh), Some(db)])
+                }
+            },
+        )?)
     }
 
     /// This linear applied to `gelu(x)`, as one op that keeps no activation (see
@@ -350,20 +394,9 @@ impl LoraLinear {
         )?)
     }
 
-    /// x W^T + b. Mixed precision: the matmul runs in the weights' dtype, the rest in the
-    /// input's.
+    /// x W^T + b.
     fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() == self.weight.dtype()
-            || (x.device().is_cpu() && crate::ops::cpu_weight_ok(x, &self.weight))
-        {
-            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
-        }
-        let y =
-            frozen_matmul(&x.to_dtype(self.weight.dtype())?, &self.weight)?.to_dtype(x.dtype())?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        Ok(frozen_forward(x, &self.weight, self.bias.as_ref())?)
     }
 
     /// Every adapter together: A stacked (n_adapters * r, in), B placed at its rows
@@ -404,14 +437,66 @@ impl LoraLinear {
 }
 
 /// Inverted-dropout mask: 0 with probability p, else 1/(1-p).
-fn dropout_mask(dims: &[usize], p: f64, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+/// x W^T + b for a frozen weight. Mixed precision: the matmul runs in the weights' dtype
+/// (on the CPU, bf16 weights take f32 inputs directly), the rest in the input's.
+fn frozen_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if x.dtype() == w.dtype() || (x.device().is_cpu() && crate::ops::cpu_weight_ok(x, w)) {
+        return frozen_linear(x, w, bias);
+    }
+    let y = frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// dY @ W, the input gradient of [`frozen_forward`], in dY's dtype or the weights'.
+fn linear_input_grad(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if dy.dtype() == w.dtype() || (dy.device().is_cpu() && crate::ops::cpu_weight_ok(dy, w)) {
+        return frozen_weight_grad(dy, w);
+    }
+    frozen_weight_grad(&dy.to_dtype(w.dtype())?, w)
+}
+
+/// The adapters' input in their dtype, times the dropout mask drawn from `mask`'s seed.
+fn dropped(x: &Tensor, mask: Option<(f64, u64)>, dtype: DType) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(dtype)?;
+    match mask {
+        Some((p, seed)) => {
+            let m = dropout_mask(x.dims(), p, seed, x.device())?;
+            x.mul(&m.to_dtype(dtype)?)
+        }
+        None => Ok(x),
+    }
+}
+
+/// scaling * dropout(x) @ A^T: (.., n_adapters * r).
+fn lora_down(
+    x: &Tensor,
+    a: &Tensor,
+    scaling: f64,
+    mask: Option<(f64, u64)>,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    dropped(x, mask, dtype)?.broadcast_matmul(&a.t()?)? * scaling
+}
+
+fn dropout_mask(dims: &[usize], p: f64, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    if !device.is_cpu() {
+        // Drawn on the device (a host-drawn mask costs more than the step's GEMMs on a GPU):
+        // a fresh generator from the seed gives the same mask again in the backward pass.
+        device.set_seed(seed)?;
+        let u = Tensor::rand(0f32, 1f32, dims, device)?;
+        return u.ge(p)?.to_dtype(DType::F32)? * keep;
+    }
+    let mut rng = Rng::new(seed);
+    let (keep, p) = (keep as f32, p as f32);
     let n: usize = dims.iter().product();
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let p = p as f32;
     let mask: Vec<f32> = (0..n)
         .map(|_| if rng.uniform() < p { 0.0 } else { keep })
         .collect();
-    Ok(Tensor::from_vec(mask, dims, device)?)
+    Tensor::from_vec(mask, dims, device)
 }
 
 pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
@@ -445,6 +530,99 @@ mod tests {
             ..LoraConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("no target"));
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let v: Vec<f64> = (0..shape.iter().product())
+            .map(|_| rng.normal() as f64)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The forward pass (mask drawn from a seed, update inside the frozen op) against the
+    /// textbook composite with the same mask: output and the gradients of x, A and B.
+    #[test]
+    fn adapters_with_dropout_match_the_composite() {
+        let cfg = LoraConfig {
+            r: 2,
+            dropout: 0.3,
+            ..LoraConfig::default()
+        };
+        let mut lin = LoraLinear::frozen("l", randn(&[7, 5], 1), Some(randn(&[7], 2)));
+        lin.set_adapter("query", 0..3, randn(&[2, 5], 3), randn(&[3, 2], 4), &cfg)
+            .unwrap();
+        lin.set_adapter("value", 5..7, randn(&[2, 5], 5), randn(&[2, 2], 6), &cfg)
+            .unwrap();
+        let x = Var::from_tensor(&randn(&[2, 3, 5], 7)).unwrap();
+        let r = randn(&[2, 3, 7], 8);
+        let mut rng = Rng::new(9);
+        let y = lin
+            .forward(x.as_tensor(), Some(&mut DropoutCtx { rng: &mut rng }))
+            .unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let seed = Rng::new(9).next_u64();
+        let mask = dropout_mask(&[2, 3, 5], 0.3, seed, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let zeros = mask.eq(0.0).unwrap().to_dtype(DType::F64).unwrap();
+        let dropped_share = zeros.mean_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(
+            dropped_share > 0.1 && dropped_share < 0.6,
+            "{dropped_share}"
+        );
+        let xd = x.as_tensor().mul(&mask).unwrap();
+        let mut want = x
+            .as_tensor()
+            .broadcast_matmul(&lin.weight.t().unwrap())
+            .unwrap()
+            .broadcast_add(lin.bias.as_ref().unwrap())
+            .unwrap();
+        let mut parts = Vec::new();
+        for ad in lin.adapters() {
+            let d = xd
+                .broadcast_matmul(&ad.a.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&ad.b.as_tensor().t().unwrap())
+                .unwrap();
+            parts.push((ad.rows.clone(), (d * lin.scaling()).unwrap()));
+        }
+        let mut cols = Vec::new();
+        for j in 0..7 {
+            let col = parts
+                .iter()
+                .find(|(rows, _)| rows.contains(&j))
+                .map(|(rows, d)| d.narrow(2, j - rows.start, 1).unwrap())
+                .unwrap_or_else(|| Tensor::zeros((2, 3, 1), DType::F64, &Device::Cpu).unwrap());
+            cols.push(col);
+        }
+        want = (want + Tensor::cat(&cols, 2).unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-12);
+        let gw = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut checked = vec![x.as_tensor().clone()];
+        for ad in lin.adapters() {
+            checked.push(ad.a.as_tensor().clone());
+            checked.push(ad.b.as_tensor().clone());
+        }
+        for t in &checked {
+            let d = max_diff(g.get(t).unwrap(), gw.get(t).unwrap());
+            assert!(d < 1e-12, "gradient {:?}: {d}", t.dims());
+        }
     }
 
     #[test]

@@ -378,8 +378,7 @@ pub fn swiglu_then_frozen_linear(
     b: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == gate.dtype();
-    if (recomputes(gate, &[]) || recomputes(up, &[])) && same(up) && same(w) && b.is_none_or(same)
-    {
+    if (recomputes(gate, &[]) || recomputes(up, &[])) && same(up) && same(w) && b.is_none_or(same) {
         let (w, b) = (w.clone(), b.cloned());
         let wb = w.clone();
         return Ok(Some(recompute(

@@ -83,7 +83,11 @@ impl Recompute {
         }
     }
 
-    fn grads<const N: usize>(&self, args: [&Tensor; N], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn grads<const N: usize>(
+        &self,
+        args: [&Tensor; N],
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
         let args: Vec<Tensor> = args.iter().map(|t| t.detach()).collect();
         let mut g = (self.backward)(&args, &grad.detach())?;
         if g.len() != N {
@@ -238,8 +242,14 @@ mod tests {
         )
         .unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
-        assert_eq!(g.get(a.as_tensor()).unwrap().to_vec1::<f64>().unwrap(), vec![3.0, 5.0]);
-        assert_eq!(g.get(b.as_tensor()).unwrap().to_vec1::<f64>().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(
+            g.get(a.as_tensor()).unwrap().to_vec1::<f64>().unwrap(),
+            vec![3.0, 5.0]
+        );
+        assert_eq!(
+            g.get(b.as_tensor()).unwrap().to_vec1::<f64>().unwrap(),
+            vec![1.0, 2.0]
+        );
 
         let bad = recompute(
             "bad",

@@ -367,7 +367,9 @@ fn tensor_path_equals_cpu_kernels() {
             let mut rng = Rng::new(5);
             let h = if packed {
                 let mut ctx = DropoutCtx { rng: &mut rng };
-                model.forward_hidden_packed(&ids, &lengths, Some(&mut ctx)).unwrap()
+                model
+                    .forward_hidden_packed(&ids, &lengths, Some(&mut ctx))
+                    .unwrap()
             } else {
                 model.forward_hidden(&batch, None).unwrap()
             };
@@ -389,7 +391,11 @@ fn tensor_path_equals_cpu_kernels() {
                     (Some(a), Some(b)) => (a, b),
                     // lm_head is not on forward_hidden's path.
                     (None, None) if vname.starts_with("lm_head") => continue,
-                    (a, b) => panic!("{name} {vname}: gradient {} vs {}", a.is_some(), b.is_some()),
+                    (a, b) => panic!(
+                        "{name} {vname}: gradient {} vs {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
                 };
                 let d = max_abs_diff(a, b);
                 assert!(d < 1e-9, "{name} packed={packed} {vname}: gradient {d}");

@@ -1,6 +1,8 @@
 //! Where a training step's time goes: forward, loss (head + cross-entropy + dL/dh), backward
 //! and the optimizer, timed separately on a converted checkpoint and a prepared dataset.
 //!   cargo run --release --example step_phases -p loratune-train -- CKPT_DIR DATA_DIR [STEPS]
+//! DTYPE=bf16 loads the model in bf16 (bf16-true: the tensor path, as on CUDA); MAX_LEN
+//! (default 256) caps the samples.
 
 use std::time::Instant;
 
@@ -15,7 +17,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (ck, data) = (&args[1], &args[2]);
     let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
-    let mut model = Gpt::from_dir(ck.as_ref(), DType::F32, &Device::Cpu).unwrap();
+    let dtype = match std::env::var("DTYPE").as_deref() {
+        Ok("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
+    let max_len: usize = std::env::var("MAX_LEN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let mut model = Gpt::from_dir(ck.as_ref(), dtype, &Device::Cpu).unwrap();
     model.add_lora(&LoraConfig::default(), 1).unwrap();
     let ds = Dataset::open(&std::path::Path::new(data).join("train.safetensors")).unwrap();
     let mut sampler = Sampler::new(&ds, 4, 1337);
@@ -26,7 +36,7 @@ fn main() {
     for step in 0..steps + 2 {
         let idx = sampler.next_indices(4);
         let samples: Vec<_> = idx.iter().map(|&i| ds.get(i)).collect();
-        let b = collate(&samples, -100, 256);
+        let b = collate(&samples, -100, max_len);
         let t0 = Instant::now();
         let ids = Tensor::from_slice(&b.input_ids, b.tokens, &Device::Cpu).unwrap();
         let mut hwm = [0f64; 4];

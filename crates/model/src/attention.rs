@@ -11,8 +11,9 @@ use crate::attn_kernel::{packed_attention, PackedAttention};
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::lora::{frozen_forward, linear_input_grad};
 use crate::lora::{DropoutCtx, LoraLinear};
-use crate::ops::{apply_rope, causal_softmax};
+use crate::ops::{apply_rope, causal_softmax, frozen_linear_add};
 use crate::recompute::recompute;
 
 /// cos/sin tables for every position up to the block size: (block_size, rope_n_elem / 2).
@@ -75,6 +76,7 @@ impl CausalSelfAttention {
         }
     }
 
+    /// `residual + attention(x)`, or attention(x) without a residual.
     /// `x` is (B, T, n_embd) at positions `offset..offset+T`. With a cache, keys and values of
     /// earlier positions come from it and the new ones are appended. With `seqs`, `x` is
     /// (1, N, n_embd) holding sequences of those lengths back to back (a packed training
@@ -87,6 +89,7 @@ impl CausalSelfAttention {
         cache: Option<&mut KvCache>,
         seqs: Option<&[usize]>,
         mut dropout: Option<&mut DropoutCtx>,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let qkv = self.qkv.forward(x, dropout.as_deref_mut())?;
         if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.cos)) {
@@ -105,7 +108,7 @@ impl CausalSelfAttention {
                     scale: 1.0 / (self.head_size as f64).sqrt(),
                 },
             )?;
-            return self.proj.forward(&y, dropout);
+            return self.project(&y, dropout, residual);
         }
         if cache.is_none() && offset == 0 && qkv.track_op() {
             // Tensor path (CUDA; CPU with bf16 activations) in training: attention computed
@@ -114,6 +117,28 @@ impl CausalSelfAttention {
             let heads = self.layout();
             let lens: Option<Vec<usize>> = seqs.filter(|l| l.len() > 1).map(<[usize]>::to_vec);
             let rope = rope.clone();
+            if let (Some(res), Some((w, b))) = (residual, self.proj.frozen_parts()) {
+                // With a frozen projection: residual + proj(attention(qkv)) as one op, so the
+                // heads' output is not kept either (the projection's dX needs only W).
+                let (fwd_lens, fwd_rope, wb) = (lens.clone(), rope.clone(), w.clone());
+                return Ok(recompute(
+                    "attention-proj",
+                    &[&qkv, res],
+                    move |a| {
+                        let y = per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
+                            attend(heads, x, &fwd_rope, 0, None)
+                        })?;
+                        &a[1] + frozen_forward(&y, &w, b.as_ref())?
+                    },
+                    move |a, dout| {
+                        let dy = linear_input_grad(dout, &wb)?.to_dtype(a[0].dtype())?;
+                        let dqkv = per_sequence(&a[0], Some(&dy), lens.as_deref(), |x, dy| {
+                            attend_backward(heads, x, dy.expect("a gradient"), &rope)
+                        })?;
+                        Ok(vec![Some(dqkv), Some(dout.clone())])
+                    },
+                )?);
+            }
             let fwd_lens = lens.clone();
             let fwd_rope = rope.clone();
             let y = recompute(
@@ -131,7 +156,7 @@ impl CausalSelfAttention {
                     Ok(vec![Some(dqkv)])
                 },
             )?;
-            return self.proj.forward(&y, dropout);
+            return self.project(&y, dropout, residual);
         }
         let y = match seqs {
             Some(lens) if lens.len() > 1 => per_sequence(&qkv, None, Some(lens), |x, _| {
@@ -139,7 +164,27 @@ impl CausalSelfAttention {
             })?,
             _ => attend(self.layout(), &qkv, rope, offset, cache)?,
         };
-        self.proj.forward(&y, dropout)
+        self.project(&y, dropout, residual)
+    }
+
+    /// `residual + proj(y)`; on the CPU the sum is formed in the projection's output buffer
+    /// when it has no adapters.
+    fn project(
+        &self,
+        y: &Tensor,
+        dropout: Option<&mut DropoutCtx>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let (Some(r), Some((w, b))) = (residual, self.proj.frozen_parts()) {
+            if let Some(out) = frozen_linear_add(y, &w, b.as_ref(), r)? {
+                return Ok(out);
+            }
+        }
+        let out = self.proj.forward(y, dropout)?;
+        Ok(match residual {
+            Some(r) => (r + out)?,
+            None => out,
+        })
     }
 
     fn layout(&self) -> HeadLayout {

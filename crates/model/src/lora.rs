@@ -368,9 +368,13 @@ impl LoraLinear {
         )?)
     }
 
-    /// This linear applied to `gelu(x)`, as one op that keeps no activation (see
+    /// `residual + this linear applied to gelu(x)`, as one op that keeps no activation (see
     /// `ops::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
-    pub fn forward_after_gelu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    pub fn forward_after_gelu(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         if !self.adapters.is_empty() {
             return Ok(None);
         }
@@ -378,11 +382,17 @@ impl LoraLinear {
             x,
             &self.weight,
             self.bias.as_ref(),
+            residual,
         )?)
     }
 
-    /// This linear applied to `silu(gate) * up`, likewise.
-    pub fn forward_after_swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    /// `residual + this linear applied to silu(gate) * up`, likewise.
+    pub fn forward_after_swiglu(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         if !self.adapters.is_empty() {
             return Ok(None);
         }
@@ -391,7 +401,15 @@ impl LoraLinear {
             up,
             &self.weight,
             self.bias.as_ref(),
+            residual,
         )?)
+    }
+
+    /// The frozen weight and bias of a linear without adapters.
+    pub(crate) fn frozen_parts(&self) -> Option<(Tensor, Option<Tensor>)> {
+        self.adapters
+            .is_empty()
+            .then(|| (self.weight.clone(), self.bias.clone()))
     }
 
     /// x W^T + b.
@@ -439,7 +457,11 @@ impl LoraLinear {
 /// Inverted-dropout mask: 0 with probability p, else 1/(1-p).
 /// x W^T + b for a frozen weight. Mixed precision: the matmul runs in the weights' dtype
 /// (on the CPU, bf16 weights take f32 inputs directly), the rest in the input's.
-fn frozen_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub(crate) fn frozen_forward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     if x.dtype() == w.dtype() || (x.device().is_cpu() && crate::ops::cpu_weight_ok(x, w)) {
         return frozen_linear(x, w, bias);
     }
@@ -451,7 +473,7 @@ fn frozen_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core:
 }
 
 /// dY @ W, the input gradient of [`frozen_forward`], in dY's dtype or the weights'.
-fn linear_input_grad(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn linear_input_grad(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if dy.dtype() == w.dtype() || (dy.device().is_cpu() && crate::ops::cpu_weight_ok(dy, w)) {
         return frozen_weight_grad(dy, w);
     }

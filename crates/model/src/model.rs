@@ -130,24 +130,34 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, mut dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
-        match self {
+    /// `residual + mlp(x)` (the residual inside the last op where it can be).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mut dropout: Option<&mut DropoutCtx>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = match self {
             Mlp::GptNeox { fc, proj } => {
                 let f = fc.forward(x, dropout.as_deref_mut())?;
-                match proj.forward_after_gelu(&f)? {
-                    Some(y) => Ok(y),
-                    None => proj.forward(&ops::gelu_erf(&f)?, dropout),
+                if let Some(y) = proj.forward_after_gelu(&f, residual)? {
+                    return Ok(y);
                 }
+                proj.forward(&ops::gelu_erf(&f)?, dropout)?
             }
             Mlp::Llama { fc_1, fc_2, proj } => {
                 let gate = fc_1.forward(x, dropout.as_deref_mut())?;
                 let up = fc_2.forward(x, dropout.as_deref_mut())?;
-                match proj.forward_after_swiglu(&gate, &up)? {
-                    Some(y) => Ok(y),
-                    None => proj.forward(&ops::swiglu(&gate, &up)?, dropout),
+                if let Some(y) = proj.forward_after_swiglu(&gate, &up, residual)? {
+                    return Ok(y);
                 }
+                proj.forward(&ops::swiglu(&gate, &up)?, dropout)?
             }
-        }
+        };
+        Ok(match residual {
+            Some(r) => (r + y)?,
+            None => y,
+        })
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
@@ -216,24 +226,30 @@ impl Block {
         seqs: Option<&[usize]>,
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
+        // Each residual sum is formed inside the op that produces its last term where it can
+        // be: the graph then keeps the sum instead of the term and the sum.
         let n1 = self.norm_1.forward(x)?;
-        let h = self
-            .attn
-            .forward(&n1, rope, offset, cache, seqs, dropout.as_deref_mut())?;
+        let h = self.attn.forward(
+            &n1,
+            rope,
+            offset,
+            cache,
+            seqs,
+            dropout.as_deref_mut(),
+            Some(x),
+        )?;
         if self.parallel_residual {
             let n2 = match &self.norm_2 {
                 Some(norm) => norm.forward(x)?,
                 None => n1,
             };
-            let m = self.mlp.forward(&n2, dropout)?;
-            Ok(((x + h)? + m)?)
+            self.mlp.forward(&n2, dropout, Some(&h))
         } else {
-            let x = (x + h)?;
             let n2 = match &self.norm_2 {
-                Some(norm) => norm.forward(&x)?,
-                None => self.norm_1.forward(&x)?,
+                Some(norm) => norm.forward(&h)?,
+                None => self.norm_1.forward(&h)?,
             };
-            Ok((&x + self.mlp.forward(&n2, dropout)?)?)
+            self.mlp.forward(&n2, dropout, Some(&h))
         }
     }
 }

@@ -156,21 +156,19 @@ pub fn causal_softmax(att: &Tensor) -> Result<Tensor> {
     softmax_last_dim(&att)
 }
 
-/// (T, Tk) additive mask: query i (at position Tk - T + i) sees keys 0..=Tk - T + i.
+/// (T, Tk) additive mask: query i (at position Tk - T + i) sees keys 0..=Tk - T + i. Built
+/// on the mask's device from two index vectors (a host-built T x Tk mask would be uploaded
+/// for every sequence and layer, in both passes).
 fn causal_mask(t: usize, tk: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let offset = tk - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..tk).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, tk), device)?.to_dtype(dtype)
+    let offset = (tk - t) as u32;
+    let rows = Tensor::arange(offset, offset + t as u32, device)?.reshape((t, 1))?;
+    let cols = Tensor::arange(0u32, tk as u32, device)?.reshape((1, tk))?;
+    let future = cols.broadcast_gt(&rows)?;
+    let zeros = Tensor::zeros((t, tk), dtype, device)?;
+    let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?
+        .to_dtype(dtype)?
+        .broadcast_as((t, tk))?;
+    future.where_cond(&neg_inf, &zeros)
 }
 
 /// GELU, exact erf form; the fused CPU kernel (parallel, own backward) where it applies.
@@ -339,35 +337,49 @@ pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>>
 /// `gelu(x) @ w.T + b` for a frozen weight (GELU-MLP's projection), CPU f32/f64: the
 /// activation is computed inside the op and never kept; the backward pass recomputes its
 /// derivative from `x`, which the graph holds anyway. `None` where it does not apply.
+///
+/// With `residual` the result is `residual + ...`; on the tensor path inside the op, so the
+/// graph keeps neither the projection's output nor a sum.
 pub fn gelu_then_frozen_linear(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
+    residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if recomputes(x, &[]) && x.dtype() == w.dtype() && b.is_none_or(|b| b.dtype() == x.dtype()) {
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    if recomputes(x, &[]) && same(w) && b.is_none_or(same) && residual.is_none_or(same) {
         let (w, b) = (w.clone(), b.cloned());
         let wb = w.clone();
+        let inputs: Vec<&Tensor> = std::iter::once(x).chain(residual).collect();
         return Ok(Some(recompute(
             "gelu-frozen-linear",
-            &[x],
-            |a| frozen_linear(&a[0].gelu_erf()?, &w, b.as_ref()),
+            &inputs,
+            |a| {
+                let y = frozen_linear(&a[0].gelu_erf()?, &w, b.as_ref())?;
+                a.get(1).map_or(Ok(y.clone()), |r| r + &y)
+            },
             move |a, dy| {
                 let da = frozen_weight_grad(dy, &wb)?;
-                Ok(vec![Some(gelu_erf_grad(&a[0], &da)?)])
+                let mut g = vec![Some(gelu_erf_grad(&a[0], &da)?)];
+                if a.len() == 2 {
+                    g.push(Some(dy.clone()));
+                }
+                Ok(g)
             },
         )?));
     }
-    if !(crate::fused::applies(x, None)
-        && cpu_weight_ok(x, w)
-        && b.is_none_or(|b| b.dtype() == x.dtype()))
-    {
+    if !(crate::fused::applies(x, None) && cpu_weight_ok(x, w) && b.is_none_or(same)) {
         return Ok(None);
     }
     let op = ActThenFrozen(FrozenMatmul {
         w: w.clone(),
         bias: b.map(|b| b.contiguous()).transpose()?,
     });
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    let y = x.contiguous()?.apply_op1(op)?;
+    Ok(Some(match residual {
+        Some(r) => (r + y)?,
+        None => y,
+    }))
 }
 
 /// `(silu(gate) * up) @ w.T + b`, the LLaMA MLP's projection, likewise.
@@ -376,19 +388,33 @@ pub fn swiglu_then_frozen_linear(
     up: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
+    residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == gate.dtype();
-    if (recomputes(gate, &[]) || recomputes(up, &[])) && same(up) && same(w) && b.is_none_or(same) {
+    if (recomputes(gate, &[]) || recomputes(up, &[]))
+        && same(up)
+        && same(w)
+        && b.is_none_or(same)
+        && residual.is_none_or(same)
+    {
         let (w, b) = (w.clone(), b.cloned());
         let wb = w.clone();
+        let inputs: Vec<&Tensor> = [gate, up].into_iter().chain(residual).collect();
         return Ok(Some(recompute(
             "swiglu-frozen-linear",
-            &[gate, up],
-            |a| frozen_linear(&(a[0].silu()? * &a[1])?, &w, b.as_ref()),
+            &inputs,
+            |a| {
+                let y = frozen_linear(&(a[0].silu()? * &a[1])?, &w, b.as_ref())?;
+                a.get(2).map_or(Ok(y.clone()), |r| r + &y)
+            },
             move |a, dy| {
                 let da = frozen_weight_grad(dy, &wb)?;
                 let (dg, du) = swiglu_grad(&a[0], &a[1], &da)?;
-                Ok(vec![Some(dg), Some(du)])
+                let mut g = vec![Some(dg), Some(du)];
+                if a.len() == 3 {
+                    g.push(Some(dy.clone()));
+                }
+                Ok(g)
             },
         )?));
     }
@@ -403,7 +429,11 @@ pub fn swiglu_then_frozen_linear(
         w: w.clone(),
         bias: b.map(|b| b.contiguous()).transpose()?,
     });
-    Ok(Some(gate.contiguous()?.apply_op2(&up.contiguous()?, op)?))
+    let y = gate.contiguous()?.apply_op2(&up.contiguous()?, op)?;
+    Ok(Some(match residual {
+        Some(r) => (r + y)?,
+        None => y,
+    }))
 }
 
 /// An activation, then a frozen linear: GELU for one input, SwiGLU for two.
@@ -760,6 +790,23 @@ mod tests {
     }
 
     #[test]
+    fn causal_mask_hides_exactly_the_future() {
+        // 3 new queries after 2 cached positions: query i sits at position 2 + i.
+        let m = causal_mask(3, 5, DType::BF16, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in m.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let want = if j > 2 + i { f32::NEG_INFINITY } else { 0.0 };
+                assert_eq!(v, want, "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
     fn composite_ops_match_fused_kernels() {
         let x = randn(&[2, 3, 5, 8], 1);
         let w = randn(&[8], 2);
@@ -834,7 +881,7 @@ mod tests {
         same_values_and_grads(
             std::slice::from_ref(&x),
             &|| {
-                gelu_then_frozen_linear(x.as_tensor(), &w, Some(&b))
+                gelu_then_frozen_linear(x.as_tensor(), &w, Some(&b), None)
                     .unwrap()
                     .unwrap()
             },
@@ -843,7 +890,7 @@ mod tests {
         same_values_and_grads(
             &[x.clone(), up.clone()],
             &|| {
-                swiglu_then_frozen_linear(x.as_tensor(), up.as_tensor(), &w, None)
+                swiglu_then_frozen_linear(x.as_tensor(), up.as_tensor(), &w, None, None)
                     .unwrap()
                     .unwrap()
             },

@@ -27,6 +27,10 @@ fn main() {
         .unwrap_or(256);
     let mut model = Gpt::from_dir(ck.as_ref(), dtype, &Device::Cpu).unwrap();
     model.add_lora(&LoraConfig::default(), 1).unwrap();
+    println!(
+        "peak RSS after loading the model {:6.0} MiB",
+        peak_rss_mib()
+    );
     let ds = Dataset::open(&std::path::Path::new(data).join("train.safetensors")).unwrap();
     let mut sampler = Sampler::new(&ds, 4, 1337);
     let mut opt = AdamW::new(model.lora_vars(), AdamWConfig::default()).unwrap();
@@ -71,7 +75,10 @@ fn main() {
         if step == 0 {
             // The first batch is the longest: where the run's memory peak is.
             for (name, hwm) in ["forward", "loss", "backward", "optimizer"].iter().zip(hwm) {
-                println!("step 0 peak RSS after {name:10} {hwm:6.0} MiB");
+                println!(
+                    "step 0 ({} tokens) peak RSS after {name:10} {hwm:6.0} MiB",
+                    b.tokens
+                );
             }
         }
         if step >= 2 {

@@ -81,6 +81,8 @@ impl CausalSelfAttention {
     /// earlier positions come from it and the new ones are appended. With `seqs`, `x` is
     /// (1, N, n_embd) holding sequences of those lengths back to back (a packed training
     /// batch, no padding): each attends only within itself, from position 0.
+    // One caller (`Block::forward`), which passes its own arguments through.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,

@@ -128,14 +128,14 @@ impl CausalSelfAttention {
                     &[&qkv, res],
                     move |a| {
                         let y = per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
-                            attend(heads, x, &fwd_rope, 0, None)
+                            attend_in_chunks(heads, x, &fwd_rope, SCORE_BLOCK)
                         })?;
                         &a[1] + frozen_forward(&y, &w, b.as_ref())?
                     },
                     move |a, dout| {
                         let dy = linear_input_grad(dout, &wb)?.to_dtype(a[0].dtype())?;
                         let dqkv = per_sequence(&a[0], Some(&dy), lens.as_deref(), |x, dy| {
-                            attend_backward(heads, x, dy.expect("a gradient"), &rope)
+                            attend_backward_in_chunks(heads, x, dy.expect("a gradient"), &rope, SCORE_BLOCK)
                         })?;
                         Ok(vec![Some(dqkv), Some(dout.clone())])
                     },
@@ -148,12 +148,12 @@ impl CausalSelfAttention {
                 &[&qkv],
                 move |a| {
                     per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
-                        attend(heads, x, &fwd_rope, 0, None)
+                        attend_in_chunks(heads, x, &fwd_rope, SCORE_BLOCK)
                     })
                 },
                 move |a, dy| {
                     let dqkv = per_sequence(&a[0], Some(dy), lens.as_deref(), |x, dy| {
-                        attend_backward(heads, x, dy.expect("a gradient"), &rope)
+                        attend_backward_in_chunks(heads, x, dy.expect("a gradient"), &rope, SCORE_BLOCK)
                     })?;
                     Ok(vec![Some(dqkv)])
                 },
@@ -239,6 +239,77 @@ fn per_sequence(
         start += len;
     }
     Tensor::cat(&ys, 1)
+}
+
+/// Elements of one (heads, T, T) score block the tensor path computes at once in training;
+/// about twenty bytes each live at the peak of the backward pass.
+const SCORE_BLOCK: usize = 1 << 24;
+
+/// Key/value groups per chunk so that a chunk's scores stay within `budget` elements
+/// (whole groups: the query heads of a group share its keys).
+fn groups_per_chunk(h: HeadLayout, b: usize, t: usize, budget: usize) -> usize {
+    let per_group = b * (h.n_head / h.n_query_groups) * t * t;
+    (budget / per_group.max(1)).clamp(1, h.n_query_groups)
+}
+
+/// Groups `g0 .. g0 + n` of a (B, T, qkv) projection as a projection of their own, and its
+/// layout.
+fn group_slice(h: HeadLayout, qkv: &Tensor, g0: usize, n: usize) -> CResult<(HeadLayout, Tensor)> {
+    let (r, hs) = (h.n_head / h.n_query_groups, h.head_size);
+    let (nh, ng) = (h.n_head, h.n_query_groups);
+    let parts = [
+        qkv.narrow(2, g0 * r * hs, n * r * hs)?,
+        qkv.narrow(2, (nh + g0) * hs, n * hs)?,
+        qkv.narrow(2, (nh + ng + g0) * hs, n * hs)?,
+    ];
+    let sub = HeadLayout {
+        n_head: n * r,
+        n_query_groups: n,
+        head_size: hs,
+    };
+    Ok((sub, Tensor::cat(&parts, 2)?))
+}
+
+/// [`attend`] from position 0 without a cache, a few key/value groups at a time.
+fn attend_in_chunks(h: HeadLayout, qkv: &Tensor, rope: &Rope, budget: usize) -> CResult<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let step = groups_per_chunk(h, b, t, budget);
+    if step == h.n_query_groups {
+        return attend(h, qkv, rope, 0, None);
+    }
+    let mut ys = Vec::new();
+    for g0 in (0..h.n_query_groups).step_by(step) {
+        let n = step.min(h.n_query_groups - g0);
+        let (sub, part) = group_slice(h, qkv, g0, n)?;
+        ys.push(attend(sub, &part, rope, 0, None)?);
+    }
+    Tensor::cat(&ys, 2)
+}
+
+/// [`attend_backward`] a few key/value groups at a time.
+fn attend_backward_in_chunks(
+    h: HeadLayout,
+    qkv: &Tensor,
+    dy: &Tensor,
+    rope: &Rope,
+    budget: usize,
+) -> CResult<Tensor> {
+    let (b, t, _) = qkv.dims3()?;
+    let step = groups_per_chunk(h, b, t, budget);
+    if step == h.n_query_groups {
+        return attend_backward(h, qkv, dy, rope);
+    }
+    let (r, hs) = (h.n_head / h.n_query_groups, h.head_size);
+    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+    for g0 in (0..h.n_query_groups).step_by(step) {
+        let n = step.min(h.n_query_groups - g0);
+        let (sub, part) = group_slice(h, qkv, g0, n)?;
+        let d = attend_backward(sub, &part, &dy.narrow(2, g0 * r * hs, n * r * hs)?, rope)?;
+        dq.push(d.narrow(2, 0, n * r * hs)?);
+        dk.push(d.narrow(2, n * r * hs, n * hs)?);
+        dv.push(d.narrow(2, (n * r + n) * hs, n * hs)?);
+    }
+    Tensor::cat(&[dq, dk, dv].concat(), 2)
 }
 
 /// Causal attention of one (B, T, qkv) projection: (B, T, n_head * head_size).
@@ -329,4 +400,63 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
     let dk = apply_rope(&dk, &cos, &back)?;
     let flat = |x: Tensor, n: usize| x.transpose(1, 2)?.reshape((b, t, n * hs));
     Tensor::cat(&[flat(dq, nh)?, flat(dk, ng)?, flat(dv, ng)?], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let v: Vec<f64> = (0..shape.iter().product())
+            .map(|_| rng.normal() as f64)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// A few groups at a time equals all at once, forward and backward, for MHA and GQA
+    /// (chunks of one group and of two, the last one short).
+    #[test]
+    fn chunked_attention_equals_whole() {
+        for (n_head, n_query_groups) in [(6, 6), (6, 3)] {
+            let mut cfg = Config::from_name("pythia-14m").unwrap();
+            cfg.n_head = n_head;
+            cfg.n_query_groups = n_query_groups;
+            cfg.head_size = 4;
+            cfg.n_embd = n_head * 4;
+            cfg.rotary_percentage = 0.5;
+            let rope = Rope::new(&cfg, DType::F64, &Device::Cpu).unwrap();
+            let h = HeadLayout {
+                n_head,
+                n_query_groups,
+                head_size: 4,
+            };
+            let (b, t) = (2, 5);
+            let qkv = randn(&[b, t, (n_head + 2 * n_query_groups) * 4], 1);
+            let dy = randn(&[b, t, n_head * 4], 2);
+            let whole = attend(h, &qkv, &rope, 0, None).unwrap();
+            let dwhole = attend_backward(h, &qkv, &dy, &rope).unwrap();
+            let per_group = b * (n_head / n_query_groups) * t * t;
+            for budget in [per_group, 2 * per_group] {
+                assert!(groups_per_chunk(h, b, t, budget) < n_query_groups);
+                let y = attend_in_chunks(h, &qkv, &rope, budget).unwrap();
+                assert!(max_diff(&y, &whole) < 1e-12);
+                let d = attend_backward_in_chunks(h, &qkv, &dy, &rope, budget).unwrap();
+                assert!(max_diff(&d, &dwhole) < 1e-12);
+            }
+        }
+    }
 }

@@ -135,7 +135,13 @@ impl CausalSelfAttention {
                     move |a, dout| {
                         let dy = linear_input_grad(dout, &wb)?.to_dtype(a[0].dtype())?;
                         let dqkv = per_sequence(&a[0], Some(&dy), lens.as_deref(), |x, dy| {
-                            attend_backward_in_chunks(heads, x, dy.expect("a gradient"), &rope, SCORE_BLOCK)
+                            attend_backward_in_chunks(
+                                heads,
+                                x,
+                                dy.expect("a gradient"),
+                                &rope,
+                                SCORE_BLOCK,
+                            )
                         })?;
                         Ok(vec![Some(dqkv), Some(dout.clone())])
                     },
@@ -153,7 +159,13 @@ impl CausalSelfAttention {
                 },
                 move |a, dy| {
                     let dqkv = per_sequence(&a[0], Some(dy), lens.as_deref(), |x, dy| {
-                        attend_backward_in_chunks(heads, x, dy.expect("a gradient"), &rope, SCORE_BLOCK)
+                        attend_backward_in_chunks(
+                            heads,
+                            x,
+                            dy.expect("a gradient"),
+                            &rope,
+                            SCORE_BLOCK,
+                        )
                     })?;
                     Ok(vec![Some(dqkv)])
                 },

@@ -240,10 +240,11 @@ fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let out = by_rows(&[x, dy], x.dtype(), ROW_BLOCK, |t| {
         let x = t[0].to_dtype(compute_dtype(t[0].dtype()))?;
         let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-        let inv_sqrt_2pi =
-            0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+        let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
         let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()? * inv_sqrt_2pi)?;
-        Ok(vec![(cdf + (x * pdf)?)?.mul(&t[1].to_dtype(compute_dtype(t[1].dtype()))?)?])
+        Ok(vec![
+            (cdf + (x * pdf)?)?.mul(&t[1].to_dtype(compute_dtype(t[1].dtype()))?)?
+        ])
     })?;
     Ok(out.into_iter().next().expect("one output"))
 }

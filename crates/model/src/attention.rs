@@ -116,59 +116,31 @@ impl CausalSelfAttention {
             // Tensor path (CUDA; CPU with bf16 activations) in training: attention computed
             // without a graph and recomputed in the backward pass, so the graph keeps qkv
             // alone instead of every (head, query, key) intermediate.
-            let heads = self.layout();
-            let lens: Option<Vec<usize>> = seqs.filter(|l| l.len() > 1).map(<[usize]>::to_vec);
-            let rope = rope.clone();
+            let att = Training {
+                heads: self.layout(),
+                lens: seqs.filter(|l| l.len() > 1).map(<[usize]>::to_vec),
+                rope: rope.clone(),
+            };
             if let (Some(res), Some((w, b))) = (residual, self.proj.frozen_parts()) {
                 // With a frozen projection: residual + proj(attention(qkv)) as one op, so the
                 // heads' output is not kept either (the projection's dX needs only W).
-                let (fwd_lens, fwd_rope, wb) = (lens.clone(), rope.clone(), w.clone());
+                let (fwd, wb) = (att.clone(), w.clone());
                 return Ok(recompute(
                     "attention-proj",
                     &[&qkv, res],
-                    move |a| {
-                        let y = per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
-                            attend_in_chunks(heads, x, &fwd_rope, SCORE_BLOCK)
-                        })?;
-                        &a[1] + frozen_forward(&y, &w, b.as_ref())?
-                    },
+                    move |a| &a[1] + frozen_forward(&fwd.forward(&a[0])?, &w, b.as_ref())?,
                     move |a, dout| {
                         let dy = linear_input_grad(dout, &wb)?.to_dtype(a[0].dtype())?;
-                        let dqkv = per_sequence(&a[0], Some(&dy), lens.as_deref(), |x, dy| {
-                            attend_backward_in_chunks(
-                                heads,
-                                x,
-                                dy.expect("a gradient"),
-                                &rope,
-                                SCORE_BLOCK,
-                            )
-                        })?;
-                        Ok(vec![Some(dqkv), Some(dout.clone())])
+                        Ok(vec![Some(att.backward(&a[0], &dy)?), Some(dout.clone())])
                     },
                 )?);
             }
-            let fwd_lens = lens.clone();
-            let fwd_rope = rope.clone();
+            let fwd = att.clone();
             let y = recompute(
                 "attention",
                 &[&qkv],
-                move |a| {
-                    per_sequence(&a[0], None, fwd_lens.as_deref(), |x, _| {
-                        attend_in_chunks(heads, x, &fwd_rope, SCORE_BLOCK)
-                    })
-                },
-                move |a, dy| {
-                    let dqkv = per_sequence(&a[0], Some(dy), lens.as_deref(), |x, dy| {
-                        attend_backward_in_chunks(
-                            heads,
-                            x,
-                            dy.expect("a gradient"),
-                            &rope,
-                            SCORE_BLOCK,
-                        )
-                    })?;
-                    Ok(vec![Some(dqkv)])
-                },
+                move |a| fwd.forward(&a[0]),
+                move |a, dy| Ok(vec![Some(att.backward(&a[0], dy)?)]),
             )?;
             return self.project(&y, dropout, residual);
         }
@@ -207,6 +179,31 @@ impl CausalSelfAttention {
             n_query_groups: self.n_query_groups,
             head_size: self.head_size,
         }
+    }
+}
+
+/// The tensor path's training attention over a (packed) qkv, from position 0 without a
+/// cache: forward and the recomputing backward, per sequence and in chunks of groups.
+#[derive(Clone)]
+struct Training {
+    heads: HeadLayout,
+    /// Sequence lengths of a packed batch; `None` for a plain (B, T) batch.
+    lens: Option<Vec<usize>>,
+    rope: Rope,
+}
+
+impl Training {
+    fn forward(&self, qkv: &Tensor) -> CResult<Tensor> {
+        per_sequence(qkv, None, self.lens.as_deref(), |x, _| {
+            attend_in_chunks(self.heads, x, &self.rope, SCORE_BLOCK)
+        })
+    }
+
+    fn backward(&self, qkv: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+        per_sequence(qkv, Some(dy), self.lens.as_deref(), |x, dy| match dy {
+            Some(dy) => attend_backward_in_chunks(self.heads, x, dy, &self.rope, SCORE_BLOCK),
+            None => candle_core::bail!("attention backward without a gradient"),
+        })
     }
 }
 
@@ -417,27 +414,7 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let v: Vec<f64> = (0..shape.iter().product())
-            .map(|_| rng.normal() as f64)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_util::{max_diff, randn};
 
     /// A few groups at a time equals all at once, forward and backward, for MHA and GQA
     /// (chunks of one group and of two, the last one short).

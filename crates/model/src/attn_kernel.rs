@@ -431,19 +431,8 @@ impl CustomOp2 for Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, randn};
     use candle_core::{DType, Device, Var, D};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f64>().unwrap()
-    }
 
     /// One sequence's attention from candle's differentiable ops: rotate-half rotary on the
     /// first 2 * half channels, scale, causal mask, softmax, grouped heads.

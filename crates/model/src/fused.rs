@@ -874,27 +874,8 @@ pub fn applies(x: &Tensor, w: Option<&Tensor>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, randn};
     use candle_core::{Device, Var, D};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.normal() as f64).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Value and input gradient of `f` against `reference` (candle's own differentiable ops).
     fn check(

@@ -23,6 +23,8 @@ pub mod model;
 pub mod ops;
 pub mod recompute;
 pub mod rng;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod weights;
 

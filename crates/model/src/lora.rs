@@ -535,6 +535,7 @@ pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, randn};
 
     #[test]
     fn config_validation_names_the_problem() {
@@ -552,27 +553,6 @@ mod tests {
             ..LoraConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("no target"));
-    }
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = Rng::new(seed);
-        let v: Vec<f64> = (0..shape.iter().product())
-            .map(|_| rng.normal() as f64)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// The forward pass (mask drawn from a seed, update inside the frozen op) against the

@@ -1,8 +1,8 @@
 //! LoRA adapter files (format "loratune-lora", version 1): a safetensors file holding only the
 //! LoRA tensors (names as `Gpt::lora_vars`), with header metadata `loratune` = JSON of
 //! [`AdapterMeta`]: the LoRA settings, the base model it was trained on (name and sha256 of
-//! its lit_model.safetensors) and the optimizer step. Loading never needs the settings
-//! repeated by hand.
+//! its lit_model.safetensors), the optimizer step and the training run it came from.
+//! Loading never needs the settings repeated by hand, and rejects non-finite tensors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,6 +27,9 @@ pub struct AdapterMeta {
     /// sha256 of the base checkpoint's lit_model.safetensors.
     pub base_sha256: String,
     pub step: u64,
+    /// The finetune-lora run that wrote it (absent in adapters from before run ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 impl AdapterMeta {
@@ -38,8 +41,40 @@ impl AdapterMeta {
             base_model,
             base_sha256,
             step,
+            run_id: None,
         }
     }
+
+    pub fn with_run_id(mut self, run_id: &str) -> Self {
+        self.run_id = Some(run_id.to_string());
+        self
+    }
+}
+
+/// sha256 of a set of named tensors' contents (names in order, shapes, values as f32 little
+/// endian): the same adapter gives the same hash whatever file or device it came from.
+pub fn tensors_sha256(tensors: &HashMap<String, Tensor>) -> Result<String> {
+    use sha2::Digest;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut h = sha2::Sha256::new();
+    for name in names {
+        let t = &tensors[name];
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((t.rank() as u64).to_le_bytes());
+        for d in t.dims() {
+            h.update((*d as u64).to_le_bytes());
+        }
+        let v: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes an adapter file atomically.
@@ -85,7 +120,27 @@ pub fn load_adapter(
             meta.format, meta.format_version
         )));
     }
+    meta.lora
+        .validate()
+        .map_err(|e| bad(format!("its LoRA settings are unusable ({e})")))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| bad(format!("unreadable tensors ({e})")))?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = tensors[name].to_dtype(candle_core::DType::F32)?;
+        let bad_values = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|x| !x.is_finite())
+            .count();
+        if bad_values > 0 {
+            return Err(bad(format!(
+                "tensor {name} holds {bad_values} non-finite value(s) (NaN or infinity); the \
+                 training that wrote it diverged"
+            )));
+        }
+    }
     Ok((meta, tensors))
 }

@@ -16,9 +16,15 @@ use crate::lora::{DropoutCtx, LoraLinear};
 use crate::ops::{apply_rope, causal_softmax, frozen_linear_add};
 use crate::recompute::recompute;
 
-/// cos/sin tables for every position up to the block size: (block_size, rope_n_elem / 2).
+/// Positions whose cos/sin rows are computed when the model loads; rows beyond (long
+/// contexts, up to the block size) are computed when asked for, so a model's memory does not
+/// grow with a block size it never uses.
+const ROPE_PRECOMPUTED: usize = 8192;
+
+/// Rotary cos/sin tables, (positions, rope_n_elem / 2).
 #[derive(Debug, Clone)]
 pub struct Rope {
+    inv_freq: Vec<f32>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -26,33 +32,60 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Rope> {
         let half = cfg.rope_n_elem() / 2;
-        let n = cfg.block_size;
         let n_elem = cfg.rope_n_elem() as f64;
         // Same arithmetic as transformers: inv_freq in f32, angles in f32.
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / cfg.rope_base.powf((2 * i) as f64 / n_elem)) as f32)
             .collect();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for t in 0..n {
-            for f in &inv_freq {
+        let (cos, sin) = Self::rows(&inv_freq, 0, cfg.block_size.min(ROPE_PRECOMPUTED))?;
+        Ok(Rope {
+            cos: cos.to_device(device)?.to_dtype(dtype)?,
+            sin: sin.to_device(device)?.to_dtype(dtype)?,
+            inv_freq,
+        })
+    }
+
+    /// f32 cos/sin rows for positions `offset .. offset + len`, on the CPU.
+    fn rows(inv_freq: &[f32], offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for t in offset..offset + len {
+            for f in inv_freq {
                 let angle = t as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
-        })
+        Ok((
+            Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
+        ))
     }
 
     /// Tables for positions `offset .. offset + len`.
     fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        if offset + len <= self.cos.dim(0)? {
+            return Ok((
+                self.cos.narrow(0, offset, len)?,
+                self.sin.narrow(0, offset, len)?,
+            ));
+        }
+        let (cos, sin) = Self::rows(&self.inv_freq, offset, len)?;
+        let (device, dtype) = (self.cos.device(), self.cos.dtype());
         Ok((
-            self.cos.narrow(0, offset, len)?,
-            self.sin.narrow(0, offset, len)?,
+            cos.to_device(device)?.to_dtype(dtype)?,
+            sin.to_device(device)?.to_dtype(dtype)?,
         ))
+    }
+
+    /// Tables covering at least positions `0 .. len`.
+    fn covering(&self, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        if len <= self.cos.dim(0)? {
+            Ok((self.cos.clone(), self.sin.clone()))
+        } else {
+            self.at(0, len)
+        }
     }
 }
 
@@ -98,6 +131,8 @@ impl CausalSelfAttention {
             // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
             let (b, t, _) = qkv.dims3()?;
             let lengths = seqs.map_or_else(|| vec![t; b], <[usize]>::to_vec);
+            let longest = lengths.iter().copied().max().unwrap_or(0);
+            let (cos, sin) = rope.covering(longest)?;
             let y = packed_attention(
                 &qkv,
                 PackedAttention {
@@ -105,8 +140,8 @@ impl CausalSelfAttention {
                     n_head: self.n_head,
                     n_query_groups: self.n_query_groups,
                     head_size: self.head_size,
-                    cos: rope.cos.clone(),
-                    sin: rope.sin.clone(),
+                    cos,
+                    sin,
                     scale: 1.0 / (self.head_size as f64).sqrt(),
                 },
             )?;
@@ -415,6 +450,24 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
 mod tests {
     use super::*;
     use crate::test_util::{max_diff, randn};
+
+    /// Rows past the precomputed table are computed on demand, equal to what the table
+    /// would hold; a block size of a billion costs nothing until those positions are used.
+    #[test]
+    fn rope_rows_past_the_table_are_computed_on_demand() {
+        let mut cfg = Config::from_name("pythia-14m").unwrap();
+        cfg.block_size = 1_000_000_000;
+        let rope = Rope::new(&cfg, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(rope.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
+        let (c, s) = rope.at(ROPE_PRECOMPUTED - 3, 6).unwrap();
+        let (c2, s2) = Rope::rows(&rope.inv_freq, ROPE_PRECOMPUTED - 3, 6).unwrap();
+        assert_eq!(max_diff(&c, &c2), 0.0);
+        assert_eq!(max_diff(&s, &s2), 0.0);
+        let (c3, _) = rope.at(ROPE_PRECOMPUTED - 3, 3).unwrap();
+        assert_eq!(max_diff(&c3, &c.narrow(0, 0, 3).unwrap()), 0.0);
+        let (cov, _) = rope.covering(ROPE_PRECOMPUTED + 5).unwrap();
+        assert_eq!(cov.dim(0).unwrap(), ROPE_PRECOMPUTED + 5);
+    }
 
     /// A few groups at a time equals all at once, forward and backward, for MHA and GQA
     /// (chunks of one group and of two, the last one short).

@@ -68,6 +68,12 @@ fn find_multiple(n: usize, k: usize) -> usize {
     }
 }
 
+/// The largest size of a config dimension (width, heads, layers, vocabulary).
+pub const MAX_DIM: usize = 1 << 24;
+/// The largest block size (1G positions; the longest-context models publish about 1M).
+/// Memory is spent on the positions a run uses, not on the block size.
+pub const MAX_BLOCK_SIZE: usize = 1 << 30;
+
 impl Config {
     /// Lit-GPT's defaults, before a preset overrides them. Derived fields are 0 ("derive me").
     fn litgpt_defaults(hf_org: &str, name: &str) -> Config {
@@ -153,6 +159,16 @@ impl Config {
         ] {
             if v == 0 {
                 return bad(format!("{field} must be greater than 0"));
+            }
+            let max = if field == "block_size" {
+                MAX_BLOCK_SIZE
+            } else {
+                MAX_DIM
+            };
+            if v > max {
+                return bad(format!(
+                    "{field} is {v}, more than {max}: larger than any model this code runs"
+                ));
             }
         }
         if !self.n_head.is_multiple_of(self.n_query_groups) {

@@ -58,6 +58,15 @@ pub enum Error {
 
     #[error("invalid model input: {0}")]
     Input(String),
+
+    #[error("invalid sampling setting: {0}")]
+    Sampling(String),
+
+    #[error("{path}: {reason}")]
+    Output { path: PathBuf, reason: String },
+
+    #[error("{path} is in use by {holder}; wait for it to finish or stop it first")]
+    Busy { path: PathBuf, holder: String },
 }
 
 fn source_hint(p: &Option<PathBuf>) -> String {

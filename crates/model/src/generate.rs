@@ -26,20 +26,20 @@ impl Sampling {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.temperature.is_nan() || self.temperature < 0.0 {
-            return Err(Error::Lora(format!(
-                "--temperature must be >= 0, got {}",
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::Sampling(format!(
+                "temperature must be a number >= 0 (0 is greedy), got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Lora(format!(
-                "--top-p must be in (0, 1], got {}",
+            return Err(Error::Sampling(format!(
+                "top-p must be in (0, 1], got {}",
                 self.top_p
             )));
         }
         if self.top_k == Some(0) {
-            return Err(Error::Lora("--top-k must be at least 1".into()));
+            return Err(Error::Sampling("top-k must be at least 1".into()));
         }
         Ok(())
     }
@@ -148,6 +148,16 @@ fn decode(
         let logits = model.forward_cached_last(&input, &mut cache)?;
         let t = logits.dim(1)?;
         let last: Vec<f32> = logits.i((0, t - 1))?.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(bad) = last[..vocab.min(last.len())]
+            .iter()
+            .find(|x| !x.is_finite())
+        {
+            return Err(Error::Input(format!(
+                "the model's logits are {bad} at new token {}: the weights (or the merged \
+                 adapter) hold NaN or overflowed values",
+                out.len() + 1
+            )));
+        }
         let next = sample(&last, vocab, sampling, rng);
         if stop_ids.contains(&next) {
             break;

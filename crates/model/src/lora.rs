@@ -85,6 +85,23 @@ impl Default for LoraConfig {
     }
 }
 
+/// The largest accepted scaling alpha / r: far above any published recipe (1 to 64), and low
+/// enough that a mistyped alpha is refused instead of generating from overflowed weights.
+pub const MAX_SCALING: f64 = 1e4;
+
+impl std::fmt::Display for LoraConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "r {}, alpha {}, dropout {}, targets {}",
+            self.r,
+            self.alpha,
+            self.dropout,
+            self.targets.names().join("+")
+        )
+    }
+}
+
 impl LoraConfig {
     pub fn scaling(&self) -> f64 {
         self.alpha / self.r as f64
@@ -94,10 +111,19 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(Error::Lora("rank r must be at least 1".into()));
         }
-        if self.alpha.is_nan() || self.alpha <= 0.0 {
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return Err(Error::Lora(format!(
-                "alpha must be positive, got {}",
+                "alpha must be a positive number, got {}",
                 self.alpha
+            )));
+        }
+        if self.scaling() > MAX_SCALING {
+            return Err(Error::Lora(format!(
+                "alpha / r = {} / {} = {:e} is above {MAX_SCALING:e}; the adapted weights would \
+                 overflow",
+                self.alpha,
+                self.r,
+                self.scaling()
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -575,6 +575,13 @@ impl Gpt {
         if self.lora.is_some() {
             return Err(Error::Lora("the model already has LoRA adapters".into()));
         }
+        if lora.r > self.config.n_embd {
+            return Err(Error::Lora(format!(
+                "rank r {} is larger than the model's width ({}); an adapter of rank r adds \
+                 nothing above it",
+                lora.r, self.config.n_embd
+            )));
+        }
         self.lora = Some(lora.clone());
         let mut rng = Rng::new(seed);
         for (linear, adapters) in self.targets_mut() {

@@ -292,21 +292,33 @@ pub fn stored_dtype(path: &Path) -> Result<DType> {
     })
 }
 
-/// Writes named tensors as safetensors, atomically, with string metadata.
+/// Writes named tensors as safetensors, atomically, with string metadata. (Through our own
+/// writer, not the safetensors crate's: its temporary file is created mode 0600 under a
+/// random name that a killed process leaves behind.)
 pub fn save_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let views: Vec<(String, Tensor)> = tensors
+    let specs: Vec<TensorSpec> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let data: Vec<(&str, &Tensor)> = views.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    crate::io::write_atomic_to(path, |tmp| {
-        safetensors::tensor::serialize_to_file(data.iter().map(|(n, t)| (*n, *t)), metadata, tmp)
-            .map_err(std::io::Error::other)
-    })
+        .map(|(n, t)| TensorSpec {
+            name: n.clone(),
+            shape: t.dims().to_vec(),
+            dtype: t.dtype(),
+        })
+        .collect();
+    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    if by_name.len() != tensors.len() {
+        return Err(Error::Output {
+            path: path.to_path_buf(),
+            reason: "two tensors have the same name".into(),
+        });
+    }
+    write_safetensors_streaming(path, &specs, &metadata.unwrap_or_default(), |s| {
+        Ok(by_name[s.name.as_str()].clone())
+    })?;
+    Ok(())
 }
 
 /// Name, shape and dtype of one tensor in a file being written.

@@ -86,6 +86,15 @@ pub fn write_dataset(path: &Path, samples: &[Sample]) -> Result<()> {
     Ok(())
 }
 
+/// What [`Dataset::scan`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// The largest token id among inputs and targets, and the (0-based) sample holding it.
+    pub max_id: Option<(u64, usize)>,
+    /// Samples with at least one target within the length limit.
+    pub with_targets: usize,
+}
+
 /// A memory-mapped dataset file.
 pub struct Dataset {
     path: PathBuf,
@@ -183,6 +192,32 @@ impl Dataset {
     /// Token count of sample `i`.
     pub fn sample_len(&self, i: usize) -> usize {
         (self.offsets[i + 1] - self.offsets[i]) as usize
+    }
+
+    /// Reads every sample once: the largest id (input or target) and where it is, and how
+    /// many samples keep a training target when cut to `max_len` tokens (a position's label
+    /// is predicted from the position before it, so position 0's never counts).
+    pub fn scan(&self, max_len: usize, ignore_index: i32) -> Scan {
+        let mut scan = Scan::default();
+        for i in 0..self.len() {
+            let s = self.get(i);
+            let ids = s.input_ids.iter().map(|&x| x as u64);
+            let targets = s.labels.iter().filter(|&&l| l >= 0).map(|&l| l as u64);
+            if let Some(m) = ids.chain(targets).max() {
+                if scan.max_id.is_none_or(|(best, _)| m > best) {
+                    scan.max_id = Some((m, i));
+                }
+            }
+            let n = s.labels.len().min(max_len);
+            if s.labels[..n]
+                .iter()
+                .skip(1)
+                .any(|&l| l != ignore_index && l >= 0)
+            {
+                scan.with_targets += 1;
+            }
+        }
+        scan
     }
 
     pub fn get(&self, i: usize) -> Sample {

@@ -18,14 +18,24 @@ pub struct EncodeOptions {
     pub max_seq_length: usize,
 }
 
+/// What truncation did to a set of records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Truncation {
+    /// Samples cut to the maximum length (EOS kept).
+    pub truncated: usize,
+    /// Of those, samples cut inside their prompt: no response token is left, only EOS (with
+    /// masked inputs, EOS is all they train on).
+    pub no_response_left: usize,
+}
+
 /// Tokenizes records (in batches, on all cores). `progress` is told how many records each
-/// batch finished. Returns the samples and how many were truncated.
+/// batch finished. Returns the samples and what truncation did.
 pub fn encode_records(
     records: &[Record],
     tok: &Tokenizer,
     opts: EncodeOptions,
     progress: &mut dyn FnMut(usize),
-) -> Result<(Vec<Sample>, usize)> {
+) -> Result<(Vec<Sample>, Truncation)> {
     if opts.max_seq_length < 2 {
         return Err(Error::Invalid(format!(
             "--max-seq-length must be at least 2, got {}",
@@ -33,7 +43,7 @@ pub fn encode_records(
         )));
     }
     let mut samples = Vec::with_capacity(records.len());
-    let mut truncated = 0;
+    let mut cut = Truncation::default();
     for chunk in records.chunks(256) {
         let prompts: Vec<String> = chunk.iter().map(|r| opts.style.record_prompt(r)).collect();
         let fulls: Vec<String> = chunk
@@ -47,7 +57,10 @@ pub fn encode_records(
         let f_ids = tok.encode_batch(&f_refs, tok.add_bos, true)?;
         for (p, mut ids) in p_ids.into_iter().zip(f_ids) {
             if ids.len() > opts.max_seq_length {
-                truncated += 1;
+                cut.truncated += 1;
+                if p.len() >= opts.max_seq_length - 1 {
+                    cut.no_response_left += 1;
+                }
                 ids.truncate(opts.max_seq_length);
                 // Keep the end-of-text token: a truncated sample still teaches the model to stop
                 // (Lit-GPT silently dropped it).
@@ -67,7 +80,7 @@ pub fn encode_records(
         }
         progress(chunk.len());
     }
-    Ok((samples, truncated))
+    Ok((samples, cut))
 }
 
 /// How many records go to validation.
@@ -190,6 +203,9 @@ pub struct DatasetMeta {
     pub records_read: usize,
     pub records_skipped: usize,
     pub truncated: usize,
+    /// Truncated samples with no response token left (absent in older meta.json files).
+    #[serde(default)]
+    pub no_response_left: usize,
     pub train: LengthStats,
     pub val: LengthStats,
 }

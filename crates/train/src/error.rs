@@ -14,8 +14,36 @@ pub enum Error {
     Checkpoint { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
-    #[error("loss is {value} at step {step} (iteration {iter}); stopped, the last good checkpoint is kept")]
-    NonFinite { value: f64, step: u64, iter: u64 },
+    #[error("loss is {value} at step {step} (iteration {iter}); stopped, {}", kept_note(.kept))]
+    NonFinite {
+        value: f64,
+        step: u64,
+        iter: u64,
+        /// The newest checkpoint saved before it, if any.
+        kept: Option<PathBuf>,
+    },
+    #[error("{path} already holds files ({}); a new run would mix with them", list(.entries))]
+    OutDirNotEmpty { path: PathBuf, entries: Vec<String> },
+}
+
+fn kept_note(kept: &Option<PathBuf>) -> String {
+    match kept {
+        Some(p) => format!("the last good checkpoint is kept: {}", p.display()),
+        None => "before any checkpoint was saved (nothing to keep); lower the learning rate".into(),
+    }
+}
+
+fn list(entries: &[String]) -> String {
+    let mut s = entries
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if entries.len() > 3 {
+        s.push_str(&format!(" and {} more", entries.len() - 3));
+    }
+    s
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -18,6 +18,9 @@ pub struct Record {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub peak_rss_mib: Option<f64>,
+    /// The run that logged it (absent in lines from before run ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 pub struct MetricsLog {
@@ -26,18 +29,42 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `out/metrics.jsonl` for appending (a resumed run continues the same file).
-    pub fn open(out: &Path) -> Result<MetricsLog> {
+    /// Opens `out/metrics.jsonl` for appending as run `run_id` at step `step` (0 for a new
+    /// run). Lines that do not belong to that history (another run's, or steps after `step`
+    /// that a killed or diverged attempt logged before its checkpoint) are dropped first, so
+    /// the file describes the one run that the checkpoints hold. Returns the log and how
+    /// many lines were dropped.
+    pub fn open(out: &Path, run_id: &str, step: u64) -> Result<(MetricsLog, usize)> {
         let path = out.join("metrics.jsonl");
+        let err = |e: std::io::Error| Error::Checkpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let mut dropped = 0;
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).map_err(err)?;
+            let mut kept = String::new();
+            for line in text.lines() {
+                let keep = serde_json::from_str::<Record>(line).is_ok_and(|r| {
+                    r.step <= step && r.run_id.as_deref().is_none_or(|id| id == run_id)
+                });
+                if keep && step > 0 {
+                    kept.push_str(line);
+                    kept.push('\n');
+                } else if !line.trim().is_empty() {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                loratune_model::io::write_atomic(&path, kept.as_bytes())?;
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| Error::Checkpoint {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(MetricsLog { path, file })
+            .map_err(err)?;
+        Ok((MetricsLog { path, file }, dropped))
     }
 
     pub fn append(&mut self, r: &Record) -> Result<()> {
@@ -134,4 +161,45 @@ pub fn write_loss_svg(path: &Path, records: &[Record]) -> Result<()> {
     );
     loratune_model::io::write_atomic(path, svg.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(step: u64, run: Option<&str>) -> Record {
+        Record {
+            step,
+            iter: step,
+            loss: 1.0,
+            val_loss: None,
+            lr: 1e-3,
+            tokens: 10 * step,
+            tokens_per_s: 1.0,
+            peak_rss_mib: None,
+            run_id: run.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn opening_keeps_only_the_resumed_runs_history() {
+        let dir = std::env::temp_dir().join(format!("lt-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut log, dropped) = MetricsLog::open(&dir, "a", 0).unwrap();
+        assert_eq!(dropped, 0);
+        for s in 1..=4 {
+            log.append(&rec(s, Some("a"))).unwrap();
+        }
+        log.append(&rec(9, Some("b"))).unwrap();
+        drop(log);
+        // Resuming run a at step 2: steps 3 and 4 (after the checkpoint) and run b go.
+        let (log, dropped) = MetricsLog::open(&dir, "a", 2).unwrap();
+        assert_eq!(dropped, 3);
+        let steps: Vec<u64> = read(log.path()).iter().map(|r| r.step).collect();
+        assert_eq!(steps, vec![1, 2]);
+        // A fresh run starts an empty history.
+        let (log, _) = MetricsLog::open(&dir, "c", 0).unwrap();
+        assert!(read(log.path()).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

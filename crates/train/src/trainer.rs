@@ -73,10 +73,22 @@ impl TrainConfig {
         if self.max_iters == 0 {
             return bad("--max-iters must be at least 1".into());
         }
-        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
+        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
             return bad(format!(
-                "--learning-rate must be positive, got {}",
+                "--learning-rate must be a positive number, got {}",
                 self.learning_rate
+            ));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return bad(format!(
+                "--weight-decay must be a number >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.max_seq_length < 2 {
+            return bad(format!(
+                "--max-seq-length must be at least 2 (one token to read, one to predict), got {}",
+                self.max_seq_length
             ));
         }
         for (flag, v) in [
@@ -88,8 +100,8 @@ impl TrainConfig {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
-        if self.grad_clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
-            return bad("--grad-clip must be positive".into());
+        if let Some(c) = self.grad_clip.filter(|c| !c.is_finite() || *c <= 0.0) {
+            return bad(format!("--grad-clip must be a positive number, got {c}"));
         }
         if self.keep_last == Some(0) {
             return bad("--keep-last must be at least 1".into());
@@ -131,6 +143,10 @@ pub struct Trainer {
     rng: Rng,
     state: TrainState,
     base: (String, String),
+    /// The newest checkpoint this run saved or resumed from.
+    last_saved: Option<PathBuf>,
+    /// Things about the data worth telling the user (the library does not print them).
+    pub warnings: Vec<String>,
 }
 
 /// How a run ended.
@@ -162,6 +178,40 @@ impl Trainer {
                 val.len()
             )));
         }
+        let vocab = model.config.padded_vocab_size;
+        let mut warnings = Vec::new();
+        for (name, ds) in [("training", &train), ("validation", &val)] {
+            let scan = ds.scan(cfg.max_seq_length, cfg.ignore_index);
+            if let Some((id, i)) = scan.max_id.filter(|(id, _)| *id >= vocab as u64) {
+                return Err(Error::Invalid(format!(
+                    "{}: sample {} holds token id {id}, but {} has {vocab} token embeddings; \
+                     the data was tokenized for another model",
+                    ds.path().display(),
+                    i + 1,
+                    model.config.repo_id()
+                )));
+            }
+            if scan.with_targets == 0 {
+                return Err(Error::Invalid(format!(
+                    "{}: none of the {} {name} samples keeps a token to train on within its \
+                     first {} tokens (the maximum sequence length); raise it, or do not mask \
+                     the prompts",
+                    ds.path().display(),
+                    ds.len(),
+                    cfg.max_seq_length
+                )));
+            }
+            if scan.with_targets < ds.len() {
+                warnings.push(format!(
+                    "{}: {} of {} {name} samples have no token to train on within the first {} \
+                     tokens; they add nothing",
+                    ds.path().display(),
+                    ds.len() - scan.with_targets,
+                    ds.len(),
+                    cfg.max_seq_length
+                ));
+            }
+        }
         let params = model.lora_vars();
         if params.is_empty() {
             return Err(Error::Invalid(
@@ -179,6 +229,9 @@ impl Trainer {
         let sampler = Sampler::new(&train, cfg.micro_batch_size, cfg.seed);
         let rng = Rng::new(cfg.seed ^ 0x5EED_D80F);
         let state = TrainState {
+            format_version: checkpoint::STATE_VERSION,
+            run_id: checkpoint::new_run_id(),
+            adapter_sha256: String::new(),
             step: 0,
             iter: 0,
             tokens: 0,
@@ -195,11 +248,18 @@ impl Trainer {
             rng,
             state,
             base,
+            last_saved: None,
+            warnings,
         })
     }
 
     pub fn step(&self) -> u64 {
         self.state.step
+    }
+
+    /// The id of this run, recorded in its checkpoints and metrics lines.
+    pub fn run_id(&self) -> &str {
+        &self.state.run_id
     }
 
     fn adapter_meta(&self) -> AdapterMeta {
@@ -209,19 +269,25 @@ impl Trainer {
             self.base.1.clone(),
             self.state.step,
         )
+        .with_run_id(&self.state.run_id)
     }
 
     /// Continues from a checkpoint: LoRA weights, AdamW moments, step, RNG and data position.
     /// Refuses a checkpoint made with other LoRA settings or another base model.
     pub fn resume(&mut self, ckpt: &std::path::Path) -> Result<()> {
         let loaded = checkpoint::load(ckpt, self.model.device())?;
+        self.restore(ckpt, loaded)
+    }
+
+    /// [`Trainer::resume`] from a checkpoint already loaded from `ckpt`.
+    pub fn restore(&mut self, ckpt: &std::path::Path, loaded: checkpoint::Loaded) -> Result<()> {
         let refuse = |what: String| Error::Checkpoint {
             path: ckpt.to_path_buf(),
             reason: format!("cannot resume: {what}"),
         };
         if loaded.meta.lora != self.cfg.lora {
             return Err(refuse(format!(
-                "it was trained with LoRA {:?}, this run asks for {:?}",
+                "it was trained with LoRA {}, this run asks for {}",
                 loaded.meta.lora, self.cfg.lora
             )));
         }
@@ -257,7 +323,17 @@ impl Trainer {
             .load_state(|k| loaded.optimizer.get(k).cloned(), step)?;
         self.rng = Rng::from_state(loaded.state.rng);
         self.sampler.restore(loaded.state.sampler);
-        self.state = loaded.state;
+        let run_id = if loaded.state.run_id.is_empty() {
+            std::mem::take(&mut self.state.run_id)
+        } else {
+            loaded.state.run_id.clone()
+        };
+        self.state = TrainState {
+            run_id,
+            adapter_sha256: String::new(),
+            ..loaded.state
+        };
+        self.last_saved = Some(ckpt.to_path_buf());
         Ok(())
     }
 
@@ -291,6 +367,7 @@ impl Trainer {
                 value: loss,
                 step: self.state.step + 1,
                 iter: self.state.iter,
+                kept: self.last_saved.clone(),
             });
         }
         let grad_norm = match self.cfg.grad_clip {
@@ -328,7 +405,7 @@ impl Trainer {
     }
 
     /// Saves a checkpoint for the current step (and prunes old ones with --keep-last).
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let path = checkpoint::save(
             &self.cfg.out_dir,
             &self.adapter_meta(),
@@ -336,6 +413,7 @@ impl Trainer {
             &self.opt.state_tensors(),
             &self.state,
         )?;
+        self.last_saved = Some(path.clone());
         if let Some(keep) = self.cfg.keep_last {
             checkpoint::prune(&self.cfg.out_dir, keep)?;
         }
@@ -345,7 +423,8 @@ impl Trainer {
     /// Runs until the configured number of steps, or until `stop` is set (then saves first).
     pub fn fit(&mut self, hooks: &mut dyn Hooks, stop: &AtomicBool) -> Result<Summary> {
         let total = self.cfg.total_steps();
-        let mut log = MetricsLog::open(&self.cfg.out_dir)?;
+        let (mut log, _) =
+            MetricsLog::open(&self.cfg.out_dir, &self.state.run_id, self.state.step)?;
         let mut last_val = None;
         let mut interrupted = false;
         let initial_val_loss = if self.state.step == 0 {
@@ -375,6 +454,7 @@ impl Trainer {
                     tokens: r.tokens,
                     tokens_per_s: r.tokens_per_s,
                     peak_rss_mib: loratune_model::io::peak_rss_mib(),
+                    run_id: Some(self.state.run_id.clone()),
                 })?;
             }
             let stopping = stop.load(Ordering::SeqCst);

@@ -12,8 +12,8 @@
 # Every stage prints what it did and how long it took. Outputs (under LORATUNE_WORKDIR, the
 # repository by default): checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, data/alpaca_demo,
 # out/lora/quickstart. The end-to-end test runs this same script on a tiny model by setting
-# LORATUNE_BIN, LORATUNE_WORKDIR, LORATUNE_SMOLLM2_GGUF, LORATUNE_ALPACA_DEMO, QS_VAL and
-# QS_MAX_NEW.
+# LORATUNE_BIN, LORATUNE_WORKDIR, LORATUNE_SMOLLM2_GGUF, LORATUNE_ALPACA_DEMO, QS_VAL,
+# QS_MAX_NEW and QS_STYLE (the prompt style).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "${LORATUNE_WORKDIR:-$ROOT}"
@@ -33,6 +33,7 @@ BIN=${LORATUNE_BIN:-$ROOT/target/release}
 CK=checkpoints/${REPO_ID:-HuggingFaceTB/SmolLM2-135M-Instruct}
 STYLE=chatml
 [ -n "$REPO_ID" ] && STYLE=alpaca
+STYLE=${QS_STYLE:-$STYLE}
 DATA=data/alpaca_demo
 OUT=out/lora/quickstart
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}

@@ -1,13 +1,12 @@
 //! What `generate` and `generate-lora` share: flags, loading (and merging) the model,
 //! streaming the answer to stdout, timing to stderr.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use loratune_data::PromptStyle;
-use loratune_model::adapter::load_adapter;
+use loratune_model::adapter::{load_adapter, AdapterMeta};
 use loratune_model::generate::{generate, Sampling};
 use loratune_model::{Gpt, Rng, Tokenizer, Weights};
 
@@ -34,7 +33,7 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub num_samples: usize,
     /// 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU.
     #[arg(long, value_enum)]
@@ -49,6 +48,21 @@ pub struct GenerateArgs {
     pub truncate_prompt: bool,
 }
 
+/// Sampling settings from flags, checked with the flags' names.
+pub fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Result<Sampling> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        bail!("--temperature must be a number >= 0 (0 is greedy), got {temperature}");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {top_p}");
+    }
+    Ok(Sampling {
+        temperature,
+        top_k: (top_k > 0).then_some(top_k),
+        top_p,
+    })
+}
+
 pub fn parse_style(s: &str) -> std::result::Result<PromptStyle, String> {
     PromptStyle::parse(s).ok_or_else(|| {
         let names: Vec<_> = PromptStyle::ALL.iter().map(|p| p.name()).collect();
@@ -60,8 +74,12 @@ pub fn parse_style(s: &str) -> std::result::Result<PromptStyle, String> {
 }
 
 /// Loads the base model, and with `lora` its adapters (settings read from the adapter file)
-/// merged into the weights.
-pub fn load_model(args: &GenerateArgs, lora: Option<&Path>) -> Result<(Gpt, Tokenizer)> {
+/// merged into the weights; `force` accepts an adapter trained on other base weights.
+pub fn load_model(
+    args: &GenerateArgs,
+    lora: Option<&Path>,
+    force: bool,
+) -> Result<(Gpt, Tokenizer)> {
     let device = crate::parse_device(&args.device)?;
     let precision = args
         .precision
@@ -71,14 +89,21 @@ pub fn load_model(args: &GenerateArgs, lora: Option<&Path>) -> Result<(Gpt, Toke
         .load_model(&args.checkpoint_dir, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     if let Some(path) = lora {
-        merge_adapter(&mut model, path)?;
+        merge_adapter(&mut model, path, &args.checkpoint_dir, force)?;
     }
     Ok((model, tok))
 }
 
-/// Attaches the adapter at `path` (its r/alpha/targets come from the file) and merges it.
-pub fn merge_adapter(model: &mut Gpt, path: &Path) -> Result<()> {
-    let (meta, tensors) = load_adapter(path, model.device())?;
+/// Checks that the adapter at `path` was trained on the base model in `checkpoint_dir`:
+/// the same model name, and the same weights (the sha256 recorded in the adapter). Other
+/// weights are an error, or with `force` a warning naming both checksums.
+pub fn check_adapter_base(
+    model: &Gpt,
+    meta: &AdapterMeta,
+    path: &Path,
+    checkpoint_dir: &Path,
+    force: bool,
+) -> Result<()> {
     if meta.base_model != model.config.repo_id() {
         bail!(
             "{} was trained on {}, but the checkpoint is {}; pass the matching --checkpoint-dir",
@@ -87,6 +112,35 @@ pub fn merge_adapter(model: &mut Gpt, path: &Path) -> Result<()> {
             model.config.repo_id()
         );
     }
+    let weights = checkpoint_dir.join("lit_model.safetensors");
+    let sha = loratune_model::io::sha256_file(&weights)?;
+    if sha != meta.base_sha256 {
+        let short = |s: &str| s.get(..12).unwrap_or(s).to_string();
+        let msg = format!(
+            "{} was trained on base weights with sha256 {}…, but {} has sha256 {}…",
+            path.display(),
+            short(&meta.base_sha256),
+            weights.display(),
+            short(&sha)
+        );
+        if !force {
+            bail!("{msg}: the adapter may not fit these weights; pass --force to use it anyway");
+        }
+        errln!("warning: {msg}; using it anyway (--force)");
+    }
+    Ok(())
+}
+
+/// Attaches the adapter at `path` (its r/alpha/targets come from the file) and merges it,
+/// after checking it belongs to the base in `checkpoint_dir` ([`check_adapter_base`]).
+pub fn merge_adapter(
+    model: &mut Gpt,
+    path: &Path,
+    checkpoint_dir: &Path,
+    force: bool,
+) -> Result<()> {
+    let (meta, tensors) = load_adapter(path, model.device())?;
+    check_adapter_base(model, &meta, path, checkpoint_dir, force)?;
     model
         .load_lora(&meta.lora, Weights::new(tensors))
         .with_context(|| format!("loading the adapter {}", path.display()))?;
@@ -96,11 +150,18 @@ pub fn merge_adapter(model: &mut Gpt, path: &Path) -> Result<()> {
 
 /// Generates `num_samples` answers, streaming each to stdout.
 pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Result<()> {
+    let sampling = sampling(args.temperature, args.top_k, args.top_p)?;
     let prompt = args.prompt_style.prompt(&args.prompt, &args.input);
     let mut ids = tok.encode(&prompt, tok.add_bos, false)?;
     let block = model.config.block_size;
     if ids.len() + args.max_new_tokens > block {
-        if !args.truncate_prompt || args.max_new_tokens >= block {
+        if args.max_new_tokens >= block {
+            bail!(
+                "--max-new-tokens {} leaves no room for a prompt in the {block}-token context",
+                args.max_new_tokens
+            );
+        }
+        if !args.truncate_prompt {
             bail!(
                 "the prompt ({} tokens) plus --max-new-tokens {} exceed the block size of {} \
                  tokens; shorten the prompt, lower --max-new-tokens, or pass --truncate-prompt",
@@ -111,15 +172,14 @@ pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Resu
         }
         ids = ids[ids.len() - (block - args.max_new_tokens)..].to_vec();
     }
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: (args.top_k > 0).then_some(args.top_k),
-        top_p: args.top_p,
-    };
     let mut rng = Rng::new(args.seed);
-    for i in 0..args.num_samples.max(1) {
+    for i in 0..args.num_samples {
+        if crate::stdout_closed() {
+            // Nobody reads the answers any more (`| head`): stop, successfully.
+            break;
+        }
         if args.num_samples > 1 {
-            println!("--- sample {} ---", i + 1);
+            outln!("--- sample {} ---", i + 1);
         }
         stream_reply(model, tok, &ids, args.max_new_tokens, &sampling, &mut rng)?;
     }
@@ -137,27 +197,31 @@ pub fn stream_reply(
     sampling: &Sampling,
     rng: &mut Rng,
 ) -> Result<String> {
-    let stdout = std::io::stdout();
     let t0 = Instant::now();
     let mut first: Option<f64> = None;
     let mut stream = tok.stream();
     let mut text = String::new();
+    let mut write_error = None;
     let out = generate(model, ids, max_new, sampling, &tok.stop_ids, rng, |id| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         if let Some(piece) = stream.push(id)? {
-            let mut lock = stdout.lock();
-            let _ = lock.write_all(piece.as_bytes());
-            let _ = lock.flush();
+            if let Err(e) = crate::write_stdout(format_args!("{piece}")) {
+                write_error = Some(e);
+                return Ok(false);
+            }
             text.push_str(&piece);
         }
-        Ok(true)
+        // A reader that went away ends the reply early.
+        Ok(!crate::stdout_closed())
     })?;
+    if let Some(e) = write_error {
+        return Err(e);
+    }
     if let Some(rest) = stream.finish()? {
-        print!("{rest}");
+        out!("{rest}");
         text.push_str(&rest);
     }
-    println!();
-    let _ = std::io::stdout().flush();
+    outln!();
     let total = t0.elapsed().as_secs_f64();
     let ttft = first.unwrap_or(total);
     let decode_rate = if out.len() > 1 {
@@ -165,7 +229,7 @@ pub fn stream_reply(
     } else {
         0.0
     };
-    eprintln!(
+    errln!(
         "{} tokens; time to first token {:.0} ms; {:.1} tokens/s after it; peak RSS {:.0} MiB",
         out.len(),
         ttft * 1000.0,

@@ -1,11 +1,18 @@
 //! Plumbing shared by the binaries: turning errors into one-line messages and exit codes,
-//! the `--device` and `--precision` flags, and memory reporting. Each command in `commands/`
-//! parses its flags and calls the libraries; no algorithm lives here. `src/bin/` holds one
-//! thin binary per command plus `loratune`, which runs any of them.
+//! output that never panics, stop signals, the `--device` and `--precision` flags, and
+//! memory reporting. Each command in `commands/` parses its flags and calls the libraries;
+//! no algorithm lives here. `src/bin/` holds one thin binary per command plus `loratune`,
+//! which runs any of them.
 
+#[macro_use]
+pub mod output;
 pub mod commands;
 pub mod generation;
+pub mod signals;
 
+pub use output::{stdout_closed, write_stderr, write_stdout};
+
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -15,14 +22,88 @@ use candle_core::{DType, Device};
 /// Runs a command body; an error becomes `error: <message with its causes>` on stderr and exit
 /// status 1.
 pub fn run(body: impl FnOnce() -> Result<()>) -> ExitCode {
+    run_with_code(|| body().map(|()| ExitCode::SUCCESS))
+}
+
+/// [`run`] for a body that chooses its own exit status.
+pub fn run_with_code(body: impl FnOnce() -> Result<ExitCode>) -> ExitCode {
     tune_allocator();
+    ignore_file_size_signal();
     match body() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            errln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A file-size limit (`ulimit -f`) kills a process with SIGXFSZ by default, with no message
+/// and a temporary file left behind. Ignored, the write fails with EFBIG instead, which the
+/// atomic writers report (naming the file) after removing their temporary file.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// Removes the temporary files that killed runs left in `dir`, and says so.
+pub fn clean_stale_temps(dir: &Path) {
+    let removed = loratune_model::io::remove_stale_temps(dir);
+    if !removed.is_empty() {
+        let names: Vec<String> = removed
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        errln!(
+            "removed {} temporary file(s) that an interrupted run left in {}: {}",
+            removed.len(),
+            dir.display(),
+            names.join(", ")
+        );
+    }
+}
+
+/// Refuses an output folder that is an input folder (writing there would replace the
+/// input's files), and, without `overwrite`, one that already holds any of `outputs`.
+pub fn check_out_dir(
+    out: &Path,
+    inputs: &[(&str, &Path)],
+    outputs: &[&str],
+    overwrite: bool,
+) -> Result<()> {
+    for (flag, input) in inputs {
+        if loratune_model::io::same_path(out, input) {
+            bail!(
+                "--out-dir {} is the {flag} folder: writing there would replace its files; \
+                 choose another folder",
+                out.display()
+            );
+        }
+    }
+    if out.exists() && !out.is_dir() {
+        bail!("--out-dir {}: is a file, expected a folder", out.display());
+    }
+    let present: Vec<&str> = outputs
+        .iter()
+        .copied()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    if !present.is_empty() && !overwrite {
+        bail!(
+            "--out-dir {} already holds {}; pass --overwrite to replace them",
+            out.display(),
+            present.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Training and generation allocate and free the same activation-sized buffers every step.

@@ -216,7 +216,7 @@ fn resume_gives_the_same_weights_bit_for_bit() {
     other.extend(["--max-iters", "20", "--resume", "auto", "--lora-r", "4"]);
     let r = finetune(&ck, &ds, &split, &other);
     assert!(
-        !r.ok && r.stderr.contains("cannot resume") && r.stderr.contains("r: 8"),
+        !r.ok && r.stderr.contains("cannot resume") && r.stderr.contains("trained with LoRA r 8"),
         "{}",
         r.stderr
     );
@@ -276,52 +276,80 @@ fn kill_9_at_any_moment_leaves_a_loadable_checkpoint() {
     }
 }
 
+/// Ctrl-C (SIGINT) and SIGTERM (kill, timeout, Slurm, Kubernetes) both finish the step,
+/// save it, and exit 128 + the signal's number so that scripts can tell.
 #[test]
-fn ctrl_c_saves_and_exits_cleanly() {
+fn ctrl_c_and_sigterm_save_and_exit_with_the_signal_status() {
     let (root, ck, ds) = setup("ft-ctrlc", "neox_parallel_rot025");
-    let out = root.join("out");
-    let child = Command::new(FINETUNE)
-        .args([
-            "--checkpoint-dir",
-            ck.to_str().unwrap(),
-            "--data-dir",
-            ds.to_str().unwrap(),
-            "--out-dir",
-            out.to_str().unwrap(),
-            "--quiet",
-            "--batch-size",
-            "4",
-            "--micro-batch-size",
-            "4",
-            "--max-iters",
-            "100000",
-            "--save-interval",
-            "100000",
-            "--eval-interval",
-            "100000",
-        ])
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !out.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(20));
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let out = root.join(format!("out-{signal}"));
+        let child = Command::new(FINETUNE)
+            .args([
+                "--checkpoint-dir",
+                ck.to_str().unwrap(),
+                "--data-dir",
+                ds.to_str().unwrap(),
+                "--out-dir",
+                out.to_str().unwrap(),
+                "--quiet",
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "4",
+                "--max-iters",
+                "100000",
+                "--save-interval",
+                "100000",
+                "--eval-interval",
+                "100000",
+            ])
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !out.join("metrics.jsonl").exists() && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let outp = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&outp.stderr);
+        assert_eq!(outp.status.code(), Some(code), "SIG{signal}: {stderr}");
+        assert!(stderr.contains("interrupted: saved step"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let steps = loratune_train::checkpoint::list(&out);
+        assert_eq!(steps.len(), 1, "the interrupted step is saved");
+        assert!(!out.join("lit_model_lora_finetuned.safetensors").exists());
+        // And it continues from there.
+        let r = finetune(
+            &ck,
+            &ds,
+            &out,
+            &[
+                "--batch-size",
+                "4",
+                "--micro-batch-size",
+                "4",
+                "--max-iters",
+                &(steps[0] + 1).to_string(),
+                "--resume",
+                "--eval-interval",
+                "100000",
+            ],
+        );
+        assert!(r.ok, "{}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("(step {})", steps[0])),
+            "{}",
+            r.stderr
+        );
     }
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let outp = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&outp.stderr);
-    assert!(outp.status.success(), "{stderr}");
-    assert!(stderr.contains("interrupted: saved step"), "{stderr}");
-    let steps = loratune_train::checkpoint::list(&out);
-    assert_eq!(steps.len(), 1, "the interrupted step is saved");
-    assert!(!out.join("lit_model_lora_finetuned.safetensors").exists());
 }
 
 #[test]

@@ -154,7 +154,14 @@ fn bad_requests_are_refused() {
     let long = "word ".repeat(200);
     let r = run(
         GENERATE,
-        &["--checkpoint-dir", ck.to_str().unwrap(), "--prompt", &long],
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--prompt",
+            &long,
+            "--max-new-tokens",
+            "8",
+        ],
     );
     assert_eq!(r.code, Some(1));
     assert!(

@@ -3,6 +3,7 @@
 //! link named after a command (`ln -s loratune finetune-lora`), it runs that command.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -21,7 +22,8 @@ fn main() -> ExitCode {
     }
     let names: Vec<&str> = COMMANDS.iter().map(|(n, _)| *n).collect();
     let Some(sub) = argv.get(1).and_then(|s| s.to_str()).map(str::to_string) else {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "usage: loratune <command> [flags]\ncommands: {}",
             names.join(", ")
         );
@@ -29,14 +31,15 @@ fn main() -> ExitCode {
     };
     match sub.as_str() {
         "-h" | "--help" | "help" => {
-            println!(
+            let _ = writeln!(
+                std::io::stdout(),
                 "usage: loratune <command> [flags]\ncommands: {}",
                 names.join(", ")
             );
             ExitCode::SUCCESS
         }
         "-V" | "--version" => {
-            println!("loratune {}", env!("CARGO_PKG_VERSION"));
+            let _ = writeln!(std::io::stdout(), "loratune {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => match find(&sub) {
@@ -45,7 +48,8 @@ fn main() -> ExitCode {
                 cmd(argv)
             }
             None => {
-                eprintln!(
+                let _ = writeln!(
+                    std::io::stderr(),
                     "error: unknown command {sub:?}; expected one of: {}",
                     names.join(", ")
                 );

@@ -6,11 +6,10 @@ use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use loratune_data::chat::{fit_history, ChatFormat, Message};
 use loratune_data::PromptStyle;
-use loratune_model::generate::Sampling;
 use loratune_model::Rng;
 
 use crate::generation::{load_model, stream_reply, GenerateArgs};
@@ -48,6 +47,10 @@ struct Args {
     precision: Option<Precision>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Use the adapter even if it was trained on other base weights (a warning instead of an
+    /// error).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -70,7 +73,8 @@ fn chat(args: Args) -> Result<()> {
         prompt_style: PromptStyle::Alpaca,
         truncate_prompt: false,
     };
-    let (model, tok) = load_model(&gen_args, args.lora_path.as_deref())?;
+    let sampling = crate::generation::sampling(args.temperature, args.top_k, args.top_p)?;
+    let (model, tok) = load_model(&gen_args, args.lora_path.as_deref(), args.force)?;
     let format = match args.prompt_style.as_str() {
         "auto" | "template" => match &tok.chat_template {
             Some(source) => ChatFormat::Template {
@@ -97,12 +101,6 @@ fn chat(args: Args) -> Result<()> {
     };
     // A template writes its own BOS; a style gets the tokenizer's.
     let add_bos = matches!(format, ChatFormat::Style(_)) && tok.add_bos;
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: (args.top_k > 0).then_some(args.top_k),
-        top_p: args.top_p,
-    };
-    sampling.validate()?;
     let block = model.config.block_size;
     if args.max_new_tokens >= block {
         bail!(
@@ -111,7 +109,7 @@ fn chat(args: Args) -> Result<()> {
         );
     }
     let interactive = std::io::stdin().is_terminal();
-    eprintln!(
+    errln!(
         "chatting with {} ({}); /reset forgets, /exit quits",
         model.config.name,
         match &format {
@@ -124,21 +122,27 @@ fn chat(args: Args) -> Result<()> {
         history.push(Message::new("system", s));
     }
     let mut rng = Rng::new(args.seed);
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = Vec::new();
     loop {
         if interactive {
-            eprint!(">> You: ");
+            err!(">> You: ");
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        buf.clear();
+        if stdin.read_until(b'\n', &mut buf).context("reading stdin")? == 0 {
+            break;
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            errln!("error: that line is not UTF-8 text; it was ignored");
+            continue;
+        };
         let text = line.trim();
         match text {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
                 history.retain(|m| m.role == "system");
-                eprintln!("(conversation forgotten)");
+                errln!("(conversation forgotten)");
                 continue;
             }
             _ => {}
@@ -149,7 +153,7 @@ fn chat(args: Args) -> Result<()> {
         })?;
         let Some((prompt, start)) = fitted else {
             history.pop();
-            eprintln!(
+            errln!(
                 "error: that message does not fit the {block}-token context with --max-new-tokens \
                  {}; send a shorter one",
                 args.max_new_tokens
@@ -172,10 +176,13 @@ fn chat(args: Args) -> Result<()> {
                 .into_iter()
                 .chain(turns[start..].iter().cloned())
                 .collect();
-            eprintln!("(dropped the oldest turns to fit the context)");
+            errln!("(dropped the oldest turns to fit the context)");
         }
         let ids = tok.encode(&prompt, add_bos, false)?;
         let reply = stream_reply(&model, &tok, &ids, args.max_new_tokens, &sampling, &mut rng)?;
+        if crate::stdout_closed() {
+            break;
+        }
         history.push(Message::new("assistant", reply.trim()));
     }
     Ok(())

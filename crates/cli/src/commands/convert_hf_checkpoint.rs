@@ -57,7 +57,7 @@ fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
     let report = loratune_model::gguf::import_gguf(gguf, &args.checkpoint_dir, &name, dtype(args))
         .with_context(|| format!("importing {}", gguf.display()))?;
     let cfg = &report.config;
-    println!(
+    outln!(
         "imported {} tensors ({}) from {} into {} ({:.1} MiB) in {}",
         report.n_tensors,
         report.quant_types.join(", "),
@@ -66,7 +66,7 @@ fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
         report.bytes as f64 / (1 << 20) as f64,
         crate::elapsed(t)
     );
-    println!(
+    outln!(
         "config: {}: {} layers, n_embd {}, {} heads / {} query groups, vocab {}; tokenizer.json rebuilt from the GGUF vocabulary",
         cfg.repo_id(),
         cfg.n_layer,
@@ -87,6 +87,7 @@ fn dtype(args: &Args) -> Option<DType> {
 }
 
 fn convert(args: &Args) -> Result<()> {
+    crate::clean_stale_temps(&args.checkpoint_dir);
     if let Some(g) = &args.gguf {
         return import(args, g);
     }
@@ -98,14 +99,14 @@ fn convert(args: &Args) -> Result<()> {
     let report = convert_hf_checkpoint(&args.checkpoint_dir, &opts)
         .with_context(|| format!("converting {}", args.checkpoint_dir.display()))?;
     let cfg = &report.config;
-    println!(
+    outln!(
         "converted {} tensors ({:.1} MiB) into {} in {}",
         report.n_tensors,
         report.bytes as f64 / (1 << 20) as f64,
         report.weights_path.display(),
         crate::elapsed(t)
     );
-    println!(
+    outln!(
         "config: {} ({}): {} layers, n_embd {}, {} heads / {} query groups, vocab {}",
         cfg.name,
         if report.preset_matched {
@@ -120,7 +121,7 @@ fn convert(args: &Args) -> Result<()> {
         cfg.padded_vocab_size
     );
     if let Some(mib) = crate::peak_rss_mib() {
-        println!("peak RSS: {mib:.0} MiB");
+        outln!("peak RSS: {mib:.0} MiB");
     }
     Ok(())
 }

@@ -86,7 +86,7 @@ fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
 fn download(args: &Args) -> Result<()> {
     if args.list {
         for name in loratune_model::config::preset_names() {
-            println!("{name}");
+            outln!("{name}");
         }
         return Ok(());
     }
@@ -121,13 +121,14 @@ fn download(args: &Args) -> Result<()> {
     let info = repo.info().map_err(|e| offline(&e))?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let files = select(&names).with_context(|| format!("{repo_id} at revision {}", info.sha))?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    loratune_model::io::create_out_dir(&dir).context("--checkpoint-dir")?;
+    crate::clean_stale_temps(&dir);
     for f in &files {
         let cached = repo.get(f).map_err(|e| offline(&e))?;
         copy_atomic(&cached, &dir.join(f))
             .with_context(|| format!("copying {f} into {}", dir.display()))?;
     }
-    println!(
+    outln!(
         "downloaded {} files of {repo_id} (revision {}) into {} in {}",
         files.len(),
         info.sha,
@@ -137,7 +138,7 @@ fn download(args: &Args) -> Result<()> {
     if !args.skip_convert {
         let report = convert_hf_checkpoint(&dir, &ConvertOptions::default())
             .with_context(|| format!("converting {}", dir.display()))?;
-        println!(
+        outln!(
             "converted {} tensors into {}",
             report.n_tensors,
             report.weights_path.display()

@@ -48,6 +48,13 @@ struct Args {
     /// Weight dtype of --format hf (default: the checkpoint's).
     #[arg(long, value_enum)]
     dtype: Option<WeightDtype>,
+    /// Replace the files of an earlier export in --out-dir.
+    #[arg(long)]
+    overwrite: bool,
+    /// Use the adapter even if it was trained on other base weights (a warning instead of an
+    /// error).
+    #[arg(long)]
+    force: bool,
 }
 
 const TOKENIZER_FILES: [&str; 4] = [
@@ -65,6 +72,25 @@ fn export(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let device = candle_core::Device::Cpu;
     let ck = &args.checkpoint_dir;
+    let outputs: Vec<&str> = match args.format {
+        Format::Hf => ["model.safetensors", "config.json"]
+            .into_iter()
+            .chain(TOKENIZER_FILES)
+            .collect(),
+        Format::Peft => vec!["adapter_model.safetensors", "adapter_config.json"],
+    };
+    crate::check_out_dir(
+        &args.out_dir,
+        &[("--checkpoint-dir", ck)],
+        &outputs,
+        args.overwrite,
+    )?;
+    if args.dtype.is_some() && args.format == Format::Peft {
+        bail!("--dtype applies to --format hf only (PEFT adapters are written in f32)");
+    }
+    if args.format == Format::Peft && args.lora_path.is_none() {
+        bail!("--format peft needs --lora-path (the adapter to export)");
+    }
     let stored = stored_dtype(&ck.join("lit_model.safetensors"))?;
     // Merge (and re-lay) in f32; write the requested dtype.
     let mut model = Gpt::from_dir(ck, DType::F32, &device)
@@ -72,8 +98,9 @@ fn export(args: &Args) -> Result<()> {
     match args.format {
         Format::Hf => {
             if let Some(path) = &args.lora_path {
-                crate::generation::merge_adapter(&mut model, path)?;
+                crate::generation::merge_adapter(&mut model, path, ck, args.force)?;
             }
+            crate::clean_stale_temps(&args.out_dir);
             let dtype = match args.dtype {
                 Some(WeightDtype::Float32) => DType::F32,
                 Some(WeightDtype::Bfloat16) => DType::BF16,
@@ -94,7 +121,7 @@ fn export(args: &Args) -> Result<()> {
                     copied.push(f);
                 }
             }
-            println!(
+            outln!(
                 "wrote {} ({:?} layout, {} tensors, {:.1} MB, {dtype:?}) + config.json{}{} in {}",
                 args.out_dir.join("model.safetensors").display(),
                 report.family,
@@ -106,28 +133,18 @@ fn export(args: &Args) -> Result<()> {
             );
         }
         Format::Peft => {
-            if args.dtype.is_some() {
-                bail!("--dtype applies to --format hf only (PEFT adapters are written in f32)");
-            }
             let Some(path) = &args.lora_path else {
                 bail!("--format peft needs --lora-path (the adapter to export)");
             };
             let (meta, tensors) = load_adapter(path, &device)?;
-            if meta.base_model != model.config.repo_id() {
-                bail!(
-                    "{} was trained on {}, but the checkpoint is {}; pass the matching \
-                     --checkpoint-dir",
-                    path.display(),
-                    meta.base_model,
-                    model.config.repo_id()
-                );
-            }
+            crate::generation::check_adapter_base(&model, &meta, path, ck, args.force)?;
+            crate::clean_stale_temps(&args.out_dir);
             model
                 .load_lora(&meta.lora, Weights::new(tensors))
                 .with_context(|| format!("loading the adapter {}", path.display()))?;
             let n = export_peft(&model, &args.out_dir)
                 .with_context(|| format!("exporting to {}", args.out_dir.display()))?;
-            println!(
+            outln!(
                 "wrote {} ({n} tensors) + adapter_config.json in {}; base model: {} \
                  (or `export --format hf` of {})",
                 args.out_dir.join("adapter_model.safetensors").display(),

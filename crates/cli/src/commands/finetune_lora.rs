@@ -2,8 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::Precision;
@@ -14,6 +12,7 @@ use loratune_data::{Dataset, DatasetMeta};
 use loratune_model::generate::{generate, Sampling};
 use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, Tokenizer};
 use loratune_train::optim::LrSchedule;
+use loratune_train::outdir::{OutDir, Start};
 use loratune_train::{checkpoint, Hooks, StepReport, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -99,9 +98,15 @@ struct Args {
     max_seq_length: Option<usize>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
-    /// Continue from the newest checkpoint in --out-dir (auto) or from a checkpoint file.
+    /// Continue from the newest valid checkpoint in --out-dir (auto) or from a checkpoint
+    /// file. Without it (or --overwrite), --out-dir must be empty.
     #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
     resume: Option<String>,
+    /// Start over in an --out-dir that holds an earlier run: its checkpoints, metrics and
+    /// adapter are deleted first (other files are left alone).
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(default)]
+    overwrite: bool,
     /// Keep only the newest N checkpoints.
     #[arg(long)]
     keep_last: Option<usize>,
@@ -157,7 +162,7 @@ enum Schedule {
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    crate::run(|| {
+    crate::run_with_code(|| {
         let args = parse_args(argv)?;
         finetune(args)
     })
@@ -214,7 +219,7 @@ impl Progress {
     fn say(&self, line: String) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => errln!("{line}"),
         }
     }
 }
@@ -234,7 +239,7 @@ impl Hooks for Progress {
                 bar.set_position(r.step);
                 bar.set_message(msg);
             }
-            None => eprintln!("step {}/{} iter {}: {msg}", r.step, self.total, r.iter),
+            None => errln!("step {}/{} iter {}: {msg}", r.step, self.total, r.iter),
         }
     }
 
@@ -284,17 +289,22 @@ fn sample_answer(
     Ok(tok.decode(&out)?)
 }
 
-fn finetune(args: Args) -> Result<()> {
+fn finetune(args: Args) -> Result<ExitCode> {
     let t0 = Instant::now();
+    // Before anything slow: a signal from here on stops the run cleanly.
+    let stop = crate::signals::install().context("installing the signal handlers")?;
     let device = crate::parse_device(&args.device)?;
     let precision = args
         .precision
         .unwrap_or_else(|| Precision::default_for(&device));
-    if device.is_cpu() && precision != Precision::F32True {
-        eprintln!(
-            "warning: --precision {} on CPU runs 2-3x slower than 32-true in this version",
+    if device.is_cpu() && !matches!(precision, Precision::F32True | Precision::Bf16Mixed) {
+        errln!(
+            "warning: --precision {} on CPU is slower than 32-true and bf16-mixed",
             precision.name()
         );
+    }
+    if let Some(n) = args.max_seq_length.filter(|&n| n < 2) {
+        bail!("--max-seq-length must be at least 2 (one token to read, one to predict), got {n}");
     }
     let targets = LoraTargets {
         query: args.lora_query,
@@ -386,48 +396,100 @@ fn finetune(args: Args) -> Result<()> {
             .and_then(Checkpointing::blocks),
     };
     cfg.validate()?;
-    model.add_lora(&lora, args.seed)?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    model.add_lora(&lora, args.seed).context("--lora-r")?;
+    let trainable_params = model.num_trainable();
+    let base = (model.config.repo_id(), base_sha);
+    let mut trainer = Trainer::new(model, train, val, cfg, base.clone())?;
+    for w in &trainer.warnings {
+        errln!("warning: {w}");
+    }
+
+    // A checkpoint named on the command line is checked before anything is written.
+    if let Some(path) = args.resume.as_deref().filter(|p| *p != "auto") {
+        trainer.resume(Path::new(path))?;
+    }
+    // The out-dir: locked for this run, no temporary files of killed writes, and no earlier
+    // run's files unless this run continues it (--resume) or replaces it (--overwrite).
+    let start = match (&args.resume, args.overwrite) {
+        (Some(_), _) => Start::Resume,
+        (None, true) => Start::Overwrite,
+        (None, false) => Start::Fresh,
+    };
+    let out = OutDir::open(&args.out_dir, start, "finetune-lora").map_err(|e| match e {
+        loratune_train::Error::OutDirNotEmpty { .. } => anyhow::anyhow!(
+            "--out-dir {e}; continue it with --resume auto, or pass --overwrite to start over"
+        ),
+        e => anyhow::Error::new(e).context("--out-dir"),
+    })?;
+    let names = |v: &[PathBuf]| {
+        v.iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !out.removed_temps.is_empty() {
+        errln!(
+            "removed {} temporary file(s) that an interrupted run left: {}",
+            out.removed_temps.len(),
+            names(&out.removed_temps)
+        );
+    }
+    if !out.removed_run_files.is_empty() {
+        errln!(
+            "--overwrite: deleted the earlier run's {}",
+            names(&out.removed_run_files)
+        );
+    }
+
+    match args.resume.as_deref() {
+        None => {}
+        Some("auto") => {
+            let checkpoint::Newest { found, skipped } =
+                checkpoint::newest_valid(out.path(), trainer.model.device());
+            for (p, why) in &skipped {
+                errln!("warning: skipping {} ({why})", p.display());
+            }
+            match found {
+                Some((p, loaded)) => {
+                    trainer.restore(&p, loaded)?;
+                    errln!("resumed from {} (step {})", p.display(), trainer.step());
+                }
+                None if skipped.is_empty() => errln!(
+                    "no checkpoint in {} yet: starting fresh",
+                    args.out_dir.display()
+                ),
+                None => errln!(
+                    "no usable checkpoint in {}: starting fresh",
+                    args.out_dir.display()
+                ),
+            }
+        }
+        Some(path) => errln!("resumed from {path} (step {})", trainer.step()),
+    }
     let hparams = serde_json::json!({
         "args": &args,
         "precision": precision.name(),
         "max_iters": max_iters,
         "max_seq_length": max_seq_length,
-        "steps": cfg.total_steps(),
-        "accumulation": cfg.accumulation(),
-        "base_model": model.config.repo_id(),
-        "base_sha256": base_sha,
-        "trainable_params": model.num_trainable(),
+        "steps": trainer.cfg.total_steps(),
+        "accumulation": trainer.cfg.accumulation(),
+        "base_model": base.0,
+        "base_sha256": base.1,
+        "trainable_params": trainable_params,
+        "run_id": trainer.run_id(),
     });
     loratune_model::io::write_atomic(
-        &args.out_dir.join("hparams.json"),
+        &out.path().join("hparams.json"),
         serde_json::to_string_pretty(&hparams)?.as_bytes(),
     )?;
-    let base = (model.config.repo_id(), base_sha);
-    let mut trainer = Trainer::new(model, train, val, cfg, base)?;
-
-    match args.resume.as_deref() {
-        None => {}
-        Some("auto") => match checkpoint::list(&args.out_dir).last() {
-            Some(&step) => {
-                let p = checkpoint::ckpt_path(&args.out_dir, step);
-                trainer.resume(&p)?;
-                eprintln!("resumed from {} (step {step})", p.display());
-            }
-            None => eprintln!(
-                "no checkpoint in {} yet: starting fresh",
-                args.out_dir.display()
-            ),
-        },
-        Some(path) => {
-            trainer.resume(Path::new(path))?;
-            eprintln!("resumed from {path} (step {})", trainer.step());
-        }
-    }
 
     let total = trainer.cfg.total_steps();
-    eprintln!(
+    errln!(
         "training {} LoRA parameters of {} ({}), {} steps of {} x {} samples, precision {}",
         trainer.model.num_trainable(),
         trainer.model.config.repo_id(),
@@ -437,17 +499,6 @@ fn finetune(args: Args) -> Result<()> {
         args.micro_batch_size,
         precision.name()
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nCtrl-C: finishing this step and saving (press again to quit now)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
     let bar = (!args.quiet).then(|| {
         let bar = ProgressBar::new(total);
         bar.set_style(
@@ -466,12 +517,12 @@ fn finetune(args: Args) -> Result<()> {
         tok,
         style: meta.prompt_style,
     };
-    let summary = trainer.fit(&mut hooks, &stop)?;
+    let summary = trainer.fit(&mut hooks, stop)?;
     if let Some(bar) = &hooks.bar {
         bar.finish_and_clear();
     }
     let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-    println!(
+    outln!(
         "{} after {} steps in {}; val loss {} before, {} after; peak RSS {:.0} MiB",
         if summary.interrupted {
             "interrupted"
@@ -484,8 +535,11 @@ fn finetune(args: Args) -> Result<()> {
         fmt(summary.final_val_loss),
         crate::peak_rss_mib().unwrap_or(0.0)
     );
-    if !summary.interrupted {
-        println!("adapter: {}", summary.adapter.display());
+    if summary.interrupted {
+        // Saved: exit as a shell reports the signal, so scripts can tell it did not finish.
+        return Ok(crate::signals::exit_code());
     }
-    Ok(())
+    outln!("adapter: {}", summary.adapter.display());
+    drop(out);
+    Ok(ExitCode::SUCCESS)
 }

@@ -18,12 +18,16 @@ struct Args {
     lora_path: PathBuf,
     #[command(flatten)]
     gen: GenerateArgs,
+    /// Use the adapter even if it was trained on other base weights than --checkpoint-dir
+    /// holds (a warning instead of an error).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     crate::run(|| {
         let args = Args::parse_from(argv);
-        let (model, tok) = load_model(&args.gen, Some(&args.lora_path))?;
+        let (model, tok) = load_model(&args.gen, Some(&args.lora_path), args.force)?;
         run_generation(&args.gen, &model, &tok)
     })
 }

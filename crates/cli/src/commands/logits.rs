@@ -34,6 +34,10 @@ struct Args {
     /// Save every position's logits (f32, shape [T, vocab]) as tensor `logits` here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Use the adapter even if it was trained on other base weights (a warning instead of an
+    /// error).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -67,7 +71,7 @@ fn logits(args: &Args) -> Result<()> {
         .load_model(&args.checkpoint_dir, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     if let Some(path) = &args.lora_path {
-        crate::generation::merge_adapter(&mut model, path)?;
+        crate::generation::merge_adapter(&mut model, path, &args.checkpoint_dir, args.force)?;
     }
     let vocab = model.config.vocab_size;
     if let Some(bad) = ids
@@ -96,7 +100,7 @@ fn logits(args: &Args) -> Result<()> {
         .log()?
         + max as f64)?
         .to_scalar::<f32>()?;
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "tokens": n,

@@ -24,6 +24,13 @@ struct Args {
     checkpoint_dir: PathBuf,
     #[arg(long, default_value = "out/merged")]
     out_dir: PathBuf,
+    /// Replace the files of an earlier merge in --out-dir.
+    #[arg(long)]
+    overwrite: bool,
+    /// Merge even if the adapter was trained on other base weights (a warning instead of an
+    /// error).
+    #[arg(long)]
+    force: bool,
 }
 
 /// Files copied from the base checkpoint so the merged folder is complete.
@@ -42,18 +49,31 @@ pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
 fn merge(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let device = candle_core::Device::Cpu;
+    let mut outputs = vec!["lit_model.safetensors", "lit_config.json"];
+    outputs.extend(TOKENIZER_FILES);
+    crate::check_out_dir(
+        &args.out_dir,
+        &[("--checkpoint-dir", &args.checkpoint_dir)],
+        &outputs,
+        args.overwrite,
+    )?;
     // Merge in f32 and write the stored dtype back.
     let dtype = stored_dtype(&args.checkpoint_dir.join("lit_model.safetensors"))?;
     let mut model = Gpt::from_dir(&args.checkpoint_dir, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
-    merge_adapter(&mut model, &args.lora_path)?;
+    merge_adapter(
+        &mut model,
+        &args.lora_path,
+        &args.checkpoint_dir,
+        args.force,
+    )?;
     let weights: Vec<(String, candle_core::Tensor)> = model
         .named_weights()
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
         .collect::<candle_core::Result<_>>()?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
+    crate::clean_stale_temps(&args.out_dir);
     loratune_model::weights::save_safetensors(
         &args.out_dir.join("lit_model.safetensors"),
         &weights,
@@ -65,11 +85,12 @@ fn merge(args: &Args) -> Result<()> {
     for f in TOKENIZER_FILES {
         let src = args.checkpoint_dir.join(f);
         if src.is_file() {
-            std::fs::copy(&src, args.out_dir.join(f))
-                .with_context(|| format!("copying {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            loratune_model::io::write_atomic(&args.out_dir.join(f), &bytes)?;
         }
     }
-    println!(
+    outln!(
         "merged {} into {} in {}",
         args.lora_path.display(),
         args.out_dir.display(),

@@ -78,10 +78,10 @@ pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
 /// Downloads `url` to `dest` once (atomically); later runs reuse the file.
 fn fetch(url: &str, dest: &Path) -> Result<()> {
     if dest.metadata().map(|m| m.len() > 0).unwrap_or(false) {
-        println!("using {} (already downloaded)", dest.display());
+        outln!("using {} (already downloaded)", dest.display());
         return Ok(());
     }
-    println!("downloading {url}");
+    outln!("downloading {url}");
     let resp = ureq::get(url).call().map_err(|e| {
         anyhow::anyhow!(
             "could not download the data ({e}); without network access, pass a local copy with \
@@ -99,17 +99,25 @@ fn read(path: &Path, args: &Args) -> Result<(Vec<Record>, usize)> {
         max_record_bytes: args.max_record_bytes,
     };
     let read = read_records(path, opts)?;
+    if let Some((i, key)) = read.duplicate_keys.first() {
+        errln!(
+            "warning: {}: {} record(s) give a key twice (first: record {i}, {key:?}); the last \
+             value is used",
+            path.display(),
+            read.duplicate_keys.len()
+        );
+    }
     if !read.skipped.is_empty() {
-        println!(
+        outln!(
             "{}: skipped {} invalid record(s):",
             path.display(),
             read.skipped.len()
         );
         for (i, why) in read.skipped.iter().take(10) {
-            println!("  record {i}: {why}");
+            outln!("  record {i}: {why}");
         }
         if read.skipped.len() > 10 {
-            println!("  ...");
+            outln!("  ...");
         }
     }
     Ok((read.records, read.skipped.len()))
@@ -119,28 +127,49 @@ fn prepare(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let tok = Tokenizer::from_dir(&args.checkpoint_dir)
         .with_context(|| format!("loading the tokenizer of {}", args.checkpoint_dir.display()))?;
-    let max_seq_length = match args.max_seq_length {
-        Some(n) => n,
-        None => {
-            let path = args.checkpoint_dir.join("lit_config.json");
-            Config::from_json_file(&path)
-                .with_context(|| {
-                    format!(
-                        "reading the block size (or pass --max-seq-length) from {}",
-                        path.display()
-                    )
-                })?
-                .block_size
+    let config_path = args.checkpoint_dir.join("lit_config.json");
+    let block_size = match Config::from_json_file(&config_path) {
+        Ok(c) => Some(c.block_size),
+        // Only the tokenizer is needed when the length is given.
+        Err(_) if args.max_seq_length.is_some() => None,
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "reading the block size (or pass --max-seq-length) from {}",
+                config_path.display()
+            )))
         }
     };
-    std::fs::create_dir_all(&args.destination_path)
-        .with_context(|| format!("creating {}", args.destination_path.display()))?;
-    let (source, source_name) = match &args.data_file {
-        Some(p) => (p.clone(), p.display().to_string()),
+    let max_seq_length = match (args.max_seq_length, block_size) {
+        (Some(n), _) if n < 2 => {
+            bail!(
+                "--max-seq-length must be at least 2 (one token to read, one to predict), got {n}"
+            )
+        }
+        (Some(n), Some(block)) if n > block => {
+            errln!(
+                "note: --max-seq-length {n} is above the model's block size; samples are cut \
+                 to {block} tokens"
+            );
+            block
+        }
+        (Some(n), _) => n,
+        (None, Some(block)) => block,
+        (None, None) => unreachable!("the config was read"),
+    };
+    let source_name;
+    let source = match &args.data_file {
+        Some(p) => {
+            source_name = p.display().to_string();
+            p.clone()
+        }
         None => {
+            // The download lands in the destination folder (and is reused from there).
+            loratune_model::io::create_out_dir(&args.destination_path)
+                .context("--destination-path")?;
             let dest = args.destination_path.join(ALPACA_FILE);
             fetch(&args.data_file_url, &dest)?;
-            (dest, args.data_file_url.clone())
+            source_name = args.data_file_url.clone();
+            dest
         }
     };
 
@@ -177,8 +206,8 @@ fn prepare(args: &Args) -> Result<()> {
         .expect("valid template"),
     );
     let mut tick = |n: usize| bar.inc(n as u64);
-    let (train, trunc_t) = encode_records(&train_records, &tok, opts, &mut tick)?;
-    let (val, trunc_v) = encode_records(&val_records, &tok, opts, &mut tick)?;
+    let (train, cut_t) = encode_records(&train_records, &tok, opts, &mut tick)?;
+    let (val, cut_v) = encode_records(&val_records, &tok, opts, &mut tick)?;
     bar.finish_and_clear();
     if train.is_empty() || val.is_empty() {
         bail!(
@@ -188,6 +217,8 @@ fn prepare(args: &Args) -> Result<()> {
         );
     }
 
+    loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
+    crate::clean_stale_temps(&args.destination_path);
     // meta.json is written last: a dataset folder without it is incomplete.
     let meta_path = args.destination_path.join("meta.json");
     if meta_path.exists() {
@@ -216,36 +247,48 @@ fn prepare(args: &Args) -> Result<()> {
         seed: args.seed,
         records_read: read_count,
         records_skipped: skipped,
-        truncated: trunc_t + trunc_v,
+        truncated: cut_t.truncated + cut_v.truncated,
+        no_response_left: cut_t.no_response_left + cut_v.no_response_left,
         train: length_stats(&train),
         val: length_stats(&val),
     };
     meta.write(&meta_path)?;
 
     let line = |name: &str, s: &LengthStats| {
-        println!(
+        format!(
             "{name:>5}: {:>7} samples, {:>9} tokens; length p50 {} p95 {} max {}",
             s.count, s.tokens, s.p50, s.p95, s.max
         )
     };
-    println!(
+    outln!(
         "read {read_count} records, skipped {skipped}; prompt style {}, mask inputs {}, max length {max_seq_length}",
         args.prompt_style.name(),
         args.mask_inputs
     );
-    line("train", &meta.train);
-    line("val", &meta.val);
-    println!(
+    outln!("{}", line("train", &meta.train));
+    outln!("{}", line("val", &meta.val));
+    outln!(
         "truncated {} sample(s) to {max_seq_length} tokens (EOS kept)",
         meta.truncated
     );
+    if meta.no_response_left > 0 {
+        outln!(
+            "  {} of them have no response token left{}; raise --max-seq-length to keep them",
+            meta.no_response_left,
+            if args.mask_inputs {
+                " (with --mask-inputs they train only on EOS)"
+            } else {
+                ""
+            }
+        );
+    }
     if args.histogram {
-        println!(
+        outln!(
             "train sample lengths:\n{}",
             length_histogram(&train, 12, 50)
         );
     }
-    println!(
+    outln!(
         "wrote {} in {}",
         args.destination_path.display(),
         crate::elapsed(t0)

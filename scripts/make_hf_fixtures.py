@@ -56,7 +56,69 @@ VARIANTS = {
         hidden_size=64, num_attention_heads=4, num_kv_heads=2, num_hidden_layers=2,
         new_decoder_architecture=True, num_ln_in_parallel_attn=2, parallel_attn=True,
         bias=False, alibi=False, layer_norm_epsilon=1e-5, rope_theta=10000.0)),
+    # Llama 3.1 shape: llama3 rope frequency scaling. original_max_position_embeddings 16
+    # puts the low/high frequency bands inside a 16-channel head.
+    "llama3_rope": ("llama", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=16))),
+    # Mistral v0.1 shape: a sliding window (5) shorter than the test sequences (16).
+    "mistral_window": ("mistral", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=5,
+        head_dim=16)),
+    # Qwen2.5-0.5B shape: q/k/v biases (none on o_proj), tied head.
+    "qwen2_bias": ("qwen2", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    # Qwen3 shape: head_dim (32) independent of hidden / heads (16), RMSNorm on q and k.
+    "qwen3_qknorm": ("qwen3", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=2, intermediate_size=96, rms_norm_eps=1e-6, hidden_act="silu")),
+    # Gemma 2 shape: post-norms, (1 + w) RMSNorm, GeGLU, query_pre_attn_scalar, attention
+    # and final soft-capping (small caps so they bite), alternating sliding window.
+    "gemma2_softcap": ("gemma2", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_hidden_layers=2, intermediate_size=96, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=5)),
+    # Gemma 3 shape: q/k norm, two local layers (window 5, rope base 1e4) then a global one
+    # (rope base 1e6 with linear scaling 8, as Gemma 3 4B).
+    "gemma3_local": ("gemma3", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        num_hidden_layers=3, intermediate_size=96, rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32, sliding_window=5,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters=dict(
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+            full_attention=dict(rope_type="linear", rope_theta=1000000.0, factor=8.0)))),
+    # Phi-3 shape: fused qkv_proj and gate_up_proj, partial rotary (0.5), sliding window.
+    "phi3_fused": ("phi3", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=6, pad_token_id=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                             partial_rotary_factor=0.5))),
+    # StableLM 2 shape: LayerNorm, q/k/v biases, partial rotary 0.25.
+    "stablelm2": ("stablelm", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+        intermediate_size=96, layer_norm_eps=1e-5, hidden_act="silu", use_qkv_bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                             partial_rotary_factor=0.25))),
+    # OLMo 2 shape: norms after attention and MLP only, RMSNorm on the whole q and k.
+    "olmo2_postnorm": ("olmo2", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-6, hidden_act="silu",
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
 }
+
+# Seeds follow this order, so adding a variant never changes an existing one.
+ORDER = ["falcon_gqa_newarch", "falcon_mqa", "llama_gqa_tied", "llama_gqa_untied",
+         "neox_parallel_rot025", "neox_sequential_rot100", "llama3_rope", "mistral_window",
+         "qwen2_bias", "qwen3_qknorm", "gemma2_softcap", "gemma3_local", "phi3_fused",
+         "stablelm2", "olmo2_postnorm"]
 
 
 SPECIAL = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"]
@@ -94,10 +156,18 @@ def write_tokenizer_files(out, tokenizer_json, chat):
 
 def build(kind, params, seed):
     import torch
-    from transformers import (FalconConfig, FalconForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              LlamaConfig, LlamaForCausalLM)
-    cls = {"gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-           "falcon": (FalconConfig, FalconForCausalLM)}[kind]
+    import transformers as tf
+    cls = {"gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+           "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+           "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+           "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+           "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+           "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM),
+           "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM)}[kind]
     cfg = cls[0](**{**COMMON, **params})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -117,6 +187,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "crates/model/tests/fixtures/hf"))
     ap.add_argument("--seed", type=int, default=20261128)
+    ap.add_argument("--only", default="", help="comma-separated variants to (re)write")
     args = ap.parse_args()
 
     import torch
@@ -128,8 +199,16 @@ def main():
     tok_path = Path(args.out) / "tokenizer.json"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     train_tokenizer(tok_path)
-    manifest = {"torch": torch.__version__, "transformers": transformers.__version__, "variants": {}}
-    for i, (name, (kind, params)) in enumerate(sorted(VARIANTS.items())):
+    manifest_path = Path(args.out) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"variants": {}}
+    manifest.update(torch=torch.__version__, transformers=transformers.__version__)
+    assert sorted(ORDER) == sorted(VARIANTS), "every variant needs its place in ORDER"
+    only = set(args.only.split(",")) if args.only else set(VARIANTS)
+    for name in ORDER:
+        i = ORDER.index(name)
+        kind, params = VARIANTS[name]
+        if name not in only:
+            continue
         out = Path(args.out) / name
         out.mkdir(parents=True, exist_ok=True)
         model = build(kind, params, args.seed + 10 * i)
@@ -163,7 +242,8 @@ def main():
                                       "logits_std": float(logits.std())}
         print(name, manifest["variants"][name])
     os.remove(tok_path)
-    (Path(args.out) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest["variants"] = dict(sorted(manifest["variants"].items()))
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":

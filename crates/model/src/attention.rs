@@ -1,5 +1,7 @@
-//! `CausalSelfAttention`: fused qkv projection ([Q | K | V] rows), rotary embedding, causal
-//! attention for MHA, GQA and MQA, output projection; plus the rotary tables it reads.
+//! `CausalSelfAttention`: fused qkv projection ([Q | K | V] rows), optional RMSNorm of queries
+//! and keys, rotary embedding (with frequency scaling), causal attention for MHA, GQA and MQA
+//! under the layer's score rules (sliding window, soft-capping: `mask.rs`), output projection;
+//! plus the rotary tables it reads.
 //!
 //! Grouped heads are handled without copying K and V per query head: the query heads that
 //! share a key/value head are adjacent, so Q (B, H, T, hs) is viewed as
@@ -8,12 +10,14 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attn_kernel::{packed_attention, PackedAttention};
-use crate::config::Config;
+use crate::config::{Config, QkNorm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::lora::{frozen_forward, linear_input_grad};
 use crate::lora::{DropoutCtx, LoraLinear};
-use crate::ops::{apply_rope, causal_softmax, frozen_linear_add};
+use crate::mask::ScoreRules;
+use crate::model::Norm;
+use crate::ops::{apply_rope, frozen_linear_add, masked_softmax};
 use crate::recompute::recompute;
 
 /// Positions whose cos/sin rows are computed when the model loads; rows beyond (long
@@ -29,13 +33,53 @@ pub struct Rope {
     sin: Tensor,
 }
 
+/// Inverse frequencies of `n_elem` rotary channels with base `base`, scaled as `scaling` says
+/// (transformers' `_compute_*_parameters`).
+pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<RopeScaling>) -> Vec<f64> {
+    let plain = (0..n_elem / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / n_elem as f64));
+    match scaling {
+        None => plain.collect(),
+        Some(RopeScaling::Linear { factor }) => plain.map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let old = original_max_position_embeddings as f64;
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            plain
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
 impl Rope {
-    pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Rope> {
-        let half = cfg.rope_n_elem() / 2;
-        let n_elem = cfg.rope_n_elem() as f64;
-        // Same arithmetic as transformers: inv_freq in f32, angles in f32.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / cfg.rope_base.powf((2 * i) as f64 / n_elem)) as f32)
+    /// Tables with rotary base `base` and frequency `scaling` (a model's global layers, or
+    /// its local ones).
+    pub fn new(
+        cfg: &Config,
+        base: f64,
+        scaling: Option<RopeScaling>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rope> {
+        // Angles in f32, as transformers computes them.
+        let inv_freq: Vec<f32> = inv_freq(cfg.rope_n_elem(), base, scaling)
+            .into_iter()
+            .map(|f| f as f32)
             .collect();
         let (cos, sin) = Self::rows(&inv_freq, 0, cfg.block_size.min(ROPE_PRECOMPUTED))?;
         Ok(Rope {
@@ -93,20 +137,61 @@ impl Rope {
 pub struct CausalSelfAttention {
     pub qkv: LoraLinear,
     pub proj: LoraLinear,
+    /// RMSNorm of the queries and of the keys (weights `attn.norm_q`, `attn.norm_k`).
+    pub qk_norm: Option<(QkNorm, Norm, Norm)>,
     n_head: usize,
     n_query_groups: usize,
     head_size: usize,
+    /// Multiplies the queries.
+    scale: f64,
+    rules: ScoreRules,
 }
 
 impl CausalSelfAttention {
-    pub fn new(cfg: &Config, qkv: LoraLinear, proj: LoraLinear) -> CausalSelfAttention {
+    /// Layer `layer`'s attention.
+    pub fn new(
+        cfg: &Config,
+        layer: usize,
+        qkv: LoraLinear,
+        proj: LoraLinear,
+        qk_norm: Option<(QkNorm, Norm, Norm)>,
+    ) -> CausalSelfAttention {
         CausalSelfAttention {
             qkv,
             proj,
+            qk_norm,
             n_head: cfg.n_head,
             n_query_groups: cfg.n_query_groups,
             head_size: cfg.head_size,
+            scale: cfg.attention_scale(),
+            rules: ScoreRules {
+                window: cfg.sliding_window.filter(|_| cfg.is_local(layer)),
+                softcap: cfg.attention_logit_softcapping,
+            },
         }
+    }
+
+    /// `qkv` with its query and key parts normalised (before the rotary embedding).
+    fn norm_qk(&self, qkv: &Tensor) -> Result<Tensor> {
+        let Some((kind, nq, nk)) = &self.qk_norm else {
+            return Ok(qkv.clone());
+        };
+        let (b, t, _) = qkv.dims3()?;
+        let (nh, ng, hs) = (self.n_head, self.n_query_groups, self.head_size);
+        let part = |start: usize, heads: usize, norm: &Norm| -> Result<Tensor> {
+            let x = qkv.narrow(2, start * hs, heads * hs)?.contiguous()?;
+            Ok(match kind {
+                QkNorm::PerHead => {
+                    norm.forward(&x.reshape((b, t, heads, hs))?)?
+                        .reshape((b, t, heads * hs))?
+                }
+                QkNorm::Whole => norm.forward(&x)?,
+            })
+        };
+        let q = part(0, nh, nq)?;
+        let k = part(nh, ng, nk)?;
+        let v = qkv.narrow(2, (nh + ng) * hs, ng * hs)?;
+        Ok(Tensor::cat(&[q, k, v], 2)?)
     }
 
     /// `residual + attention(x)`, or attention(x) without a residual.
@@ -126,7 +211,7 @@ impl CausalSelfAttention {
         mut dropout: Option<&mut DropoutCtx>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let qkv = self.qkv.forward(x, dropout.as_deref_mut())?;
+        let qkv = self.norm_qk(&self.qkv.forward(x, dropout.as_deref_mut())?)?;
         if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.cos)) {
             // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
             let (b, t, _) = qkv.dims3()?;
@@ -142,7 +227,8 @@ impl CausalSelfAttention {
                     head_size: self.head_size,
                     cos,
                     sin,
-                    scale: 1.0 / (self.head_size as f64).sqrt(),
+                    scale: self.scale,
+                    rules: self.rules,
                 },
             )?;
             return self.project(&y, dropout, residual);
@@ -213,6 +299,8 @@ impl CausalSelfAttention {
             n_head: self.n_head,
             n_query_groups: self.n_query_groups,
             head_size: self.head_size,
+            scale: self.scale,
+            rules: self.rules,
         }
     }
 }
@@ -242,12 +330,14 @@ impl Training {
     }
 }
 
-/// How the fused qkv projection splits into heads.
+/// How the fused qkv projection splits into heads, and how their scores are formed.
 #[derive(Debug, Clone, Copy)]
 struct HeadLayout {
     n_head: usize,
     n_query_groups: usize,
     head_size: usize,
+    scale: f64,
+    rules: ScoreRules,
 }
 
 impl HeadLayout {
@@ -309,7 +399,7 @@ fn group_slice(h: HeadLayout, qkv: &Tensor, g0: usize, n: usize) -> CResult<(Hea
     let sub = HeadLayout {
         n_head: n * r,
         n_query_groups: n,
-        head_size: hs,
+        ..h
     };
     Ok((sub, Tensor::cat(&parts, 2)?))
 }
@@ -371,7 +461,7 @@ fn attend(
     let v = h.heads(qkv, nh + ng, ng)?;
 
     let (cos, sin) = rope.at(offset, t)?;
-    let scale = 1.0 / (hs as f64).sqrt();
+    let scale = h.scale;
     let (q, k) = if crate::fused::applies(&q, Some(&cos)) {
         (
             crate::fused::rope(&q, &cos, &sin, scale)?,
@@ -391,13 +481,13 @@ fn attend(
     };
     let tk = k.dim(2)?;
 
-    // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk), causal softmax.
+    // (B, G, H/G * T, hs) @ (B, G, hs, Tk) -> (B, H, T, Tk), masked softmax.
     let q = q.contiguous()?.reshape((b, ng, (nh / ng) * t, hs))?;
     let att = if crate::fused::applies(&q, Some(&k)) {
-        crate::fused::attention_probs(&q, &k, t)?
+        crate::fused::attention_probs(&q, &k, t, h.rules)?
     } else {
         let att = q.matmul(&k.t()?)?.reshape((b, nh, t, tk))?;
-        causal_softmax(&att)?.reshape((b, ng, (nh / ng) * t, tk))?
+        masked_softmax(&att, h.rules)?.reshape((b, ng, (nh / ng) * t, tk))?
     };
     att.matmul(&v.contiguous()?)?
         .reshape((b, nh, t, hs))?
@@ -406,9 +496,10 @@ fn attend(
 }
 
 /// The gradient of [`attend`] (no cache, from position 0) with respect to its qkv input,
-/// recomputing the probabilities: with S = rope(Q) K^T * scale, P = causal softmax(S) and
-/// Y = P V, dV = P^T dY, dS = P * (dP - rowsum(dP * P)) for dP = dY V^T, then dQ and dK
-/// through S, and the rotary's transpose (a rotation by minus the angle).
+/// recomputing the probabilities: with S = cap(rope(Q) K^T * scale), P = masked softmax(S)
+/// and Y = P V, dV = P^T dY, dS = P * (dP - rowsum(dP * P)) for dP = dY V^T (times the
+/// cap's slope), then dQ and dK through S, and the rotary's transpose (a rotation by minus
+/// the angle).
 fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CResult<Tensor> {
     let (b, t, _) = qkv.dims3()?;
     let (nh, ng, hs) = (h.n_head, h.n_query_groups, h.head_size);
@@ -419,14 +510,27 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
         DType::F32
     };
     let (cos, sin) = rope.at(0, t)?;
-    let scale = 1.0 / (hs as f64).sqrt();
+    let scale = h.scale;
     let grouped = (b, ng, (nh / ng) * t, hs);
     let q = (apply_rope(&h.heads(qkv, 0, nh)?, &cos, &sin)? * scale)?.reshape(grouped)?;
     let k = apply_rope(&h.heads(qkv, nh, ng)?, &cos, &sin)?;
     let v = h.heads(qkv, nh + ng, ng)?;
 
-    let s = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-    let p_exact = causal_softmax(&s.to_dtype(exact)?)?.reshape((b, ng, (nh / ng) * t, t))?;
+    // Capped scores in the exact dtype; the softmax below applies only the mask.
+    let s = h
+        .rules
+        .cap_tensor(&q.matmul(&k.t()?)?.reshape((b, nh, t, t))?.to_dtype(exact)?)?;
+    let mask_only = ScoreRules {
+        softcap: None,
+        ..h.rules
+    };
+    let s = s.reshape((b, ng, (nh / ng) * t, t))?;
+    let p_exact = masked_softmax(&s.reshape((b, nh, t, t))?, mask_only)?.reshape((
+        b,
+        ng,
+        (nh / ng) * t,
+        t,
+    ))?;
     let p = p_exact.to_dtype(dtype)?;
     let dy = dy
         .reshape((b, t, nh, hs))?
@@ -436,7 +540,10 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
     let dv = p.t()?.matmul(&dy)?;
     let dp = dy.matmul(&v.t()?)?.to_dtype(exact)?;
     let row = (&dp * &p_exact)?.sum_keepdim(candle_core::D::Minus1)?;
-    let ds = (&p_exact * dp.broadcast_sub(&row)?)?.to_dtype(dtype)?;
+    let ds = h
+        .rules
+        .cap_backward(&s, &(&p_exact * dp.broadcast_sub(&row)?)?)?
+        .to_dtype(dtype)?;
     let dq = (ds.matmul(&k)? * scale)?.reshape((b, nh, t, hs))?;
     let dk = ds.t()?.matmul(&q)?;
     let back = sin.neg()?;
@@ -457,7 +564,7 @@ mod tests {
     fn rope_rows_past_the_table_are_computed_on_demand() {
         let mut cfg = Config::from_name("pythia-14m").unwrap();
         cfg.block_size = 1_000_000_000;
-        let rope = Rope::new(&cfg, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(&cfg, cfg.rope_base, None, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(rope.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
         let (c, s) = rope.at(ROPE_PRECOMPUTED - 3, 6).unwrap();
         let (c2, s2) = Rope::rows(&rope.inv_freq, ROPE_PRECOMPUTED - 3, 6).unwrap();
@@ -473,18 +580,27 @@ mod tests {
     /// (chunks of one group and of two, the last one short).
     #[test]
     fn chunked_attention_equals_whole() {
-        for (n_head, n_query_groups) in [(6, 6), (6, 3)] {
+        let windowed = ScoreRules {
+            window: Some(3),
+            softcap: Some(2.0),
+        };
+        for ((n_head, n_query_groups), rules) in [(6, 6), (6, 3)]
+            .into_iter()
+            .flat_map(|h| [(h, ScoreRules::default()), (h, windowed)])
+        {
             let mut cfg = Config::from_name("pythia-14m").unwrap();
             cfg.n_head = n_head;
             cfg.n_query_groups = n_query_groups;
             cfg.head_size = 4;
             cfg.n_embd = n_head * 4;
             cfg.rotary_percentage = 0.5;
-            let rope = Rope::new(&cfg, DType::F64, &Device::Cpu).unwrap();
+            let rope = Rope::new(&cfg, cfg.rope_base, None, DType::F64, &Device::Cpu).unwrap();
             let h = HeadLayout {
                 n_head,
                 n_query_groups,
                 head_size: 4,
+                scale: 0.5,
+                rules,
             };
             let (b, t) = (2, 5);
             let qkv = randn(&[b, t, (n_head + 2 * n_query_groups) * 4], 1);

@@ -1,6 +1,7 @@
 //! Causal self-attention of a packed batch as one CPU op with its own backward pass: from the
 //! fused qkv projection's output (N, (H + 2G) * hs) straight to the heads' outputs
-//! (N, H * hs), rotary embedding and the 1/sqrt(hs) query scale included.
+//! (N, H * hs), rotary embedding, the query scale and the layer's score rules (sliding
+//! window, soft-capping: `mask.rs`) included.
 //!
 //! Built from tensor ops, attention keeps for the backward pass a copy of Q, K and V in head
 //! layout, the rotated Q and K, the (heads x T x T) probabilities, the output in head layout
@@ -17,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
 use crate::fused::{gemm, run_tasks, SendPtr};
+use crate::mask::ScoreRules;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -31,8 +33,9 @@ pub struct PackedAttention {
     /// Rotary tables (>= longest sequence, half), contiguous, the input's dtype.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Multiplies the queries (1/sqrt(hs)).
+    /// Multiplies the queries (1/sqrt(hs) for most families).
     pub scale: f64,
+    pub rules: ScoreRules,
 }
 
 /// Attention of `qkv` (.., N, (H + 2G) * hs): the rows hold the sequences of `p.lengths`
@@ -51,6 +54,7 @@ struct Ctx<'a, T> {
     ng: usize,
     hs: usize,
     scale: T,
+    rules: ScoreRules,
 }
 
 impl<T: Float> Ctx<'_, T> {
@@ -92,34 +96,36 @@ impl<T: Float> Ctx<'_, T> {
     }
 }
 
-/// Causal softmax of the (t x t) scores in place: row i sees keys 0..=i.
-fn causal_softmax<T: Float>(s: &mut [T], t: usize) {
+/// Masked softmax of the (t x t) scores in place: row i sees keys `rules.first_key(i) ..= i`.
+fn causal_softmax<T: Float>(s: &mut [T], t: usize, rules: ScoreRules) {
     for i in 0..t {
         let row = &mut s[i * t..(i + 1) * t];
-        let m = row[..=i].iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let lo = rules.first_key(i);
+        let m = row[lo..=i].iter().fold(T::neg_infinity(), |m, &x| m.max(x));
         let mut sum = T::zero();
-        for x in &mut row[..=i] {
+        for x in &mut row[lo..=i] {
             *x = (*x - m).exp();
             sum = sum + *x;
         }
         let inv = T::one() / sum;
-        for x in &mut row[..=i] {
+        for x in &mut row[lo..=i] {
             *x = *x * inv;
         }
-        for x in &mut row[i + 1..] {
-            *x = T::zero();
-        }
+        row[..lo].fill(T::zero());
+        row[i + 1..].fill(T::zero());
     }
 }
 
 /// Rotated, scaled queries of head `h`, rotated keys of group `g`, and the probabilities
-/// (t x t) of head `h`, for the sequence at rows `off..off + t`.
+/// (t x t) of head `h`, for the sequence at rows `off..off + t`. With soft-capping, the
+/// slope of the cap at each score goes into `slopes` (for the backward pass) when given.
 fn probs<T: Float + 'static>(
     cx: &Ctx<T>,
     off: usize,
     t: usize,
     h: usize,
     k: &[T],
+    slopes: Option<&mut Vec<T>>,
 ) -> (Vec<T>, Vec<T>) {
     let hs = cx.hs;
     let q = cx.rotated(off, t, h * hs, cx.scale);
@@ -138,7 +144,18 @@ fn probs<T: Float + 'static>(
             (1, hs),
         )
     };
-    causal_softmax(&mut s, t);
+    if cx.rules.softcap.is_some() {
+        let f = |x: T| x.to_f64().unwrap_or(0.0);
+        let back = |x: f64| T::from(x).unwrap_or_else(T::zero);
+        for x in &mut s {
+            *x = back(cx.rules.cap(f(*x)));
+        }
+        if let Some(out) = slopes {
+            out.clear();
+            out.extend(s.iter().map(|&x| back(cx.rules.cap_slope(f(x)))));
+        }
+    }
+    causal_softmax(&mut s, t, cx.rules);
     (q, s)
 }
 
@@ -167,7 +184,7 @@ fn forward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], n: 
         let k = cx.rotated(off, t, (nh + g) * hs, T::one());
         let v = cx.qkv[off * w + (nh + ng + g) * hs..].as_ptr();
         for h in g * hpg..(g + 1) * hpg {
-            let (_, p) = probs(cx, off, t, h, &k);
+            let (_, p) = probs(cx, off, t, h, &k, None);
             // Y[rows, head h] = P V.
             // SAFETY: task (off, g) alone writes rows off..off+t, columns of its group's
             // heads; V is rows off..off+t of qkv with row stride w.
@@ -202,8 +219,9 @@ fn backward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], dy
         let mut dk = vec![T::zero(); t * hs];
         let mut dpr = vec![T::zero(); t * t];
         let mut dq = vec![T::zero(); t * hs];
+        let mut slopes = Vec::new();
         for h in g * hpg..(g + 1) * hpg {
-            let (q, p) = probs(cx, off, t, h, &k);
+            let (q, p) = probs(cx, off, t, h, &k, Some(&mut slopes));
             let dout = dy[off * yw + h * hs..].as_ptr();
             // SAFETY (all gemms below): buffers are (t, t) or (t, hs) as declared; dout and v
             // address rows off..off+t with row strides yw and w; this task alone writes the
@@ -232,7 +250,7 @@ fn backward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], dy
                     (yw, 1),
                 );
             }
-            // dS = P * (dP - rowsum(dP * P)), in place in dpr.
+            // dS = P * (dP - rowsum(dP * P)), in place in dpr; then through the cap.
             for r in 0..t {
                 let (pr, dr) = (&p[r * t..(r + 1) * t], &mut dpr[r * t..(r + 1) * t]);
                 let dot = pr
@@ -241,6 +259,11 @@ fn backward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], dy
                     .fold(T::zero(), |a, (&x, &y)| a + x * y);
                 for (d, &x) in dr.iter_mut().zip(pr) {
                     *d = x * (*d - dot);
+                }
+            }
+            if !slopes.is_empty() {
+                for (d, &sl) in dpr.iter_mut().zip(&slopes) {
+                    *d = *d * sl;
                 }
             }
             unsafe {
@@ -341,6 +364,7 @@ impl PackedAttention {
             ng: self.n_query_groups,
             hs: self.head_size,
             scale: T::from(self.scale).unwrap_or_else(T::one),
+            rules: self.rules,
         })
     }
 
@@ -443,6 +467,7 @@ mod tests {
         hs: usize,
         cos: &Tensor,
         sin: &Tensor,
+        rules: ScoreRules,
     ) -> Tensor {
         let t = qkv.dim(0).unwrap();
         let half = cos.dim(1).unwrap();
@@ -467,15 +492,23 @@ mod tests {
         let k = rot(heads(nh, ng));
         let v = heads(nh + ng, ng);
         let mask: Vec<f64> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { -1e30 } else { 0.0 }))
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    if j > i || j < rules.first_key(i) {
+                        -1e30
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
         let mut ys = Vec::new();
         for h in 0..nh {
             let g = h / (nh / ng);
             let (qh, kg, vg) = (q.get(h).unwrap(), k.get(g).unwrap(), v.get(g).unwrap());
-            let s = qh
-                .matmul(&kg.t().unwrap())
+            let s = rules
+                .cap_tensor(&qh.matmul(&kg.t().unwrap()).unwrap())
                 .unwrap()
                 .broadcast_add(&mask)
                 .unwrap();
@@ -492,8 +525,16 @@ mod tests {
 
     #[test]
     fn matches_tensor_ops_in_values_and_gradients() {
-        // MHA, GQA and MQA; partial rotary (2 * 2 of 6 channels); three packed sequences.
-        for (nh, ng) in [(2, 2), (4, 2), (3, 1)] {
+        // MHA, GQA and MQA; partial rotary (2 * 2 of 6 channels); three packed sequences;
+        // plain causal, and with a sliding window of 2 and soft-capping at 1.5.
+        let windowed = ScoreRules {
+            window: Some(2),
+            softcap: Some(1.5),
+        };
+        for ((nh, ng), rules) in [(2, 2), (4, 2), (3, 1)]
+            .into_iter()
+            .flat_map(|h| [(h, ScoreRules::default()), (h, windowed)])
+        {
             let (hs, half, lengths) = (6, 2, vec![3usize, 1, 4]);
             let n: usize = lengths.iter().sum();
             let w = (nh + 2 * ng) * hs;
@@ -509,6 +550,7 @@ mod tests {
                     cos: cos.clone(),
                     sin: sin.clone(),
                     scale: 1.0 / (hs as f64).sqrt(),
+                    rules,
                 },
             )
             .unwrap();
@@ -517,12 +559,12 @@ mod tests {
             let mut off = 0;
             for &t in &lengths {
                 let seq = flat.narrow(0, off, t).unwrap();
-                parts.push(reference(&seq, nh, ng, hs, &cos, &sin));
+                parts.push(reference(&seq, nh, ng, hs, &cos, &sin, rules));
                 off += t;
             }
             let want = Tensor::cat(&parts, 0).unwrap().unsqueeze(0).unwrap();
             assert_eq!(y.dims(), &[1, n, nh * hs]);
-            assert!(max_diff(&y, &want) < 1e-12, "({nh}, {ng}) values");
+            assert!(max_diff(&y, &want) < 1e-12, "({nh}, {ng}) {rules:?} values");
             let wsum = randn(&[1, n, nh * hs], 4).to_dtype(DType::F64).unwrap();
             let g1 = (y * &wsum).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (want * &wsum)
@@ -535,7 +577,7 @@ mod tests {
                 g1.get(qkv.as_tensor()).unwrap(),
                 g2.get(qkv.as_tensor()).unwrap(),
             );
-            assert!(d < 1e-12, "({nh}, {ng}) gradient differs by {d}");
+            assert!(d < 1e-12, "({nh}, {ng}) {rules:?} gradient differs by {d}");
         }
     }
 
@@ -552,6 +594,7 @@ mod tests {
                 cos: randn(&[8, 2], 2),
                 sin: randn(&[8, 2], 3),
                 scale: 1.0,
+                rules: ScoreRules::default(),
             },
         )
         .unwrap_err()

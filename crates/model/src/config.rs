@@ -3,7 +3,11 @@
 //!
 //! A family is a set of field values, not code: Pythia, StableLM-Alpha and RedPajama-INCITE are
 //! GPT-NeoX (LayerNorm, GELU MLP, partial rotary), Falcon adds multi-query attention and a
-//! shared attention norm, Llama-family models use RMSNorm, SwiGLU and grouped-query attention.
+//! shared attention norm, Llama-family models use RMSNorm, SwiGLU and grouped-query attention;
+//! Llama 3 scales its rotary frequencies, Qwen2 adds a qkv bias, Qwen3 and OLMo 2 normalise
+//! queries and keys, Gemma adds post-norms, a GeGLU MLP, soft-capping and sliding windows.
+//! Fields newer families added have defaults that leave the older families as they were, so
+//! every `lit_config.json` written before them still reads the same.
 
 use std::path::Path;
 
@@ -28,6 +32,39 @@ pub enum MlpKind {
     /// proj(silu(fc_1(x)) * fc_2(x)) (SwiGLU).
     #[serde(rename = "LLaMAMLP")]
     Llama,
+    /// proj(gelu_tanh(fc_1(x)) * fc_2(x)) (GeGLU with the tanh approximation, Gemma).
+    #[serde(rename = "GemmaMLP")]
+    Gemma,
+}
+
+/// Rotary frequency scaling for contexts longer than the model was first trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, the band between
+    /// blended (wavelengths measured against `original_max_position_embeddings`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// RMSNorm on the queries and keys, before the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// Over each head's channels, one weight of head_size shared by the heads (Qwen3, Gemma 3).
+    PerHead,
+    /// Over all query (key) channels at once, one weight per channel (OLMo 2).
+    Whole,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every number the model code reads. All derived sizes are resolved (no "auto" fields), so
@@ -58,6 +95,51 @@ pub struct Config {
     pub mlp: MlpKind,
     pub intermediate_size: usize,
     pub tie_embeddings: bool,
+    /// A bias on the qkv projection even where `bias` is false (Qwen2, StableLM 2).
+    #[serde(default)]
+    pub attn_bias: bool,
+    /// Rotary frequency scaling (of the global layers, when some layers are local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Rotary base of the sliding-window layers when it differs from `rope_base` (Gemma 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNorm>,
+    /// Norms before attention and MLP (`norm_1`, `norm_2`); OLMo 2 has none.
+    #[serde(default = "yes")]
+    pub pre_norm: bool,
+    /// A norm on attention's output before the residual sum (Gemma, OLMo 2).
+    #[serde(default)]
+    pub post_attention_norm: bool,
+    /// A norm on the MLP's output before the residual sum (Gemma, OLMo 2).
+    #[serde(default)]
+    pub post_mlp_norm: bool,
+    /// RMSNorm multiplies by (1 + weight) (Gemma).
+    #[serde(default)]
+    pub norm_unit_offset: bool,
+    /// Embeddings multiplied by sqrt(n_embd), in the activation dtype (Gemma).
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    /// Queries scaled by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_scores_scalar: Option<f64>,
+    /// Attention scores soft-capped to (-c, c) by c * tanh(s / c) (Gemma 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_logit_softcapping: Option<f64>,
+    /// Output logits soft-capped the same way (Gemma 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    /// A query attends to itself and the `sliding_window - 1` keys before it, in the layers
+    /// listed in `sliding_window_layers` (Mistral: all; Gemma: the local ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sliding_window_layers: Vec<usize>,
+    /// The Hugging Face architecture the weights follow (`Qwen2ForCausalLM`, ...), whose
+    /// layout `export` writes back; empty: inferred from the other fields.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hf_architecture: String,
 }
 
 fn find_multiple(n: usize, k: usize) -> usize {
@@ -76,7 +158,7 @@ pub const MAX_BLOCK_SIZE: usize = 1 << 30;
 
 impl Config {
     /// Lit-GPT's defaults, before a preset overrides them. Derived fields are 0 ("derive me").
-    fn litgpt_defaults(hf_org: &str, name: &str) -> Config {
+    pub(crate) fn litgpt_defaults(hf_org: &str, name: &str) -> Config {
         Config {
             name: name.to_string(),
             hf_org: hf_org.to_string(),
@@ -99,6 +181,21 @@ impl Config {
             mlp: MlpKind::GptNeox,
             intermediate_size: 0,
             tie_embeddings: false,
+            attn_bias: false,
+            rope_scaling: None,
+            rope_local_base: None,
+            qk_norm: None,
+            pre_norm: true,
+            post_attention_norm: false,
+            post_mlp_norm: false,
+            norm_unit_offset: false,
+            scale_embeddings: false,
+            attention_scores_scalar: None,
+            attention_logit_softcapping: None,
+            final_logit_softcapping: None,
+            sliding_window: None,
+            sliding_window_layers: Vec::new(),
+            hf_architecture: String::new(),
         }
     }
 
@@ -122,6 +219,14 @@ impl Config {
     /// Number of rotary dimensions per head (`rope_n_elem` in Lit-GPT).
     pub fn rope_n_elem(&self) -> usize {
         (self.rotary_percentage * self.head_size as f64) as usize
+    }
+
+    /// Parameters of the model this config describes (a tied head counted once).
+    pub fn num_params(&self) -> usize {
+        crate::convert::lit_shapes(self)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// Rows of the fused qkv weight: n_head query heads, then n_query_groups key and value heads.
@@ -201,7 +306,87 @@ impl Config {
         if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return bad(format!("norm_eps ({}) must be positive", self.norm_eps));
         }
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => bad(format!("{name} ({x}) must be positive")),
+            _ => Ok(()),
+        };
+        positive("rope_local_base", self.rope_local_base)?;
+        positive("attention_scores_scalar", self.attention_scores_scalar)?;
+        positive(
+            "attention_logit_softcapping",
+            self.attention_logit_softcapping,
+        )?;
+        positive("final_logit_softcapping", self.final_logit_softcapping)?;
+        match self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) => positive("rope_scaling.factor", Some(factor))?,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                positive("rope_scaling.factor", Some(factor))?;
+                positive("rope_scaling.low_freq_factor", Some(low_freq_factor))?;
+                if high_freq_factor.is_nan() || high_freq_factor <= low_freq_factor {
+                    return bad(format!(
+                        "rope_scaling: high_freq_factor ({high_freq_factor}) must exceed \
+                         low_freq_factor ({low_freq_factor})"
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return bad("rope_scaling.original_max_position_embeddings is 0".into());
+                }
+            }
+            None => {}
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be at least 1".into());
+        }
+        if self.sliding_window.is_some() == self.sliding_window_layers.is_empty() {
+            return bad(
+                "sliding_window and sliding_window_layers come together (a window, and the \
+                 layers that use it)"
+                    .into(),
+            );
+        }
+        if let Some(&i) = self
+            .sliding_window_layers
+            .iter()
+            .find(|&&i| i >= self.n_layer)
+        {
+            return bad(format!(
+                "sliding_window_layers names layer {i} of a {}-layer model",
+                self.n_layer
+            ));
+        }
+        if self.norm_unit_offset && self.norm != NormKind::RmsNorm {
+            return bad("norm_unit_offset applies to RMSNorm only".into());
+        }
+        if !self.pre_norm && (self.shared_attention_norm || self.parallel_residual) {
+            return bad("a block without pre-norms cannot share them or run in parallel".into());
+        }
+        if (self.post_attention_norm || self.post_mlp_norm) && self.parallel_residual {
+            return bad("post-norms with a parallel residual are not supported".into());
+        }
         Ok(())
+    }
+
+    /// Whether layer `i` attends within the sliding window.
+    pub fn is_local(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_window_layers.contains(&i)
+    }
+
+    /// The factor queries are multiplied by before the dot product with the keys.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .attention_scores_scalar
+            .unwrap_or(self.head_size as f64)
+            .sqrt()
+    }
+
+    /// Whether the qkv projection has a bias.
+    pub fn qkv_bias(&self) -> bool {
+        self.bias || self.attn_bias
     }
 
     /// Reads and validates `lit_config.json`.
@@ -241,6 +426,8 @@ pub fn preset_names() -> Vec<String> {
 }
 
 /// All named presets.
+// The tables below are one row of numbers per model, read against the published configs.
+#[allow(clippy::type_complexity)]
 pub fn presets() -> Vec<Config> {
     let mut out = Vec::new();
     let mut add = |org: &str, name: &str, f: &dyn Fn(&mut Config)| {
@@ -387,6 +574,232 @@ pub fn presets() -> Vec<Config> {
             });
         }
     }
+
+    // The families people finetune today. Numbers from each model's published config.json.
+    let modern = |c: &mut Config, arch: &str| {
+        llama(c);
+        c.hf_architecture = arch.to_string();
+        c.padding_multiple = 1;
+    };
+
+    // Meta Llama 3.1 / 3.2: GQA, rope base 5e5 with llama3 frequency scaling.
+    let llama3 = |factor: f64| {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        })
+    };
+    let meta: [(&str, usize, usize, usize, usize, usize, usize, bool, f64); 3] = [
+        // name, n_layer, n_embd, n_head, n_query_groups, head_size, intermediate, tied, factor
+        ("Llama-3.2-1B", 16, 2048, 32, 8, 64, 8192, true, 32.0),
+        ("Llama-3.2-3B", 28, 3072, 24, 8, 128, 8192, true, 32.0),
+        ("Llama-3.1-8B", 32, 4096, 32, 8, 128, 14336, false, 8.0),
+    ];
+    for (name, layers, embd, heads, groups, hs, inter, tied, factor) in meta {
+        for kind in ["", "-Instruct"] {
+            add("meta-llama", &format!("{name}{kind}"), &|c| {
+                modern(c, "LlamaForCausalLM");
+                c.block_size = 131072;
+                c.vocab_size = 128256;
+                c.n_layer = layers;
+                c.n_embd = embd;
+                c.n_head = heads;
+                c.n_query_groups = groups;
+                c.head_size = hs;
+                c.intermediate_size = inter;
+                c.rope_base = 500000.0;
+                c.rope_scaling = llama3(factor);
+                c.tie_embeddings = tied;
+            });
+        }
+    }
+
+    // Qwen2.5: bias on q/k/v only, rope base 1e6.
+    let qwen25: [(&str, usize, usize, usize, usize, usize, usize, bool); 4] = [
+        // size, n_layer, n_embd, n_head, n_query_groups, intermediate, vocab, tied
+        ("0.5B", 24, 896, 14, 2, 4864, 151936, true),
+        ("1.5B", 28, 1536, 12, 2, 8960, 151936, true),
+        ("3B", 36, 2048, 16, 2, 11008, 151936, true),
+        ("7B", 28, 3584, 28, 4, 18944, 152064, false),
+    ];
+    for (size, layers, embd, heads, groups, inter, vocab, tied) in qwen25 {
+        for kind in ["", "-Instruct"] {
+            add("Qwen", &format!("Qwen2.5-{size}{kind}"), &|c| {
+                modern(c, "Qwen2ForCausalLM");
+                c.block_size = 32768;
+                c.vocab_size = vocab;
+                c.n_layer = layers;
+                c.n_embd = embd;
+                c.n_head = heads;
+                c.n_query_groups = groups;
+                c.intermediate_size = inter;
+                c.rope_base = 1000000.0;
+                c.norm_eps = 1e-6;
+                c.attn_bias = true;
+                c.tie_embeddings = tied;
+            });
+        }
+    }
+
+    // Qwen3: head size 128 whatever the width, RMSNorm on each query and key head.
+    let qwen3: [(&str, usize, usize, usize, usize, bool); 4] = [
+        // size, n_layer, n_embd, n_head, intermediate, tied
+        ("0.6B", 28, 1024, 16, 3072, true),
+        ("1.7B", 28, 2048, 16, 6144, true),
+        ("4B", 36, 2560, 32, 9728, true),
+        ("8B", 36, 4096, 32, 12288, false),
+    ];
+    for (size, layers, embd, heads, inter, tied) in qwen3 {
+        add("Qwen", &format!("Qwen3-{size}"), &|c| {
+            modern(c, "Qwen3ForCausalLM");
+            c.block_size = 40960;
+            c.vocab_size = 151936;
+            c.n_layer = layers;
+            c.n_embd = embd;
+            c.n_head = heads;
+            c.n_query_groups = 8;
+            c.head_size = 128;
+            c.intermediate_size = inter;
+            c.rope_base = 1000000.0;
+            c.norm_eps = 1e-6;
+            c.qk_norm = Some(QkNorm::PerHead);
+            c.tie_embeddings = tied;
+        });
+    }
+
+    // Google Gemma 2 / 3: (1 + w) RMSNorm before and after attention and MLP, GeGLU, scaled
+    // embeddings, head size 256, sliding windows on the local layers.
+    let gemma = |c: &mut Config, arch: &str| {
+        modern(c, arch);
+        c.mlp = MlpKind::Gemma;
+        c.norm_eps = 1e-6;
+        c.norm_unit_offset = true;
+        c.scale_embeddings = true;
+        c.post_attention_norm = true;
+        c.post_mlp_norm = true;
+        c.tie_embeddings = true;
+        c.head_size = 256;
+        c.attention_scores_scalar = Some(256.0);
+    };
+    for kind in ["", "-it"] {
+        add("google", &format!("gemma-2-2b{kind}"), &|c| {
+            gemma(c, "Gemma2ForCausalLM");
+            c.block_size = 8192;
+            c.vocab_size = 256000;
+            c.n_layer = 26;
+            c.n_embd = 2304;
+            c.n_head = 8;
+            c.n_query_groups = 4;
+            c.intermediate_size = 9216;
+            c.attention_logit_softcapping = Some(50.0);
+            c.final_logit_softcapping = Some(30.0);
+            c.sliding_window = Some(4096);
+            c.sliding_window_layers = (0..26).step_by(2).collect();
+        });
+    }
+    let gemma3: [(
+        &str,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<f64>,
+    ); 3] = [
+        // size, n_layer, n_embd, n_head, groups, intermediate, vocab, window, linear rope
+        ("270m", 18, 640, 4, 1, 2048, 262144, 512, None),
+        ("1b", 26, 1152, 4, 1, 6912, 262144, 512, None),
+        ("4b", 34, 2560, 8, 4, 10240, 262208, 1024, Some(8.0)),
+    ];
+    for (size, layers, embd, heads, groups, inter, vocab, window, linear) in gemma3 {
+        for kind in ["", "-it"] {
+            add("google", &format!("gemma-3-{size}{kind}"), &|c| {
+                gemma(c, "Gemma3ForCausalLM");
+                c.block_size = if size == "4b" { 131072 } else { 32768 };
+                c.vocab_size = vocab;
+                c.n_layer = layers;
+                c.n_embd = embd;
+                c.n_head = heads;
+                c.n_query_groups = groups;
+                c.intermediate_size = inter;
+                c.rope_base = 1000000.0;
+                c.rope_local_base = Some(10000.0);
+                c.rope_scaling = linear.map(|factor| RopeScaling::Linear { factor });
+                c.qk_norm = Some(QkNorm::PerHead);
+                // Five local layers, then a global one.
+                c.sliding_window = Some(window);
+                c.sliding_window_layers = (0..layers).filter(|i| (i + 1) % 6 != 0).collect();
+            });
+        }
+    }
+
+    // Mistral 7B v0.3: Llama's shape, rope base 1e6, no sliding window.
+    for kind in ["", "-Instruct"] {
+        add("mistralai", &format!("Mistral-7B{kind}-v0.3"), &|c| {
+            modern(c, "MistralForCausalLM");
+            c.block_size = 32768;
+            c.vocab_size = 32768;
+            c.n_layer = 32;
+            c.n_embd = 4096;
+            c.n_head = 32;
+            c.n_query_groups = 8;
+            c.intermediate_size = 14336;
+            c.rope_base = 1000000.0;
+        });
+    }
+
+    // Microsoft Phi-3-mini (4k context): fused qkv_proj / gate_up_proj in its checkpoints,
+    // sliding window 2047.
+    add("microsoft", "Phi-3-mini-4k-instruct", &|c| {
+        modern(c, "Phi3ForCausalLM");
+        c.block_size = 4096;
+        c.vocab_size = 32064;
+        c.n_layer = 32;
+        c.n_embd = 3072;
+        c.n_head = 32;
+        c.intermediate_size = 8192;
+        c.sliding_window = Some(2047);
+        c.sliding_window_layers = (0..32).collect();
+    });
+
+    // Stability AI StableLM 2: LayerNorm, q/k/v biases, rotary on a quarter of each head.
+    for kind in ["", "-chat"] {
+        add("stabilityai", &format!("stablelm-2-1_6b{kind}"), &|c| {
+            modern(c, "StableLmForCausalLM");
+            c.norm = NormKind::LayerNorm;
+            c.block_size = 4096;
+            c.vocab_size = 100352;
+            c.n_layer = 24;
+            c.n_embd = 2048;
+            c.n_head = 32;
+            c.intermediate_size = 5632;
+            c.rotary_percentage = 0.25;
+            c.attn_bias = true;
+        });
+    }
+
+    // AllenAI OLMo 2: norms after attention and MLP only, RMSNorm on all of q and k.
+    for kind in ["", "-Instruct"] {
+        add("allenai", &format!("OLMo-2-0425-1B{kind}"), &|c| {
+            modern(c, "Olmo2ForCausalLM");
+            c.block_size = 4096;
+            c.vocab_size = 100352;
+            c.n_layer = 16;
+            c.n_embd = 2048;
+            c.n_head = 16;
+            c.intermediate_size = 8192;
+            c.rope_base = 500000.0;
+            c.norm_eps = 1e-6;
+            c.pre_norm = false;
+            c.post_attention_norm = true;
+            c.post_mlp_norm = true;
+            c.qk_norm = Some(QkNorm::Whole);
+        });
+    }
     out
 }
 
@@ -405,6 +818,63 @@ mod tests {
 
     fn get(name: &str) -> Config {
         Config::from_name(name).unwrap()
+    }
+
+    /// Every modern preset has exactly the parameter count its published checkpoint has
+    /// (the counts Hugging Face shows for the safetensors files, and the model cards'
+    /// rounded figures), and LoRA r 8 on query and value adds r * (in + out) per adapter.
+    #[test]
+    fn modern_presets_have_their_published_sizes() {
+        let published: [(&str, usize); 19] = [
+            ("meta-llama/Llama-3.2-1B", 1_235_814_400),
+            ("meta-llama/Llama-3.2-3B", 3_212_749_824),
+            ("meta-llama/Llama-3.1-8B", 8_030_261_248),
+            ("Qwen/Qwen2.5-0.5B", 494_032_768),
+            ("Qwen/Qwen2.5-1.5B", 1_543_714_304),
+            ("Qwen/Qwen2.5-3B", 3_085_938_688),
+            ("Qwen/Qwen2.5-7B", 7_615_616_512),
+            ("Qwen/Qwen3-0.6B", 596_049_920),
+            // Model cards: 1.7B, 4.0B and 8.2B.
+            ("Qwen/Qwen3-1.7B", 1_720_574_976),
+            ("Qwen/Qwen3-4B", 4_022_468_096),
+            ("Qwen/Qwen3-8B", 8_190_735_360),
+            ("google/gemma-2-2b", 2_614_341_888),
+            ("google/gemma-3-270m", 268_098_176),
+            ("google/gemma-3-1b", 999_885_952),
+            // The language model of the 4B (its checkpoint adds a 0.4B vision tower).
+            ("google/gemma-3-4b", 3_880_263_168),
+            ("mistralai/Mistral-7B-v0.3", 7_248_023_552),
+            ("microsoft/Phi-3-mini-4k-instruct", 3_821_079_552),
+            ("stabilityai/stablelm-2-1_6b", 1_644_515_328),
+            ("allenai/OLMo-2-0425-1B", 1_484_916_736),
+        ];
+        for (name, want) in published {
+            let c = get(name);
+            assert_eq!(c.num_params(), want, "{name}");
+            // LoRA r 8 on q and v: A (8, n_embd) and B (rows, 8) for each.
+            let (q, kv) = (c.n_head * c.head_size, c.n_query_groups * c.head_size);
+            let lora = c.n_layer * (8 * (c.n_embd + q) + 8 * (c.n_embd + kv));
+            assert_eq!(
+                crate::model::lora_param_count(&c, &crate::LoraConfig::default()),
+                lora,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            crate::model::lora_param_count(
+                &get("meta-llama/Llama-3.2-1B"),
+                &crate::LoraConfig::default()
+            ),
+            851_968
+        );
+        // Instruct / chat / it variants share their base's numbers.
+        for (a, b) in [
+            ("Qwen2.5-0.5B", "Qwen2.5-0.5B-Instruct"),
+            ("Llama-3.2-1B", "Llama-3.2-1B-Instruct"),
+            ("gemma-3-270m", "gemma-3-270m-it"),
+        ] {
+            assert_eq!(get(a).num_params(), get(b).num_params());
+        }
     }
 
     #[test]

@@ -11,215 +11,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
 
-use crate::config::{Config, MlpKind, NormKind};
+use crate::config::{Config, MlpKind, NormKind, QkNorm};
 use crate::error::{Error, Result};
 
-/// How an HF architecture lays out its weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HfFamily {
-    /// GPTNeoXForCausalLM: Pythia, StableLM-Alpha, RedPajama-INCITE.
-    GptNeox,
-    /// LlamaForCausalLM (and Mistral-style checkpoints without sliding window).
-    Llama,
-    /// FalconForCausalLM. `new_arch`: grouped qkv per KV head (40B); `multi_query`: one KV
-    /// head after all query heads (7B); neither: per-head interleaved like GPT-NeoX.
-    Falcon { new_arch: bool, multi_query: bool },
-}
-
-pub const SUPPORTED_ARCHITECTURES: &str =
-    "GPTNeoXForCausalLM, LlamaForCausalLM, MistralForCausalLM, FalconForCausalLM";
-
-fn get_f64(v: &Value, keys: &[&str]) -> Option<f64> {
-    keys.iter().find_map(|k| v.get(*k).and_then(Value::as_f64))
-}
-
-fn get_usize(v: &Value, keys: &[&str]) -> Option<usize> {
-    keys.iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_u64))
-        .map(|x| x as usize)
-}
-
-fn get_bool(v: &Value, key: &str) -> Option<bool> {
-    v.get(key).and_then(Value::as_bool)
-}
-
-/// Reads an HF `config.json` into a `Config` named `name`, and the family that decides the
-/// weight layout.
-pub fn config_from_hf(path: &Path, name: &str) -> Result<(Config, HfFamily)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::json(path.to_path_buf(), e))?;
-    config_from_hf_value(&v, name, path)
-}
-
-pub fn config_from_hf_value(v: &Value, name: &str, path: &Path) -> Result<(Config, HfFamily)> {
-    let arch = v
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str)
-        .or_else(|| v.get("model_type").and_then(Value::as_str))
-        .unwrap_or("")
-        .to_string();
-    const KNOWN: [&str; 11] = [
-        "GPTNeoXForCausalLM",
-        "gpt_neox",
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "llama",
-        "mistral",
-        "FalconForCausalLM",
-        "RWForCausalLM",
-        "falcon",
-        "RefinedWebModel",
-        "RefinedWeb",
-    ];
-    if !KNOWN.contains(&arch.as_str()) {
-        return Err(Error::UnsupportedArchitecture {
-            arch: if arch.is_empty() {
-                "<none>".into()
-            } else {
-                arch
-            },
-            path: path.to_path_buf(),
-            supported: SUPPORTED_ARCHITECTURES.into(),
-        });
-    }
-    let missing = |field: &str| Error::BadCheckpoint {
-        path: path.to_path_buf(),
-        reason: format!("config.json has no usable {field:?}"),
-    };
-    let need = |keys: &[&str]| get_usize(v, keys).ok_or_else(|| missing(keys[0]));
-    let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
-    let rope_theta = get_f64(v, &["rope_theta", "rotary_emb_base"])
-        .or_else(|| rope.and_then(|r| get_f64(r, &["rope_theta"])));
-    let partial = get_f64(v, &["rotary_pct", "partial_rotary_factor"])
-        .or_else(|| rope.and_then(|r| get_f64(r, &["partial_rotary_factor"])));
-
-    let n_embd = need(&["hidden_size", "n_embed", "d_model"])?;
-    let n_head = need(&["num_attention_heads", "n_head"])?;
-    let n_layer = need(&["num_hidden_layers", "n_layer"])?;
-    let vocab = need(&["vocab_size"])?;
-    let block = get_usize(v, &["max_position_embeddings"]).unwrap_or(2048);
-    let head_size = get_usize(v, &["head_dim"]).unwrap_or(n_embd / n_head.max(1));
-    let tie = get_bool(v, "tie_word_embeddings");
-
-    let mut cfg = Config {
-        name: name.to_string(),
-        hf_org: String::new(),
-        block_size: block,
-        vocab_size: vocab,
-        padding_multiple: 1,
-        padded_vocab_size: vocab,
-        n_layer,
-        n_head,
-        n_embd,
-        n_query_groups: n_head,
-        head_size,
-        rotary_percentage: 1.0,
-        rope_base: rope_theta.unwrap_or(10000.0),
-        parallel_residual: false,
-        shared_attention_norm: false,
-        bias: false,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-        mlp: MlpKind::GptNeox,
-        intermediate_size: 4 * n_embd,
-        tie_embeddings: false,
-    };
-    let family = match arch.as_str() {
-        "GPTNeoXForCausalLM" | "gpt_neox" => {
-            cfg.rotary_percentage = partial.unwrap_or(0.25);
-            cfg.parallel_residual = get_bool(v, "use_parallel_residual").unwrap_or(true);
-            cfg.bias = get_bool(v, "attention_bias").unwrap_or(true);
-            cfg.norm_eps = get_f64(v, &["layer_norm_eps"]).unwrap_or(1e-5);
-            cfg.intermediate_size = need(&["intermediate_size"])?;
-            cfg.tie_embeddings = tie.unwrap_or(false);
-            check_act(v, &["gelu"], path)?;
-            HfFamily::GptNeox
-        }
-        "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => {
-            cfg.n_query_groups = get_usize(v, &["num_key_value_heads"]).unwrap_or(n_head);
-            cfg.norm = NormKind::RmsNorm;
-            cfg.norm_eps = get_f64(v, &["rms_norm_eps"]).unwrap_or(1e-6);
-            cfg.mlp = MlpKind::Llama;
-            cfg.intermediate_size = need(&["intermediate_size"])?;
-            cfg.tie_embeddings = tie.unwrap_or(false);
-            if get_bool(v, "attention_bias") == Some(true) || get_bool(v, "mlp_bias") == Some(true)
-            {
-                return Err(Error::BadCheckpoint {
-                    path: path.to_path_buf(),
-                    reason: "Llama checkpoints with attention or MLP biases are not supported"
-                        .into(),
-                });
-            }
-            if v.get("sliding_window").is_some_and(|s| !s.is_null()) {
-                return Err(Error::BadCheckpoint {
-                    path: path.to_path_buf(),
-                    reason: "sliding-window attention is not supported".into(),
-                });
-            }
-            check_act(v, &["silu"], path)?;
-            HfFamily::Llama
-        }
-        "FalconForCausalLM" | "RWForCausalLM" | "falcon" | "RefinedWebModel" | "RefinedWeb" => {
-            let new_arch = get_bool(v, "new_decoder_architecture").unwrap_or(false);
-            let multi_query = get_bool(v, "multi_query").unwrap_or(true);
-            let parallel = get_bool(v, "parallel_attn").unwrap_or(true);
-            if get_bool(v, "alibi") == Some(true) {
-                return Err(Error::BadCheckpoint {
-                    path: path.to_path_buf(),
-                    reason: "Falcon with ALiBi positions is not supported".into(),
-                });
-            }
-            cfg.n_query_groups = if new_arch {
-                get_usize(v, &["num_kv_heads", "n_head_kv"]).unwrap_or(n_head)
-            } else if multi_query {
-                1
-            } else {
-                n_head
-            };
-            cfg.parallel_residual = new_arch || parallel;
-            let n_ln = get_usize(v, &["num_ln_in_parallel_attn"]).unwrap_or(2);
-            cfg.shared_attention_norm = if new_arch { n_ln == 1 } else { parallel };
-            cfg.bias = get_bool(v, "bias").unwrap_or(false);
-            cfg.norm_eps = get_f64(v, &["layer_norm_epsilon"]).unwrap_or(1e-5);
-            cfg.intermediate_size = get_usize(v, &["ffn_hidden_size"]).unwrap_or(4 * n_embd);
-            cfg.tie_embeddings = tie.unwrap_or(true);
-            check_act(v, &["gelu"], path)?;
-            HfFamily::Falcon {
-                new_arch,
-                multi_query,
-            }
-        }
-        other => {
-            return Err(Error::UnsupportedArchitecture {
-                arch: if other.is_empty() {
-                    "<none>".into()
-                } else {
-                    other.into()
-                },
-                path: path.to_path_buf(),
-                supported: SUPPORTED_ARCHITECTURES.into(),
-            })
-        }
-    };
-    cfg.validate()?;
-    Ok((cfg, family))
-}
-
-fn check_act(v: &Value, allowed: &[&str], path: &Path) -> Result<()> {
-    let act = v
-        .get("hidden_act")
-        .or_else(|| v.get("activation"))
-        .and_then(Value::as_str);
-    match act {
-        None => Ok(()),
-        Some(a) if allowed.contains(&a) => Ok(()),
-        Some(a) => Err(Error::BadCheckpoint {
-            path: path.to_path_buf(),
-            reason: format!("activation {a:?} is not supported (expected {allowed:?})"),
-        }),
-    }
-}
+pub use crate::hf_config::{config_from_hf, config_from_hf_value, HfArch, SUPPORTED_ARCHITECTURES};
 
 /// Every lit tensor a config's model needs, with its shape, in checkpoint order.
 pub fn lit_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
@@ -228,40 +23,69 @@ pub fn lit_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
         "transformer.wte.weight".to_string(),
         vec![cfg.padded_vocab_size, d],
     )];
-    let norm = |out: &mut Vec<(String, Vec<usize>)>, n: &str| {
-        out.push((format!("{n}.weight"), vec![d]));
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, n: &str, width: usize| {
+        out.push((format!("{n}.weight"), vec![width]));
         if cfg.norm == NormKind::LayerNorm {
-            out.push((format!("{n}.bias"), vec![d]));
+            out.push((format!("{n}.bias"), vec![width]));
         }
     };
-    let linear = |out: &mut Vec<(String, Vec<usize>)>, n: &str, o: usize, i: usize| {
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, n: &str, o: usize, i: usize, b: bool| {
         out.push((format!("{n}.weight"), vec![o, i]));
-        if cfg.bias {
+        if b {
             out.push((format!("{n}.bias"), vec![o]));
         }
     };
-    let (inter, q) = (cfg.intermediate_size, cfg.n_head * cfg.head_size);
+    let (inter, q, kv) = (
+        cfg.intermediate_size,
+        cfg.n_head * cfg.head_size,
+        cfg.n_query_groups * cfg.head_size,
+    );
     for i in 0..cfg.n_layer {
         let p = format!("transformer.h.{i}");
-        norm(&mut out, &format!("{p}.norm_1"));
-        linear(&mut out, &format!("{p}.attn.qkv"), cfg.qkv_out(), d);
-        linear(&mut out, &format!("{p}.attn.proj"), d, q);
-        if !cfg.shared_attention_norm {
-            norm(&mut out, &format!("{p}.norm_2"));
+        if cfg.pre_norm {
+            norm(&mut out, &format!("{p}.norm_1"), d);
+        }
+        linear(
+            &mut out,
+            &format!("{p}.attn.qkv"),
+            cfg.qkv_out(),
+            d,
+            cfg.qkv_bias(),
+        );
+        linear(&mut out, &format!("{p}.attn.proj"), d, q, cfg.bias);
+        match cfg.qk_norm {
+            Some(QkNorm::PerHead) => {
+                norm(&mut out, &format!("{p}.attn.norm_q"), cfg.head_size);
+                norm(&mut out, &format!("{p}.attn.norm_k"), cfg.head_size);
+            }
+            Some(QkNorm::Whole) => {
+                norm(&mut out, &format!("{p}.attn.norm_q"), q);
+                norm(&mut out, &format!("{p}.attn.norm_k"), kv);
+            }
+            None => {}
+        }
+        if cfg.post_attention_norm {
+            norm(&mut out, &format!("{p}.post_attention_norm"), d);
+        }
+        if cfg.pre_norm && !cfg.shared_attention_norm {
+            norm(&mut out, &format!("{p}.norm_2"), d);
         }
         match cfg.mlp {
             MlpKind::GptNeox => {
-                linear(&mut out, &format!("{p}.mlp.fc"), inter, d);
-                linear(&mut out, &format!("{p}.mlp.proj"), d, inter);
+                linear(&mut out, &format!("{p}.mlp.fc"), inter, d, cfg.bias);
+                linear(&mut out, &format!("{p}.mlp.proj"), d, inter, cfg.bias);
             }
-            MlpKind::Llama => {
-                linear(&mut out, &format!("{p}.mlp.fc_1"), inter, d);
-                linear(&mut out, &format!("{p}.mlp.fc_2"), inter, d);
-                linear(&mut out, &format!("{p}.mlp.proj"), d, inter);
+            MlpKind::Llama | MlpKind::Gemma => {
+                linear(&mut out, &format!("{p}.mlp.fc_1"), inter, d, cfg.bias);
+                linear(&mut out, &format!("{p}.mlp.fc_2"), inter, d, cfg.bias);
+                linear(&mut out, &format!("{p}.mlp.proj"), d, inter, cfg.bias);
             }
         }
+        if cfg.post_mlp_norm {
+            norm(&mut out, &format!("{p}.post_mlp_norm"), d);
+        }
     }
-    norm(&mut out, "transformer.ln_f");
+    norm(&mut out, "transformer.ln_f", d);
     if !cfg.tie_embeddings {
         out.push(("lm_head.weight".into(), vec![cfg.padded_vocab_size, d]));
     }
@@ -286,10 +110,15 @@ pub(crate) enum Source {
     },
     /// Separate q, k, v projections concatenated.
     Concat(Vec<String>),
+    /// Rows `start .. start + len` of a fused tensor (Phi-3's gate_up_proj).
+    Rows {
+        name: String,
+        start: usize,
+        len: usize,
+    },
 }
 
-pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<Source> {
-    use HfFamily::*;
+pub(crate) fn source_for(cfg: &Config, arch: HfArch, lit: &str) -> Option<Source> {
     let (layer, rest) = match lit.strip_prefix("transformer.h.") {
         Some(r) => {
             let (i, rest) = r.split_once('.')?;
@@ -299,30 +128,30 @@ pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<So
     };
     let copy = |s: String| Some(Source::Copy(s));
     let Some(i) = layer else {
-        return match (family, rest) {
-            (GptNeox, "transformer.wte.weight") => copy("gpt_neox.embed_in.weight".into()),
+        return match (arch, rest) {
+            (HfArch::GptNeox, "transformer.wte.weight") => copy("gpt_neox.embed_in.weight".into()),
             // transformers 5 saves `lm_head.weight` in .bin files; the Hub's files say `embed_out`.
-            (GptNeox, "lm_head.weight") => Some(Source::AnyOf(vec![
+            (HfArch::GptNeox, "lm_head.weight") => Some(Source::AnyOf(vec![
                 "embed_out.weight".into(),
                 "lm_head.weight".into(),
             ])),
-            (GptNeox, r) => r
+            (HfArch::GptNeox, r) => r
                 .strip_prefix("transformer.ln_f.")
                 .map(|s| Source::Copy(format!("gpt_neox.final_layer_norm.{s}"))),
-            (Llama, "transformer.wte.weight") => copy("model.embed_tokens.weight".into()),
-            (Llama, "lm_head.weight") => copy("lm_head.weight".into()),
-            (Llama, r) => r
-                .strip_prefix("transformer.ln_f.")
-                .map(|s| Source::Copy(format!("model.norm.{s}"))),
-            (Falcon { .. }, "transformer.wte.weight") => {
+            (HfArch::Falcon { .. }, "transformer.wte.weight") => {
                 copy("transformer.word_embeddings.weight".into())
             }
-            (Falcon { .. }, r) => copy(r.to_string()),
+            (HfArch::Falcon { .. }, r) => copy(r.to_string()),
+            (_, "transformer.wte.weight") => copy("model.embed_tokens.weight".into()),
+            (_, "lm_head.weight") => copy("lm_head.weight".into()),
+            (_, r) => r
+                .strip_prefix("transformer.ln_f.")
+                .map(|s| Source::Copy(format!("model.norm.{s}"))),
         };
     };
     let (module, param) = rest.rsplit_once('.')?;
-    match family {
-        GptNeox => {
+    match arch {
+        HfArch::GptNeox => {
             let p = format!("gpt_neox.layers.{i}");
             let hf = match module {
                 "norm_1" => "input_layernorm",
@@ -341,28 +170,27 @@ pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<So
             };
             copy(format!("{p}.{hf}.{param}"))
         }
-        Llama => {
+        HfArch::Phi3 => {
             let p = format!("model.layers.{i}");
+            let inter = cfg.intermediate_size;
             let hf = match module {
                 "norm_1" => "input_layernorm",
                 "norm_2" => "post_attention_layernorm",
-                "attn.qkv" => {
-                    return Some(Source::Concat(
-                        ["q_proj", "k_proj", "v_proj"]
-                            .iter()
-                            .map(|n| format!("{p}.self_attn.{n}.{param}"))
-                            .collect(),
-                    ))
-                }
+                "attn.qkv" => "self_attn.qkv_proj",
                 "attn.proj" => "self_attn.o_proj",
-                "mlp.fc_1" => "mlp.gate_proj",
-                "mlp.fc_2" => "mlp.up_proj",
+                "mlp.fc_1" | "mlp.fc_2" => {
+                    return Some(Source::Rows {
+                        name: format!("{p}.mlp.gate_up_proj.{param}"),
+                        start: if module == "mlp.fc_1" { 0 } else { inter },
+                        len: inter,
+                    })
+                }
                 "mlp.proj" => "mlp.down_proj",
                 _ => return None,
             };
             copy(format!("{p}.{hf}.{param}"))
         }
-        Falcon {
+        HfArch::Falcon {
             new_arch,
             multi_query,
         } => {
@@ -397,6 +225,34 @@ pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<So
             };
             copy(format!("{p}.{hf}.{param}"))
         }
+        _ => {
+            // Llama's names, and where the norms sit in Gemma (four per block) and OLMo 2
+            // (after attention and MLP only).
+            let p = format!("model.layers.{i}");
+            let hf = match module {
+                "norm_1" => "input_layernorm",
+                "norm_2" if cfg.post_attention_norm => "pre_feedforward_layernorm",
+                "norm_2" => "post_attention_layernorm",
+                "post_attention_norm" => "post_attention_layernorm",
+                "post_mlp_norm" => "post_feedforward_layernorm",
+                "attn.qkv" => {
+                    return Some(Source::Concat(
+                        ["q_proj", "k_proj", "v_proj"]
+                            .iter()
+                            .map(|n| format!("{p}.self_attn.{n}.{param}"))
+                            .collect(),
+                    ))
+                }
+                "attn.proj" => "self_attn.o_proj",
+                "attn.norm_q" => "self_attn.q_norm",
+                "attn.norm_k" => "self_attn.k_norm",
+                "mlp.fc_1" => "mlp.gate_proj",
+                "mlp.fc_2" => "mlp.up_proj",
+                "mlp.proj" => "mlp.down_proj",
+                _ => return None,
+            };
+            copy(format!("{p}.{hf}.{param}"))
+        }
     }
 }
 
@@ -404,11 +260,11 @@ pub(crate) fn source_for(cfg: &Config, family: HfFamily, lit: &str) -> Option<So
 /// tensor in its error).
 pub fn lit_tensor(
     cfg: &Config,
-    family: HfFamily,
+    arch: HfArch,
     lit: &str,
     get: &mut dyn FnMut(&str) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let source = source_for(cfg, family, lit).ok_or_else(|| Error::MissingTensor {
+    let source = source_for(cfg, arch, lit).ok_or_else(|| Error::MissingTensor {
         name: lit.to_string(),
         source_file: None,
     })?;
@@ -425,6 +281,17 @@ pub fn lit_tensor(
         Source::Concat(names) => {
             let parts = names.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts, 0)?)
+        }
+        Source::Rows { name, start, len } => {
+            let t = get(&name)?;
+            if t.dim(0)? != 2 * len {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: [vec![2 * len], t.dims()[1..].to_vec()].concat(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            Ok(t.narrow(0, start, len)?.contiguous()?)
         }
         Source::GroupedQkv {
             name,
@@ -640,12 +507,12 @@ pub fn load_hf_dir(
     name: &str,
     device: &candle_core::Device,
 ) -> Result<(Config, crate::weights::Weights)> {
-    let (cfg, family) = config_from_hf(&dir.join("config.json"), name)?;
+    let (cfg, arch) = config_from_hf(&dir.join("config.json"), name)?;
     let src = HfSource::open(dir)?;
     let mut get = |n: &str| src.get(n, device);
     let mut tensors = std::collections::HashMap::new();
     for lit in lit_names(&cfg) {
-        let t = lit_tensor(&cfg, family, &lit, &mut get)?;
+        let t = lit_tensor(&cfg, arch, &lit, &mut get)?;
         tensors.insert(lit, t);
     }
     Ok((cfg, crate::weights::Weights::new(tensors)))
@@ -695,7 +562,23 @@ fn structural_diff(a: &Config, b: &Config) -> Option<String> {
         bias,
         norm,
         mlp,
-        rotary_percentage
+        rotary_percentage,
+        rope_base,
+        norm_eps,
+        attn_bias,
+        rope_scaling,
+        rope_local_base,
+        qk_norm,
+        pre_norm,
+        post_attention_norm,
+        post_mlp_norm,
+        norm_unit_offset,
+        scale_embeddings,
+        attention_scores_scalar,
+        attention_logit_softcapping,
+        final_logit_softcapping,
+        sliding_window,
+        sliding_window_layers
     );
     None
 }
@@ -707,7 +590,7 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let (derived, family) = config_from_hf(&dir.join("config.json"), &dir_name)?;
+    let (derived, arch) = config_from_hf(&dir.join("config.json"), &dir_name)?;
     let (mut cfg, preset_matched) = match &opts.model_name {
         Some(name) => {
             let preset = Config::from_name(name)?;
@@ -739,7 +622,7 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
     for (name, shape) in &shapes {
         let dtype = match opts.dtype {
             Some(d) => d,
-            None => first_source_dtype(&cfg, family, name, &src)?,
+            None => first_source_dtype(&cfg, arch, name, &src)?,
         };
         specs.push(crate::weights::TensorSpec {
             name: name.clone(),
@@ -756,13 +639,13 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
     let mut get = |n: &str| src.get(n, &device);
     let bytes =
         crate::weights::write_safetensors_streaming(&weights_path, &specs, &metadata, |s| {
-            let t = lit_tensor(&cfg, family, &s.name, &mut get)?;
+            let t = lit_tensor(&cfg, arch, &s.name, &mut get)?;
             if t.dims() != s.shape.as_slice() {
                 return Err(Error::BadCheckpoint {
                     path: dir.to_path_buf(),
                     reason: format!(
                         "tensor {} has shape {:?} but config.json implies {:?} (for {})",
-                        source_names(&cfg, family, &s.name).join(" + "),
+                        source_names(&cfg, arch, &s.name).join(" + "),
                         t.dims(),
                         s.shape,
                         s.name
@@ -782,18 +665,22 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
 }
 
 /// The HF tensor names a lit tensor is read from.
-fn source_names(cfg: &Config, family: HfFamily, lit: &str) -> Vec<String> {
-    match source_for(cfg, family, lit) {
-        Some(Source::Copy(n)) | Some(Source::GroupedQkv { name: n, .. }) => vec![n],
+fn source_names(cfg: &Config, arch: HfArch, lit: &str) -> Vec<String> {
+    match source_for(cfg, arch, lit) {
+        Some(Source::Copy(n))
+        | Some(Source::GroupedQkv { name: n, .. })
+        | Some(Source::Rows { name: n, .. }) => vec![n],
         Some(Source::Concat(names)) | Some(Source::AnyOf(names)) => names,
         None => vec![lit.to_string()],
     }
 }
 
 /// The stored dtype of the (first) HF tensor a lit tensor comes from.
-fn first_source_dtype(cfg: &Config, family: HfFamily, lit: &str, src: &HfSource) -> Result<DType> {
-    let name = match source_for(cfg, family, lit) {
-        Some(Source::Copy(n)) | Some(Source::GroupedQkv { name: n, .. }) => n,
+fn first_source_dtype(cfg: &Config, arch: HfArch, lit: &str, src: &HfSource) -> Result<DType> {
+    let name = match source_for(cfg, arch, lit) {
+        Some(Source::Copy(n))
+        | Some(Source::GroupedQkv { name: n, .. })
+        | Some(Source::Rows { name: n, .. }) => n,
         Some(Source::Concat(names)) => names[0].clone(),
         Some(Source::AnyOf(names)) => {
             return names

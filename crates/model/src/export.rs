@@ -2,9 +2,10 @@
 //! transformers loads (the inverse of `convert`), and LoRA adapters as a PEFT adapter
 //! (`adapter_model.safetensors` + `adapter_config.json`) for the HF base model.
 //!
-//! Which HF architecture a `Config` becomes is decided by its structure, and the exported
-//! config is read back with `convert`'s reader and must give the same model, so a config that
-//! no HF architecture expresses is refused instead of exported wrong.
+//! The HF architecture is the one the weights came from (`Config::hf_architecture`), or for
+//! configs without one, decided by their structure. The exported config is read back with
+//! `convert`'s reader and must give the same model, so a config that no HF architecture
+//! expresses is refused instead of exported wrong.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,8 +13,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::{Config, MlpKind, NormKind};
-use crate::convert::{config_from_hf_value, lit_shapes, source_for, HfFamily, Source};
+use crate::config::{Config, MlpKind, NormKind, RopeScaling};
+use crate::convert::{config_from_hf_value, lit_shapes, source_for, HfArch, Source};
 use crate::error::{Error, Result};
 use crate::model::Gpt;
 use crate::weights::{write_safetensors_streaming, TensorSpec};
@@ -26,7 +27,24 @@ fn refuse(cfg: &Config, why: &str) -> Error {
 }
 
 /// The HF architecture that expresses `cfg`.
-pub fn hf_family(cfg: &Config) -> Result<HfFamily> {
+pub fn hf_arch(cfg: &Config) -> Result<HfArch> {
+    if let Some(arch) = HfArch::from_class_name(&cfg.hf_architecture) {
+        return Ok(arch);
+    }
+    let newer = cfg.attn_bias
+        || cfg.rope_scaling.is_some()
+        || cfg.qk_norm.is_some()
+        || !cfg.pre_norm
+        || cfg.post_attention_norm
+        || cfg.post_mlp_norm
+        || cfg.sliding_window.is_some()
+        || cfg.mlp == MlpKind::Gemma;
+    if newer && cfg.hf_architecture.is_empty() {
+        return Err(refuse(
+            cfg,
+            "its lit_config.json names no hf_architecture (convert it again)",
+        ));
+    }
     match (cfg.mlp, cfg.norm) {
         (MlpKind::Llama, NormKind::RmsNorm) => {
             if cfg.bias || cfg.parallel_residual || cfg.shared_attention_norm {
@@ -35,15 +53,15 @@ pub fn hf_family(cfg: &Config) -> Result<HfFamily> {
             if cfg.rotary_percentage != 1.0 {
                 return Err(refuse(cfg, "Llama with partial rotary embeddings"));
             }
-            Ok(HfFamily::Llama)
+            Ok(HfArch::Llama)
         }
         (MlpKind::GptNeox, NormKind::LayerNorm) => {
             if cfg.bias && cfg.n_query_groups == cfg.n_head && !cfg.shared_attention_norm {
-                Ok(HfFamily::GptNeox)
+                Ok(HfArch::GptNeox)
             } else if cfg.parallel_residual && cfg.rotary_percentage == 1.0 {
                 let new_arch = !(cfg.n_query_groups == 1 && cfg.shared_attention_norm);
                 // The new architecture ignores multi_query; its checkpoints say true.
-                Ok(HfFamily::Falcon {
+                Ok(HfArch::Falcon {
                     new_arch,
                     multi_query: new_arch || cfg.n_query_groups == 1,
                 })
@@ -55,10 +73,44 @@ pub fn hf_family(cfg: &Config) -> Result<HfFamily> {
     }
 }
 
-/// `config.json` for `cfg` in `family`, with the tokenizer's special ids.
+/// A rope scaling as transformers' `rope_parameters` / `rope_scaling` object.
+fn rope_json(theta: f64, scaling: Option<RopeScaling>, partial: Option<f64>) -> Value {
+    let mut r = match scaling {
+        None => json!({"rope_type": "default"}),
+        Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    };
+    r["rope_theta"] = json!(theta);
+    if let Some(p) = partial {
+        r["partial_rotary_factor"] = json!(p);
+    }
+    r
+}
+
+/// `layer_types` for `cfg`'s layers.
+fn layer_types(cfg: &Config) -> Value {
+    json!((0..cfg.n_layer)
+        .map(|i| if cfg.is_local(i) {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        })
+        .collect::<Vec<_>>())
+}
+
+/// `config.json` for `cfg` as `arch`, with the tokenizer's special ids.
 pub fn hf_config(
     cfg: &Config,
-    family: HfFamily,
+    arch: HfArch,
     bos: Option<u32>,
     eos: Option<u32>,
     dtype: DType,
@@ -69,6 +121,8 @@ pub fn hf_config(
         _ => "float32",
     };
     let mut v = json!({
+        "architectures": [arch.class_name()],
+        "model_type": arch.model_type(),
         "hidden_size": cfg.n_embd,
         "num_attention_heads": cfg.n_head,
         "num_hidden_layers": cfg.n_layer,
@@ -77,119 +131,192 @@ pub fn hf_config(
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos,
         "eos_token_id": eos,
+        // Some classes default to a pad id past a small vocabulary (Phi-3: 32000).
+        "pad_token_id": null,
         "dtype": dtype,
         "torch_dtype": dtype,
         "use_cache": true,
     });
     let o = v.as_object_mut().expect("object");
-    let rope = json!({
-        "rope_type": "default",
-        "rope_theta": cfg.rope_base,
-        "partial_rotary_factor": cfg.rotary_percentage,
-    });
-    match family {
-        HfFamily::GptNeox => {
-            o.insert("architectures".into(), json!(["GPTNeoXForCausalLM"]));
-            o.insert("model_type".into(), json!("gpt_neox"));
-            o.insert("intermediate_size".into(), json!(cfg.intermediate_size));
-            o.insert("hidden_act".into(), json!("gelu"));
-            o.insert("layer_norm_eps".into(), json!(cfg.norm_eps));
-            o.insert("use_parallel_residual".into(), json!(cfg.parallel_residual));
-            o.insert("attention_bias".into(), json!(cfg.bias));
+    let mut set = |k: &str, x: Value| {
+        o.insert(k.to_string(), x);
+    };
+    let partial = (cfg.rotary_percentage != 1.0).then_some(cfg.rotary_percentage);
+    match arch {
+        HfArch::GptNeox => {
+            set("intermediate_size", json!(cfg.intermediate_size));
+            set("hidden_act", json!("gelu"));
+            set("layer_norm_eps", json!(cfg.norm_eps));
+            set("use_parallel_residual", json!(cfg.parallel_residual));
+            set("attention_bias", json!(cfg.bias));
             // transformers 5 reads rope_parameters; 4.x reads the legacy keys.
-            o.insert("rope_parameters".into(), rope);
-            o.insert("rotary_pct".into(), json!(cfg.rotary_percentage));
-            o.insert("rotary_emb_base".into(), json!(cfg.rope_base));
-        }
-        HfFamily::Llama => {
-            o.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-            o.insert("model_type".into(), json!("llama"));
-            o.insert("intermediate_size".into(), json!(cfg.intermediate_size));
-            o.insert("num_key_value_heads".into(), json!(cfg.n_query_groups));
-            o.insert("head_dim".into(), json!(cfg.head_size));
-            o.insert("hidden_act".into(), json!("silu"));
-            o.insert("rms_norm_eps".into(), json!(cfg.norm_eps));
-            o.insert("attention_bias".into(), json!(false));
-            o.insert("mlp_bias".into(), json!(false));
-            o.insert("rope_theta".into(), json!(cfg.rope_base));
-            o.insert(
-                "rope_parameters".into(),
-                json!({"rope_type": "default", "rope_theta": cfg.rope_base}),
+            set(
+                "rope_parameters",
+                rope_json(cfg.rope_base, None, Some(cfg.rotary_percentage)),
             );
+            set("rotary_pct", json!(cfg.rotary_percentage));
+            set("rotary_emb_base", json!(cfg.rope_base));
         }
-        HfFamily::Falcon {
+        HfArch::Falcon {
             new_arch,
             multi_query,
         } => {
-            o.insert("architectures".into(), json!(["FalconForCausalLM"]));
-            o.insert("model_type".into(), json!("falcon"));
-            o.insert("new_decoder_architecture".into(), json!(new_arch));
-            o.insert("multi_query".into(), json!(multi_query));
-            o.insert("parallel_attn".into(), json!(cfg.parallel_residual));
-            o.insert("num_kv_heads".into(), json!(cfg.n_query_groups));
-            o.insert(
-                "num_ln_in_parallel_attn".into(),
+            set("new_decoder_architecture", json!(new_arch));
+            set("multi_query", json!(multi_query));
+            set("parallel_attn", json!(cfg.parallel_residual));
+            set("num_kv_heads", json!(cfg.n_query_groups));
+            set(
+                "num_ln_in_parallel_attn",
                 json!(if cfg.shared_attention_norm { 1 } else { 2 }),
             );
-            o.insert("bias".into(), json!(cfg.bias));
-            o.insert("alibi".into(), json!(false));
-            o.insert("layer_norm_epsilon".into(), json!(cfg.norm_eps));
-            o.insert("ffn_hidden_size".into(), json!(cfg.intermediate_size));
-            o.insert("activation".into(), json!("gelu"));
-            o.insert("rope_theta".into(), json!(cfg.rope_base));
+            set("bias", json!(cfg.bias));
+            set("alibi", json!(false));
+            set("layer_norm_epsilon", json!(cfg.norm_eps));
+            set("ffn_hidden_size", json!(cfg.intermediate_size));
+            set("activation", json!("gelu"));
+            set("rope_theta", json!(cfg.rope_base));
+        }
+        _ => {
+            set("intermediate_size", json!(cfg.intermediate_size));
+            set("num_key_value_heads", json!(cfg.n_query_groups));
+            set("head_dim", json!(cfg.head_size));
+            set("rope_theta", json!(cfg.rope_base));
+            let rope = rope_json(cfg.rope_base, cfg.rope_scaling, partial);
+            if cfg.rope_scaling.is_some() {
+                // transformers 4.x reads the scaling from here.
+                set("rope_scaling", rope.clone());
+            }
+            match arch {
+                HfArch::StableLm => {
+                    set("layer_norm_eps", json!(cfg.norm_eps));
+                    set("use_qkv_bias", json!(cfg.attn_bias));
+                    set("qk_layernorm", json!(false));
+                    set("use_parallel_residual", json!(false));
+                    set("partial_rotary_factor", json!(cfg.rotary_percentage));
+                    set("hidden_act", json!("silu"));
+                }
+                HfArch::Gemma2 | HfArch::Gemma3 => {
+                    set("rms_norm_eps", json!(cfg.norm_eps));
+                    set("hidden_activation", json!("gelu_pytorch_tanh"));
+                    set("attention_bias", json!(false));
+                    // transformers wants a whole number here.
+                    let scalar = cfg.attention_scores_scalar.map(|x| {
+                        if x.fract() == 0.0 {
+                            json!(x as u64)
+                        } else {
+                            json!(x)
+                        }
+                    });
+                    set("query_pre_attn_scalar", json!(scalar));
+                    set(
+                        "attn_logit_softcapping",
+                        json!(cfg.attention_logit_softcapping),
+                    );
+                    set(
+                        "final_logit_softcapping",
+                        json!(cfg.final_logit_softcapping),
+                    );
+                    set("sliding_window", json!(cfg.sliding_window));
+                    set("layer_types", layer_types(cfg));
+                    if arch == HfArch::Gemma3 {
+                        let local = cfg.rope_local_base.unwrap_or(cfg.rope_base);
+                        set("rope_local_base_freq", json!(local));
+                        set(
+                            "rope_parameters",
+                            json!({
+                                "full_attention": rope,
+                                "sliding_attention": rope_json(local, None, None),
+                            }),
+                        );
+                        set("use_bidirectional_attention", json!(false));
+                        return v;
+                    }
+                }
+                _ => {
+                    set("rms_norm_eps", json!(cfg.norm_eps));
+                    set("hidden_act", json!("silu"));
+                }
+            }
+            set("rope_parameters", rope);
+            match arch {
+                HfArch::Llama => {
+                    set("attention_bias", json!(false));
+                    set("mlp_bias", json!(false));
+                }
+                HfArch::Mistral | HfArch::Phi3 => {
+                    set("sliding_window", json!(cfg.sliding_window));
+                    if arch == HfArch::Phi3 {
+                        set("attention_bias", json!(false));
+                        set("original_max_position_embeddings", json!(cfg.block_size));
+                    }
+                }
+                HfArch::Qwen2 | HfArch::Qwen3 => {
+                    let window = cfg.sliding_window.is_some();
+                    set("use_sliding_window", json!(window));
+                    set("sliding_window", json!(cfg.sliding_window));
+                    set(
+                        "max_window_layers",
+                        json!(cfg
+                            .sliding_window_layers
+                            .first()
+                            .copied()
+                            .unwrap_or(cfg.n_layer)),
+                    );
+                    set("layer_types", layer_types(cfg));
+                    if arch == HfArch::Qwen3 {
+                        set("attention_bias", json!(false));
+                    }
+                }
+                HfArch::Olmo2 => set("attention_bias", json!(false)),
+                _ => {}
+            }
         }
     }
     v
 }
 
 /// Checks that reading `config` back gives `cfg`'s model.
-fn check_round_trip(cfg: &Config, family: HfFamily, config: &Value) -> Result<()> {
-    let (back, back_family) = config_from_hf_value(config, &cfg.name, Path::new("config.json"))?;
-    let same = back_family == family
-        && back.n_layer == cfg.n_layer
-        && back.n_head == cfg.n_head
-        && back.n_embd == cfg.n_embd
-        && back.n_query_groups == cfg.n_query_groups
-        && back.head_size == cfg.head_size
-        && back.padded_vocab_size == cfg.padded_vocab_size
-        && back.rotary_percentage == cfg.rotary_percentage
-        && back.rope_base == cfg.rope_base
-        && back.parallel_residual == cfg.parallel_residual
-        && back.shared_attention_norm == cfg.shared_attention_norm
-        && back.bias == cfg.bias
-        && back.norm == cfg.norm
-        && back.norm_eps == cfg.norm_eps
-        && back.mlp == cfg.mlp
-        && back.intermediate_size == cfg.intermediate_size
-        && back.tie_embeddings == cfg.tie_embeddings;
-    if same {
+fn check_round_trip(cfg: &Config, arch: HfArch, config: &Value) -> Result<()> {
+    let (back, back_arch) = config_from_hf_value(config, &cfg.name, Path::new("config.json"))?;
+    // What the HF config does not carry: names, and the vocabulary's padding.
+    let plain = |c: &Config| Config {
+        name: String::new(),
+        hf_org: String::new(),
+        padding_multiple: 1,
+        vocab_size: c.padded_vocab_size,
+        hf_architecture: String::new(),
+        ..c.clone()
+    };
+    if back_arch == arch && plain(&back) == plain(cfg) {
         Ok(())
     } else {
         Err(refuse(cfg, "the HF config would describe another model"))
     }
 }
 
-/// The HF tensors one lit tensor becomes (names and values), undoing `convert`'s re-layout.
+/// The HF tensors one lit tensor becomes: (name, first row, value). A tensor of rows from
+/// several lit tensors (Phi-3's gate_up_proj) gets one piece from each.
 pub fn hf_tensors(
     cfg: &Config,
-    family: HfFamily,
+    arch: HfArch,
     lit: &str,
     t: &Tensor,
-) -> Result<Vec<(String, Tensor)>> {
-    let source = source_for(cfg, family, lit).ok_or_else(|| Error::MissingTensor {
+) -> Result<Vec<(String, usize, Tensor)>> {
+    let source = source_for(cfg, arch, lit).ok_or_else(|| Error::MissingTensor {
         name: lit.to_string(),
         source_file: None,
     })?;
     Ok(match source {
-        Source::Copy(name) => vec![(name, t.clone())],
-        Source::AnyOf(names) => vec![(names[0].clone(), t.clone())],
+        Source::Copy(name) => vec![(name, 0, t.clone())],
+        Source::AnyOf(names) => vec![(names[0].clone(), 0, t.clone())],
+        Source::Rows { name, start, .. } => vec![(name, start, t.clone())],
         Source::Concat(names) => {
             let q = cfg.n_head * cfg.head_size;
             let kv = cfg.n_query_groups * cfg.head_size;
             vec![
-                (names[0].clone(), t.narrow(0, 0, q)?),
-                (names[1].clone(), t.narrow(0, q, kv)?),
-                (names[2].clone(), t.narrow(0, q + kv, kv)?),
+                (names[0].clone(), 0, t.narrow(0, 0, q)?),
+                (names[1].clone(), 0, t.narrow(0, q, kv)?),
+                (names[2].clone(), 0, t.narrow(0, q + kv, kv)?),
             ]
         }
         Source::GroupedQkv {
@@ -212,7 +339,7 @@ pub fn hf_tensors(
                 1,
             )?;
             let rows = groups * (q_per_group + 2) * hs;
-            vec![(name, grouped.reshape([vec![rows], rest].concat())?)]
+            vec![(name, 0, grouped.reshape([vec![rows], rest].concat())?)]
         }
     })
 }
@@ -220,7 +347,7 @@ pub fn hf_tensors(
 /// What an export wrote.
 #[derive(Debug, Clone)]
 pub struct ExportReport {
-    pub family: HfFamily,
+    pub arch: HfArch,
     pub n_tensors: usize,
     pub bytes: u64,
 }
@@ -240,13 +367,14 @@ pub fn export_hf(
             "merge the adapters before exporting a full checkpoint".into(),
         ));
     }
-    let family = hf_family(cfg)?;
-    let config = hf_config(cfg, family, bos, eos, dtype);
-    check_round_trip(cfg, family, &config)?;
+    let arch = hf_arch(cfg)?;
+    let config = hf_config(cfg, arch, bos, eos, dtype);
+    check_round_trip(cfg, arch, &config)?;
     let lit: HashMap<String, Tensor> = model.named_weights().into_iter().collect();
-    // HF name -> (lit name, shape), in lit order.
-    let mut specs = Vec::new();
-    let mut origin = HashMap::new();
+    // HF name -> its pieces (first row, lit name), and the HF names in lit order.
+    let mut pieces: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut order = Vec::new();
     for (name, shape) in lit_shapes(cfg) {
         let t = lit.get(&name).ok_or_else(|| Error::MissingTensor {
             name: name.clone(),
@@ -259,29 +387,44 @@ pub fn export_hf(
                 actual: t.dims().to_vec(),
             });
         }
-        for (hf, ht) in hf_tensors(cfg, family, &name, t)? {
-            specs.push(TensorSpec {
-                name: hf.clone(),
-                shape: ht.dims().to_vec(),
-                dtype,
+        for (hf, start, ht) in hf_tensors(cfg, arch, &name, t)? {
+            let dims = ht.dims().to_vec();
+            let entry = shapes.entry(hf.clone()).or_insert_with(|| {
+                order.push(hf.clone());
+                let mut d = dims.clone();
+                d[0] = 0;
+                d
             });
-            origin.insert(hf, name.clone());
+            entry[0] = entry[0].max(start + dims[0]);
+            pieces.entry(hf).or_default().push((start, name.clone()));
         }
     }
+    let specs: Vec<TensorSpec> = order
+        .iter()
+        .map(|hf| TensorSpec {
+            name: hf.clone(),
+            shape: shapes[hf].clone(),
+            dtype,
+        })
+        .collect();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes =
         write_safetensors_streaming(&dir.join("model.safetensors"), &specs, &metadata, |s| {
-            let lit_name = &origin[&s.name];
-            let parts = hf_tensors(cfg, family, lit_name, &lit[lit_name])?;
-            parts
-                .into_iter()
-                .find(|(n, _)| n == &s.name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::MissingTensor {
-                    name: s.name.clone(),
-                    source_file: None,
-                })
+            let mut parts = pieces[&s.name].clone();
+            parts.sort();
+            let mut rows = Vec::with_capacity(parts.len());
+            for (start, lit_name) in parts {
+                let (_, _, t) = hf_tensors(cfg, arch, &lit_name, &lit[&lit_name])?
+                    .into_iter()
+                    .find(|(n, st, _)| n == &s.name && *st == start)
+                    .ok_or_else(|| Error::MissingTensor {
+                        name: s.name.clone(),
+                        source_file: None,
+                    })?;
+                rows.push(t);
+            }
+            Ok(Tensor::cat(&rows, 0)?)
         })?;
     let text = serde_json::to_string_pretty(&config).expect("json");
     // Each file appears atomically; a weights file without its config.json is not a
@@ -291,7 +434,7 @@ pub fn export_hf(
         return Err(e);
     }
     Ok(ExportReport {
-        family,
+        arch,
         n_tensors: specs.len(),
         bytes,
     })
@@ -308,7 +451,7 @@ struct PeftModule {
 /// The model's adapters as PEFT modules. A fused qkv in GPT-NeoX or Falcon is one HF module,
 /// so its q/k/v adapters become one adapter of rank n_targets * r: A stacked, B block-placed at
 /// each target's rows (zeros elsewhere), re-laid like the weight rows. Same update, exactly.
-fn peft_modules(model: &Gpt, family: HfFamily) -> Result<Vec<PeftModule>> {
+fn peft_modules(model: &Gpt, arch: HfArch) -> Result<Vec<PeftModule>> {
     let cfg = &model.config;
     let mut out = Vec::new();
     for linear in model.linears() {
@@ -317,7 +460,7 @@ fn peft_modules(model: &Gpt, family: HfFamily) -> Result<Vec<PeftModule>> {
         };
         let weight_name = format!("{}.weight", linear.name);
         let r = a.dim(0)? / linear.adapters().len();
-        match source_for(cfg, family, &weight_name) {
+        match source_for(cfg, arch, &weight_name) {
             Some(Source::Concat(names)) => {
                 // Llama: separate q_proj / k_proj / v_proj, one adapter each.
                 let targets = ["query", "key", "value"];
@@ -336,8 +479,32 @@ fn peft_modules(model: &Gpt, family: HfFamily) -> Result<Vec<PeftModule>> {
                     });
                 }
             }
+            Some(Source::Rows { name, start, len }) => {
+                // Phi-3's gate_up_proj: gate and up adapters join in one module, A stacked,
+                // B placed at each half's rows.
+                let module = name.trim_end_matches(".weight").to_string();
+                let rows = 2 * len;
+                let placed = Tensor::zeros((rows, b.dim(1)?), b.dtype(), b.device())?
+                    .slice_assign(&[start..start + len, 0..b.dim(1)?], &b)?;
+                match out
+                    .iter_mut()
+                    .find(|m: &&mut PeftModule| m.module == module)
+                {
+                    Some(m) => {
+                        m.b = Tensor::cat(&[&m.b, &placed], 1)?;
+                        m.a = Tensor::cat(&[&m.a, &a], 0)?;
+                        m.rank += a.dim(0)?;
+                    }
+                    None => out.push(PeftModule {
+                        module,
+                        rank: a.dim(0)?,
+                        a,
+                        b: placed,
+                    }),
+                }
+            }
             Some(_) => {
-                let (hf, b) = hf_tensors(cfg, family, &weight_name, &b)?
+                let (hf, _, b) = hf_tensors(cfg, arch, &weight_name, &b)?
                     .into_iter()
                     .next()
                     .ok_or_else(|| Error::Lora(format!("{}: no HF tensor", linear.name)))?;
@@ -372,8 +539,8 @@ pub fn export_peft(model: &Gpt, dir: &Path) -> Result<usize> {
     let lora = model
         .lora_config()
         .ok_or_else(|| Error::Lora("the model has no adapters to export".into()))?;
-    let family = hf_family(cfg)?;
-    let modules = peft_modules(model, family)?;
+    let arch = hf_arch(cfg)?;
+    let modules = peft_modules(model, arch)?;
     let r = lora.r;
     let mut tensors = Vec::new();
     let mut target_modules: Vec<String> = Vec::new();

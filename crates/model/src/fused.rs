@@ -9,6 +9,7 @@
 //! frozen in LoRA training). CPU only (f32 and f64); `ops` picks these on the CPU and keeps
 //! the composite forms elsewhere. The model's finite-difference tests run through them.
 
+use crate::mask::ScoreRules;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
@@ -154,29 +155,33 @@ fn last_dim(l: &Layout) -> usize {
 // ---- causal softmax ---------------------------------------------------------------------
 
 /// Softmax over the last dimension of attention scores (.., T, Tk), where query row i (at
-/// position Tk - T + i) sees keys 0..=Tk - T + i; masked entries come out 0.
-struct CausalSoftmax;
+/// position p = Tk - T + i) sees keys `rules.first_key(p) ..= p` (`mask.rs`); masked entries
+/// come out 0. Scores are taken as they are (soft-capping happens before).
+struct CausalSoftmax {
+    rules: ScoreRules,
+}
 
-fn causal_softmax_rows<T: Real>(x: &[T], t: usize, tk: usize) -> Vec<T> {
+fn causal_softmax_rows<T: Real>(x: &[T], t: usize, tk: usize, rules: ScoreRules) -> Vec<T> {
     let offset = tk - t;
     let mut out = vec![T::from_f64(0.0); x.len()];
     for_rows(&mut out, tk, |r, o| {
         let xr = &x[r * tk..(r + 1) * tk];
-        let seen = (offset + r % t + 1).min(tk);
+        let pos = offset + r % t;
+        let (lo, seen) = (rules.first_key(pos), (pos + 1).min(tk));
         let mut m = T::NEG_INF;
-        for &v in &xr[..seen] {
+        for &v in &xr[lo..seen] {
             if v > m {
                 m = v;
             }
         }
         let mut sum = 0f64;
-        for (oj, &v) in o[..seen].iter_mut().zip(&xr[..seen]) {
+        for (oj, &v) in o[lo..seen].iter_mut().zip(&xr[lo..seen]) {
             let e = v.exp_sub(m);
             *oj = e;
             sum += e.to_f64();
         }
         let inv = 1.0 / sum;
-        for oj in &mut o[..seen] {
+        for oj in &mut o[lo..seen] {
             *oj = T::from_f64(oj.to_f64() * inv);
         }
     });
@@ -199,11 +204,13 @@ impl CustomOp1 for CausalSoftmax {
                 slice::<f32>(s, l, "causal-softmax")?,
                 t,
                 tk,
+                self.rules,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(causal_softmax_rows(
                 slice::<f64>(s, l, "causal-softmax")?,
                 t,
                 tk,
+                self.rules,
             )),
             _ => candle_core::bail!("causal-softmax: f32 or f64 only"),
         };
@@ -266,18 +273,24 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// Causal softmax of attention scores `x` (.., T, Tk) on the CPU, with its backward pass.
-pub fn causal_softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(CausalSoftmax)
+/// Causal softmax of attention scores `x` (.., T, Tk) on the CPU, each query seeing at most
+/// `window` keys (itself included), with its backward pass.
+pub fn causal_softmax(x: &Tensor, window: Option<usize>) -> Result<Tensor> {
+    let rules = ScoreRules {
+        window,
+        softcap: None,
+    };
+    x.contiguous()?.apply_op1(CausalSoftmax { rules })
 }
 
-/// Attention probabilities straight from queries and keys: softmax(causal(q @ k^T)), the
-/// scale already folded into q. q is (B, G, R, hs) with R = (heads per group) * T, k is
-/// (B, G, Tk, hs); the result (B, G, R, Tk) is the (B, H, T, Tk) probabilities. The scores
-/// live only inside the op, so the graph keeps q, k and the probabilities, not a second
-/// (heads x T x Tk) tensor per layer.
+/// Attention probabilities straight from queries and keys: softmax(mask(cap(q @ k^T))) under
+/// the layer's `rules`, the scale already folded into q. q is (B, G, R, hs) with
+/// R = (heads per group) * T, k is (B, G, Tk, hs); the result (B, G, R, Tk) is the
+/// (B, H, T, Tk) probabilities. The scores live only inside the op, so the graph keeps q, k
+/// and the probabilities, not a second (heads x T x Tk) tensor per layer.
 struct AttentionProbs {
     t: usize,
+    rules: ScoreRules,
 }
 
 impl AttentionProbs {
@@ -323,9 +336,16 @@ impl CustomOp2 for AttentionProbs {
     ) -> Result<(CpuStorage, Shape)> {
         let (s, dims) = self.scores(sq, lq, sk, lk)?;
         let tk = dims.3;
+        let r = self.rules;
         let out = match &s {
-            CpuStorage::F32(x) => CpuStorage::F32(causal_softmax_rows(x, self.t, tk)),
-            CpuStorage::F64(x) => CpuStorage::F64(causal_softmax_rows(x, self.t, tk)),
+            CpuStorage::F32(x) => {
+                let x: Vec<f32> = x.iter().map(|&v| r.cap(v as f64) as f32).collect();
+                CpuStorage::F32(causal_softmax_rows(&x, self.t, tk, r))
+            }
+            CpuStorage::F64(x) => {
+                let x: Vec<f64> = x.iter().map(|&v| r.cap(v)).collect();
+                CpuStorage::F64(causal_softmax_rows(&x, self.t, tk, r))
+            }
             _ => candle_core::bail!("attention-probs: f32 or f64 only"),
         };
         Ok((out, Shape::from(dims)))
@@ -339,17 +359,25 @@ impl CustomOp2 for AttentionProbs {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let ds = p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?;
+        // Through the cap: its slope at the (recomputed) capped scores.
+        let ds = match self.rules.softcap {
+            None => ds,
+            Some(_) => {
+                let capped = self.rules.cap_tensor(&q.matmul(&k.t()?)?)?;
+                self.rules.cap_backward(&capped, &ds)?
+            }
+        };
         let dq = ds.matmul(k)?;
         let dk = ds.t()?.matmul(q)?;
         Ok((Some(dq), Some(dk)))
     }
 }
 
-/// softmax(causal(q @ k^T)) for q (B, G, R, hs) and k (B, G, Tk, hs) on the CPU, with its
+/// softmax(mask(cap(q @ k^T))) for q (B, G, R, hs) and k (B, G, Tk, hs) on the CPU, with its
 /// backward pass; see `AttentionProbs`.
-pub fn attention_probs(q: &Tensor, k: &Tensor, t: usize) -> Result<Tensor> {
+pub fn attention_probs(q: &Tensor, k: &Tensor, t: usize, rules: ScoreRules) -> Result<Tensor> {
     q.contiguous()?
-        .apply_op2(&k.contiguous()?, AttentionProbs { t })
+        .apply_op2(&k.contiguous()?, AttentionProbs { t, rules })
 }
 
 // ---- LayerNorm / RMSNorm ----------------------------------------------------------------
@@ -938,17 +966,35 @@ mod tests {
         }
         // Attention probabilities, GQA layout (2 heads per group, T = 3 of Tk = 5), against
         // matmul + mask + softmax from candle's differentiable ops; values and both gradients.
-        {
+        // Plain, and with a window of 2 and a soft cap of 1.5.
+        for rules in [
+            ScoreRules::default(),
+            ScoreRules {
+                window: Some(2),
+                softcap: Some(1.5),
+            },
+        ] {
             let (t, tk) = (3usize, 5usize);
             let mask: Vec<f64> = (0..t)
-                .flat_map(|i| (0..tk).map(move |j| if j > tk - t + i { -1e30 } else { 0.0 }))
+                .flat_map(|i| {
+                    (0..tk).map(move |j| {
+                        let pos = tk - t + i;
+                        if j > pos || j < rules.first_key(pos) {
+                            -1e30
+                        } else {
+                            0.0
+                        }
+                    })
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (t, tk), &Device::Cpu).unwrap();
             let q = Var::from_tensor(&randn(&[2, 3, 2 * t, 4], 8)).unwrap();
             let k = Var::from_tensor(&randn(&[2, 3, tk, 4], 9)).unwrap();
             let wsum = randn(&[2, 3, 2 * t, tk], 10);
-            let fused = attention_probs(q.as_tensor(), k.as_tensor(), t).unwrap();
-            let s = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+            let fused = attention_probs(q.as_tensor(), k.as_tensor(), t, rules).unwrap();
+            let s = rules
+                .cap_tensor(&q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap())
+                .unwrap();
             let s = s
                 .reshape((2, 6, t, tk))
                 .unwrap()
@@ -1047,7 +1093,7 @@ mod tests {
             let mask = Tensor::from_vec(mask, (t, tk), &Device::Cpu).unwrap();
             check(
                 &[2, 3, t, tk],
-                |x| causal_softmax(x).unwrap(),
+                |x| causal_softmax(x, None).unwrap(),
                 |x| {
                     let x = x.broadcast_add(&mask).unwrap();
                     let e = x

@@ -154,6 +154,19 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
             "architecture {arch:?} is not supported for GGUF import (supported: llama)"
         )));
     }
+    // Settings that change the model and that this import does not carry over.
+    if let Some(kind) = g.string("llama.rope.scaling.type").filter(|k| k != "none") {
+        return Err(g.bad(format!(
+            "rope scaling {kind:?} (llama.rope.scaling.type) is not supported for GGUF import"
+        )));
+    }
+    if g.content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(g.bad(
+            "it carries rope frequency factors (rope_freqs.weight, Llama 3.1+ scaling), which \
+             GGUF import does not support yet; convert the Hugging Face checkpoint instead"
+                .into(),
+        ));
+    }
     let n_embd = g.usize("llama.embedding_length")?;
     let n_head = g.usize("llama.attention.head_count")?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
@@ -185,6 +198,7 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
         mlp: MlpKind::Llama,
         intermediate_size: g.usize("llama.feed_forward_length")?,
         tie_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
+        ..Config::litgpt_defaults("", name)
     };
     cfg.validate()?;
     Ok(cfg)

@@ -5,8 +5,10 @@
 //!   transformer.wte.weight
 //!   transformer.h.{i}.norm_1.{weight,bias}      transformer.h.{i}.norm_2.{weight,bias}
 //!   transformer.h.{i}.attn.qkv.{weight,bias}    transformer.h.{i}.attn.proj.{weight,bias}
+//!   transformer.h.{i}.attn.norm_q.weight / norm_k.weight   (Qwen3, Gemma 3, OLMo 2)
+//!   transformer.h.{i}.post_attention_norm.* / post_mlp_norm.*  (Gemma, OLMo 2)
 //!   transformer.h.{i}.mlp.fc.* / mlp.proj.*     (GptNeoxMLP)
-//!   transformer.h.{i}.mlp.fc_1.* / fc_2.* / proj.*  (LLaMAMLP)
+//!   transformer.h.{i}.mlp.fc_1.* / fc_2.* / proj.*  (LLaMAMLP, GemmaMLP)
 //!   transformer.ln_f.{weight,bias}              lm_head.weight (absent when tied)
 //! LoRA parameters append `.lora_A` / `.lora_B` to the linear's name, and `.query`, `.key` or
 //! `.value` for the fused qkv (e.g. `transformer.h.0.attn.qkv.lora_A.query`).
@@ -16,7 +18,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::attention::{CausalSelfAttention, Rope};
-use crate::config::{Config, MlpKind, NormKind};
+use crate::config::{Config, MlpKind, NormKind, QkNorm};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraConfig, LoraLinear};
@@ -32,14 +34,20 @@ pub enum Norm {
         eps: f64,
     },
     RmsNorm {
+        /// As stored in the checkpoint.
         weight: Tensor,
+        /// What the normalised input is multiplied by: `weight`, or 1 + `weight` for a
+        /// family with a unit offset (Gemma).
+        scale: Tensor,
         eps: f64,
     },
+    /// No norm: a block without pre-norms (OLMo 2).
+    Identity,
 }
 
 impl Norm {
-    fn load(cfg: &Config, w: &mut Weights, name: &str) -> Result<Norm> {
-        let shape = [cfg.n_embd];
+    fn load(cfg: &Config, w: &mut Weights, name: &str, width: usize) -> Result<Norm> {
+        let shape = [width];
         let weight = w.take(&format!("{name}.weight"), &shape)?;
         Ok(match cfg.norm {
             NormKind::LayerNorm => Norm::LayerNorm {
@@ -47,23 +55,34 @@ impl Norm {
                 bias: w.take(&format!("{name}.bias"), &shape)?,
                 eps: cfg.norm_eps,
             },
-            NormKind::RmsNorm => Norm::RmsNorm {
-                weight,
-                eps: cfg.norm_eps,
-            },
+            NormKind::RmsNorm => {
+                let scale = if cfg.norm_unit_offset {
+                    // In f32, as transformers computes (1 + w) before casting.
+                    (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(weight.dtype())?
+                } else {
+                    weight.clone()
+                };
+                Norm::RmsNorm {
+                    weight,
+                    scale,
+                    eps: cfg.norm_eps,
+                }
+            }
         })
     }
 
-    fn weight(&self) -> &Tensor {
+    fn weight(&self) -> Option<&Tensor> {
         match self {
-            Norm::LayerNorm { weight, .. } | Norm::RmsNorm { weight, .. } => weight,
+            Norm::LayerNorm { weight, .. } | Norm::RmsNorm { weight, .. } => Some(weight),
+            Norm::Identity => None,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Norm::LayerNorm { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps)?,
-            Norm::RmsNorm { weight, eps } => ops::rms_norm(x, weight, *eps)?,
+            Norm::RmsNorm { scale, eps, .. } => ops::rms_norm(x, scale, *eps)?,
+            Norm::Identity => x.clone(),
         })
     }
 
@@ -74,6 +93,7 @@ impl Norm {
                 out.push((format!("{name}.bias"), bias.clone()));
             }
             Norm::RmsNorm { weight, .. } => out.push((format!("{name}.weight"), weight.clone())),
+            Norm::Identity => {}
         }
     }
 }
@@ -112,6 +132,12 @@ pub enum Mlp {
         fc_2: LoraLinear,
         proj: LoraLinear,
     },
+    /// Llama's shape with GELU (tanh approximation) on the gate (Gemma's GeGLU).
+    Gemma {
+        fc_1: LoraLinear,
+        fc_2: LoraLinear,
+        proj: LoraLinear,
+    },
 }
 
 impl Mlp {
@@ -123,6 +149,11 @@ impl Mlp {
                 proj: load_linear(w, &format!("{name}.proj"), d, i, b)?,
             },
             MlpKind::Llama => Mlp::Llama {
+                fc_1: load_linear(w, &format!("{name}.fc_1"), i, d, b)?,
+                fc_2: load_linear(w, &format!("{name}.fc_2"), i, d, b)?,
+                proj: load_linear(w, &format!("{name}.proj"), d, i, b)?,
+            },
+            MlpKind::Gemma => Mlp::Gemma {
                 fc_1: load_linear(w, &format!("{name}.fc_1"), i, d, b)?,
                 fc_2: load_linear(w, &format!("{name}.fc_2"), i, d, b)?,
                 proj: load_linear(w, &format!("{name}.proj"), d, i, b)?,
@@ -153,6 +184,11 @@ impl Mlp {
                 }
                 proj.forward(&ops::swiglu(&gate, &up)?, dropout)?
             }
+            Mlp::Gemma { fc_1, fc_2, proj } => {
+                let gate = fc_1.forward(x, dropout.as_deref_mut())?;
+                let up = fc_2.forward(x, dropout.as_deref_mut())?;
+                proj.forward(&ops::geglu_tanh(&gate, &up)?, dropout)?
+            }
         };
         Ok(match residual {
             Some(r) => (r + y)?,
@@ -163,38 +199,61 @@ impl Mlp {
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         match self {
             Mlp::GptNeox { fc, proj } => vec![fc, proj],
-            Mlp::Llama { fc_1, fc_2, proj } => vec![fc_1, fc_2, proj],
+            Mlp::Llama { fc_1, fc_2, proj } | Mlp::Gemma { fc_1, fc_2, proj } => {
+                vec![fc_1, fc_2, proj]
+            }
         }
     }
 
     pub fn linears(&self) -> Vec<&LoraLinear> {
         match self {
             Mlp::GptNeox { fc, proj } => vec![fc, proj],
-            Mlp::Llama { fc_1, fc_2, proj } => vec![fc_1, fc_2, proj],
+            Mlp::Llama { fc_1, fc_2, proj } | Mlp::Gemma { fc_1, fc_2, proj } => {
+                vec![fc_1, fc_2, proj]
+            }
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Block {
+    /// `Norm::Identity` in a block without pre-norms (OLMo 2).
     pub norm_1: Norm,
     pub attn: CausalSelfAttention,
+    /// On attention's output, before the residual sum (Gemma, OLMo 2).
+    pub post_attention_norm: Option<Norm>,
     /// `None` when the config shares the attention norm with the MLP (Falcon-7B).
     pub norm_2: Option<Norm>,
     pub mlp: Mlp,
+    /// On the MLP's output, before the residual sum (Gemma, OLMo 2).
+    pub post_mlp_norm: Option<Norm>,
     parallel_residual: bool,
+    /// Which of the model's rotary tables this layer uses (Gemma 3's local layers differ).
+    local: bool,
 }
 
 impl Block {
     fn load(cfg: &Config, w: &mut Weights, i: usize) -> Result<Block> {
         let p = format!("transformer.h.{i}");
-        let norm_1 = Norm::load(cfg, w, &format!("{p}.norm_1"))?;
+        let d = cfg.n_embd;
+        let pre = |w: &mut Weights, name: &str| -> Result<Norm> {
+            if cfg.pre_norm {
+                Norm::load(cfg, w, &format!("{p}.{name}"), d)
+            } else {
+                Ok(Norm::Identity)
+            }
+        };
+        let post = |w: &mut Weights, on: bool, name: &str| -> Result<Option<Norm>> {
+            on.then(|| Norm::load(cfg, w, &format!("{p}.{name}"), d))
+                .transpose()
+        };
+        let norm_1 = pre(w, "norm_1")?;
         let qkv = load_linear(
             w,
             &format!("{p}.attn.qkv"),
             cfg.qkv_out(),
             cfg.n_embd,
-            cfg.bias,
+            cfg.qkv_bias(),
         )?;
         let proj = load_linear(
             w,
@@ -203,17 +262,40 @@ impl Block {
             cfg.n_head * cfg.head_size,
             cfg.bias,
         )?;
+        let qk_norm = match cfg.qk_norm {
+            None => None,
+            Some(kind) => {
+                let (q, k) = match kind {
+                    QkNorm::PerHead => (cfg.head_size, cfg.head_size),
+                    QkNorm::Whole => (
+                        cfg.n_head * cfg.head_size,
+                        cfg.n_query_groups * cfg.head_size,
+                    ),
+                };
+                Some((
+                    kind,
+                    Norm::load(cfg, w, &format!("{p}.attn.norm_q"), q)?,
+                    Norm::load(cfg, w, &format!("{p}.attn.norm_k"), k)?,
+                ))
+            }
+        };
+        let post_attention_norm = post(w, cfg.post_attention_norm, "post_attention_norm")?;
         let norm_2 = if cfg.shared_attention_norm {
             None
         } else {
-            Some(Norm::load(cfg, w, &format!("{p}.norm_2"))?)
+            Some(pre(w, "norm_2")?)
         };
+        let mlp = Mlp::load(cfg, w, &format!("{p}.mlp"))?;
+        let post_mlp_norm = post(w, cfg.post_mlp_norm, "post_mlp_norm")?;
         Ok(Block {
             norm_1,
-            attn: CausalSelfAttention::new(cfg, qkv, proj),
+            attn: CausalSelfAttention::new(cfg, i, qkv, proj, qk_norm),
+            post_attention_norm,
             norm_2,
-            mlp: Mlp::load(cfg, w, &format!("{p}.mlp"))?,
+            mlp,
+            post_mlp_norm,
             parallel_residual: cfg.parallel_residual,
+            local: cfg.is_local(i) && cfg.rope_local_base.is_some(),
         })
     }
 
@@ -227,29 +309,46 @@ impl Block {
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
         // Each residual sum is formed inside the op that produces its last term where it can
-        // be: the graph then keeps the sum instead of the term and the sum.
+        // be: the graph then keeps the sum instead of the term and the sum. A post-norm sits
+        // between the term and the sum, so there the sum is taken after it.
         let n1 = self.norm_1.forward(x)?;
-        let h = self.attn.forward(
-            &n1,
-            rope,
-            offset,
-            cache,
-            seqs,
-            dropout.as_deref_mut(),
-            Some(x),
-        )?;
+        let h = match &self.post_attention_norm {
+            None => self.attn.forward(
+                &n1,
+                rope,
+                offset,
+                cache,
+                seqs,
+                dropout.as_deref_mut(),
+                Some(x),
+            )?,
+            Some(post) => {
+                let a = self.attn.forward(
+                    &n1,
+                    rope,
+                    offset,
+                    cache,
+                    seqs,
+                    dropout.as_deref_mut(),
+                    None,
+                )?;
+                (x + post.forward(&a)?)?
+            }
+        };
         if self.parallel_residual {
             let n2 = match &self.norm_2 {
                 Some(norm) => norm.forward(x)?,
                 None => n1,
             };
-            self.mlp.forward(&n2, dropout, Some(&h))
-        } else {
-            let n2 = match &self.norm_2 {
-                Some(norm) => norm.forward(&h)?,
-                None => self.norm_1.forward(&h)?,
-            };
-            self.mlp.forward(&n2, dropout, Some(&h))
+            return self.mlp.forward(&n2, dropout, Some(&h));
+        }
+        let n2 = match &self.norm_2 {
+            Some(norm) => norm.forward(&h)?,
+            None => self.norm_1.forward(&h)?,
+        };
+        match &self.post_mlp_norm {
+            None => self.mlp.forward(&n2, dropout, Some(&h)),
+            Some(post) => Ok((&h + post.forward(&self.mlp.forward(&n2, dropout, None)?)?)?),
         }
     }
 }
@@ -281,7 +380,7 @@ pub fn lora_param_count(cfg: &Config, lora: &LoraConfig) -> usize {
         let i = cfg.intermediate_size;
         per_layer += match cfg.mlp {
             MlpKind::GptNeox => ad(d, i) + ad(i, d),
-            MlpKind::Llama => 2 * ad(d, i) + ad(i, d),
+            MlpKind::Llama | MlpKind::Gemma => 2 * ad(d, i) + ad(i, d),
         };
     }
     let head = if t.head {
@@ -304,6 +403,8 @@ pub struct Gpt {
     pub ln_f: Norm,
     pub lm_head: LoraLinear,
     rope: Rope,
+    /// The rotary tables of the sliding-window layers when their base differs (Gemma 3).
+    rope_local: Option<Rope>,
     /// dtype of the activations (the residual stream, norms, softmax).
     act_dtype: DType,
     lora: Option<LoraConfig>,
@@ -319,10 +420,10 @@ impl Gpt {
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::load(cfg, &mut w, i))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = Norm::load(cfg, &mut w, "transformer.ln_f")?;
+        let ln_f = Norm::load(cfg, &mut w, "transformer.ln_f", d)?;
         // Activations flow in the norms' dtype: the weights' dtype, except under mixed
         // precision, where matrices are stored narrower (see `Weights::with_mixed_dtype`).
-        let dtype = ln_f.weight().dtype();
+        let dtype = ln_f.weight().map_or(wte.dtype(), Tensor::dtype);
         let head_w = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
             wte.clone()
         } else {
@@ -335,7 +436,11 @@ impl Gpt {
             blocks,
             ln_f,
             lm_head: LoraLinear::frozen("lm_head", head_w, None),
-            rope: Rope::new(cfg, dtype, device)?,
+            rope: Rope::new(cfg, cfg.rope_base, cfg.rope_scaling, dtype, device)?,
+            rope_local: cfg
+                .rope_local_base
+                .map(|base| Rope::new(cfg, base, None, dtype, device))
+                .transpose()?,
             act_dtype: dtype,
             lora: None,
         })
@@ -401,7 +506,14 @@ impl Gpt {
         self.check_positions(0, t)?;
         let mut x = self.embed(idx)?;
         for block in &self.blocks {
-            x = block.forward(&x, &self.rope, 0, None, None, dropout.as_deref_mut())?;
+            x = block.forward(
+                &x,
+                self.rope_of(block),
+                0,
+                None,
+                None,
+                dropout.as_deref_mut(),
+            )?;
         }
         self.ln_f.forward(&x)
     }
@@ -420,7 +532,7 @@ impl Gpt {
         for block in &self.blocks {
             x = block.forward(
                 &x,
-                &self.rope,
+                self.rope_of(block),
                 0,
                 None,
                 Some(lengths),
@@ -445,9 +557,27 @@ impl Gpt {
         self.embed(&ids.reshape((1, n))?)
     }
 
-    /// lm_head on hidden states: (B, T, n_embd) -> (B, T, padded_vocab).
+    /// The rotary tables `block` uses.
+    fn rope_of(&self, block: &Block) -> &Rope {
+        match (&self.rope_local, block.local) {
+            (Some(local), true) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// lm_head on hidden states: (B, T, n_embd) -> (B, T, padded_vocab), soft-capped where
+    /// the family caps its logits.
     pub fn head(&self, h: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
-        self.lm_head.forward(h, dropout)
+        let logits = self.lm_head.forward(h, dropout)?;
+        self.cap_logits(&logits)
+    }
+
+    /// Final-logit soft-capping (Gemma 2): c * tanh(logits / c); unchanged without it.
+    pub fn cap_logits(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.final_logit_softcapping {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits.clone(),
+        })
     }
 
     /// Full-sequence logits (B, T, padded_vocab), no cache, no dropout.
@@ -484,7 +614,7 @@ impl Gpt {
         self.check_positions(offset, t)?;
         let mut x = self.embed(idx)?;
         for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
-            x = block.forward(&x, &self.rope, offset, Some(c), None, None)?;
+            x = block.forward(&x, self.rope_of(block), offset, Some(c), None, None)?;
         }
         self.ln_f.forward(&x)
     }
@@ -513,18 +643,26 @@ impl Gpt {
         let block = self.blocks.get(i).ok_or_else(|| {
             Error::Cache(format!("block {i} of a {}-layer model", self.blocks.len()))
         })?;
-        block.forward(x, &self.rope, 0, None, lengths, dropout)
+        block.forward(x, self.rope_of(block), 0, None, lengths, dropout)
     }
 
-    /// Token embeddings (B, T) -> (B, T, n_embd), in the activation dtype.
+    /// Token embeddings (B, T) -> (B, T, n_embd), in the activation dtype; multiplied by
+    /// sqrt(n_embd), rounded to that dtype as transformers does, where the family scales
+    /// them (Gemma).
     pub fn embed(&self, idx: &Tensor) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         let ids = idx.flatten_all()?;
-        Ok(self
+        let x = self
             .wte
             .index_select(&ids, 0)?
             .reshape((b, t, self.config.n_embd))?
-            .to_dtype(self.act_dtype)?)
+            .to_dtype(self.act_dtype)?;
+        if !self.config.scale_embeddings {
+            return Ok(x);
+        }
+        let k = Tensor::new((self.config.n_embd as f64).sqrt() as f32, x.device())?
+            .to_dtype(self.act_dtype)?;
+        Ok(x.broadcast_mul(&k)?)
     }
 
     /// Every LoRA-capable linear with the target flag that selects it.
@@ -662,11 +800,21 @@ impl Gpt {
             block.norm_1.named(&format!("{p}.norm_1"), &mut out);
             linear_named(&block.attn.qkv, &mut out);
             linear_named(&block.attn.proj, &mut out);
+            if let Some((_, q, k)) = &block.attn.qk_norm {
+                q.named(&format!("{p}.attn.norm_q"), &mut out);
+                k.named(&format!("{p}.attn.norm_k"), &mut out);
+            }
+            if let Some(n) = &block.post_attention_norm {
+                n.named(&format!("{p}.post_attention_norm"), &mut out);
+            }
             if let Some(n) = &block.norm_2 {
                 n.named(&format!("{p}.norm_2"), &mut out);
             }
             for l in block.mlp.linears() {
                 linear_named(l, &mut out);
+            }
+            if let Some(n) = &block.post_mlp_norm {
+                n.named(&format!("{p}.post_mlp_norm"), &mut out);
             }
         }
         self.ln_f.named("transformer.ln_f", &mut out);

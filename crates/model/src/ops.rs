@@ -14,6 +14,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
 };
 
+use crate::mask::ScoreRules;
 use crate::recompute::recompute;
 
 type Result<T> = candle_core::Result<T>;
@@ -187,35 +188,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&sum)?.to_dtype(dtype)
 }
 
-/// Softmax of attention scores (.., T, Tk) under the causal mask: query row i, at position
-/// Tk - T + i, sees keys 0..=Tk - T + i. One fused pass on the CPU; elsewhere an additive
-/// -inf mask and `softmax_last_dim`.
-pub fn causal_softmax(att: &Tensor) -> Result<Tensor> {
-    if crate::fused::applies(att, None) {
-        return crate::fused::causal_softmax(att);
+/// Softmax of attention scores (.., T, Tk) under `rules` (`mask.rs`): soft-capped, and query
+/// row i, at position Tk - T + i, seeing keys `rules.first_key(pos) ..= pos`. The mask is one
+/// fused pass on the CPU; elsewhere an additive -inf mask and `softmax_last_dim`.
+pub fn masked_softmax(att: &Tensor, rules: ScoreRules) -> Result<Tensor> {
+    let att = rules.cap_tensor(att)?;
+    if crate::fused::applies(&att, None) {
+        return crate::fused::causal_softmax(&att, rules.window);
     }
     let (t, tk) = (att.dim(D::Minus2)?, att.dim(D::Minus1)?);
-    let att = if t > 1 {
-        att.broadcast_add(&causal_mask(t, tk, att.dtype(), att.device())?)?
+    let att = if rules.needs_mask(t, tk) {
+        att.broadcast_add(&rules.additive_mask(t, tk, att.dtype(), att.device())?)?
     } else {
-        att.clone()
+        att
     };
     softmax_last_dim(&att)
-}
-
-/// (T, Tk) additive mask: query i (at position Tk - T + i) sees keys 0..=Tk - T + i. Built
-/// on the mask's device from two index vectors (a host-built T x Tk mask would be uploaded
-/// for every sequence and layer, in both passes).
-fn causal_mask(t: usize, tk: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let offset = (tk - t) as u32;
-    let rows = Tensor::arange(offset, offset + t as u32, device)?.reshape((t, 1))?;
-    let cols = Tensor::arange(0u32, tk as u32, device)?.reshape((1, tk))?;
-    let future = cols.broadcast_gt(&rows)?;
-    let zeros = Tensor::zeros((t, tk), dtype, device)?;
-    let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?
-        .to_dtype(dtype)?
-        .broadcast_as((t, tk))?;
-    future.where_cond(&neg_inf, &zeros)
 }
 
 /// GELU, exact erf form; the fused CPU kernel (parallel, own backward) where it applies.
@@ -262,6 +249,53 @@ fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tenso
     })?
     .into_iter();
     Ok((out.next().expect("dgate"), out.next().expect("dup")))
+}
+
+/// gelu_tanh(x) = x/2 (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715
+/// (transformers' `gelu_pytorch_tanh`), and its derivative when asked.
+fn gelu_tanh_parts(x: &Tensor, slope: bool) -> Result<(Tensor, Option<Tensor>)> {
+    const A: f64 = 0.044715;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let x2 = x.sqr()?;
+    let th = ((x * ((&x2 * A)? + 1.0)?)? * c)?.tanh()?;
+    let value = ((x * 0.5)? * (&th + 1.0)?)?;
+    if !slope {
+        return Ok((value, None));
+    }
+    // d/dx = (1 + th)/2 + x/2 (1 - th^2) c (1 + 3 a x^2)
+    let inner = (((&x2 * (3.0 * A))? + 1.0)? * c)?;
+    let d = (((&th + 1.0)? * 0.5)? + ((x * 0.5)? * ((1.0 - th.sqr()?)? * inner)?)?)?;
+    Ok((value, Some(d)))
+}
+
+/// gelu_tanh(gate) * up (Gemma's MLP), computed in f32 (f64 for f64). Where gradients are
+/// wanted it recomputes in the backward pass, so only gate and up are kept.
+pub fn geglu_tanh(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    fn forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        let dtype = g.dtype();
+        let cd = compute_dtype(dtype);
+        let (v, _) = gelu_tanh_parts(&g.to_dtype(cd)?, false)?;
+        (v * u.to_dtype(cd)?)?.to_dtype(dtype)
+    }
+    if !(gate.track_op() || up.track_op()) {
+        return forward(gate, up);
+    }
+    recompute(
+        "geglu-tanh",
+        &[gate, up],
+        |a| forward(&a[0], &a[1]),
+        |a, dy| {
+            let mut out = by_rows(&[&a[0], &a[1], dy], a[0].dtype(), ROW_BLOCK, |t| {
+                let cd = compute_dtype(t[0].dtype());
+                let (g, u, dy) = (t[0].to_dtype(cd)?, t[1].to_dtype(cd)?, t[2].to_dtype(cd)?);
+                let (v, d) = gelu_tanh_parts(&g, true)?;
+                let d = d.expect("asked for the slope");
+                Ok(vec![(dy.mul(&u)? * d)?, dy.mul(&v)?])
+            })?
+            .into_iter();
+            Ok(vec![out.next(), out.next()])
+        },
+    )
 }
 
 /// silu(gate) * up (the LLaMA MLP).
@@ -850,7 +884,8 @@ mod tests {
     #[test]
     fn causal_mask_hides_exactly_the_future() {
         // 3 new queries after 2 cached positions: query i sits at position 2 + i.
-        let m = causal_mask(3, 5, DType::BF16, &Device::Cpu)
+        let m = ScoreRules::default()
+            .additive_mask(3, 5, DType::BF16, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()

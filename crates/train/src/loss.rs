@@ -87,18 +87,42 @@ fn cross_entropy_ops(
 /// The same on the CPU in one parallel pass per row over the logits (rows, vocab), which
 /// become the gradient in place (the op-by-op version makes eight passes and allocations).
 /// exp runs once per logit in f32 (the row max makes every argument <= 0); sums are f64.
-/// Returns the summed loss; `data` then holds `grad_scale * (softmax - one_hot)`.
+/// With `softcap` c the logits are first capped to c * tanh(x / c) (Gemma 2), and the
+/// gradient carries the cap's slope. Returns the summed loss; `data` then holds
+/// `grad_scale * (softmax - one_hot)` (times the slope).
 fn fused_cross_entropy_cpu(
     data: &mut [f32],
     vocab: usize,
     targets: &[u32],
     grad_scale: Option<f64>,
+    softcap: Option<f64>,
 ) -> f64 {
     let rows = targets.len();
     let mut losses = vec![0f64; rows];
     let losses_ptr = losses.as_mut_ptr() as usize;
     loratune_model::fused::for_rows(data, vocab, |r, row| {
         let t = targets[r] as usize;
+        if let Some(c) = softcap {
+            let c = c as f32;
+            for x in row.iter_mut() {
+                *x = c * (*x / c).tanh();
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sumexp: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+            let loss = max as f64 + sumexp.ln() - row[t] as f64;
+            // SAFETY: as below.
+            unsafe { *(losses_ptr as *mut f64).add(r) = loss };
+            if let Some(scale) = grad_scale {
+                let k = (scale / sumexp) as f32;
+                for (i, x) in row.iter_mut().enumerate() {
+                    let slope = 1.0 - (*x / c) * (*x / c);
+                    let p = (*x - max).exp() * k;
+                    let onehot = if i == t { scale as f32 } else { 0.0 };
+                    *x = (p - onehot) * slope;
+                }
+            }
+            return;
+        }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let target_logit = row[t];
         let mut sumexp = 0f64;
@@ -149,6 +173,7 @@ pub fn head_loss(
         return adapted_head_loss(model, h, &rows_t, &targets, grad_scale);
     }
     let w = &model.lm_head.weight;
+    let softcap = model.config.final_logit_softcapping;
     let hv = h.detach().reshape((b * t, c))?.index_select(&rows_t, 0)?;
     let mut loss_sum = 0.0f64;
     let mut dh_chunks = Vec::new();
@@ -169,7 +194,7 @@ pub fn head_loss(
             Some(mut data) => {
                 let vocab = w.dim(0)?;
                 let tg = &targets[start..start + len];
-                let sum = fused_cross_entropy_cpu(&mut data, vocab, tg, grad_scale);
+                let sum = fused_cross_entropy_cpu(&mut data, vocab, tg, grad_scale, softcap);
                 let grad = match grad_scale {
                     Some(_) => Some(Tensor::from_vec(data, (len, vocab), device)?),
                     None => None,
@@ -179,7 +204,15 @@ pub fn head_loss(
             None => {
                 let logits = loratune_model::ops::frozen_matmul(&hc, w)?;
                 let logits = logits.to_dtype(loss_dtype(&logits))?;
-                cross_entropy_ops(&logits, &tg, grad_scale)?
+                match softcap {
+                    None => cross_entropy_ops(&logits, &tg, grad_scale)?,
+                    Some(c) => {
+                        let capped = model.cap_logits(&logits)?;
+                        let (sum, grad) = cross_entropy_ops(&capped, &tg, grad_scale)?;
+                        let slope = (1.0 - (&capped / c)?.sqr()?)?;
+                        (sum, grad.map(|g| g * slope).transpose()?)
+                    }
+                }
             }
         };
         loss_sum += sum;
@@ -263,10 +296,47 @@ mod tests {
         let targets = [3u32, 0, 49, 7, 7, 20];
         let tg = Tensor::from_slice(&targets, (6, 1), &Device::Cpu).unwrap();
         let mut data = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let a = fused_cross_entropy_cpu(&mut data, 50, &targets, Some(0.25));
+        let a = fused_cross_entropy_cpu(&mut data, 50, &targets, Some(0.25), None);
         let ga = Tensor::from_vec(data, (6, 50), &Device::Cpu).unwrap();
         let (b, gb) = cross_entropy_ops(&logits, &tg, Some(0.25)).unwrap();
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        // Soft-capped: against autograd through c * tanh(x / c).
+        let var = candle_core::Var::from_tensor(&logits).unwrap();
+        let capped = ((var.as_tensor() / 2.5).unwrap().tanh().unwrap() * 2.5).unwrap();
+        let (sum_c, _) = cross_entropy_ops(&capped, &tg, None).unwrap();
+        let mx = capped.max_keepdim(D::Minus1).unwrap();
+        let lse = (capped
+            .broadcast_sub(&mx)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1))
+        .unwrap()
+        .log()
+        .unwrap()
+        .add(&mx)
+        .unwrap();
+        let total = (lse - capped.gather(&tg, 1).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let want = (total * 0.25).unwrap().backward().unwrap();
+        let want = want.get(var.as_tensor()).unwrap();
+        let mut data = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = fused_cross_entropy_cpu(&mut data, 50, &targets, Some(0.25), Some(2.5));
+        assert!((got - sum_c).abs() < 1e-4, "{got} vs {sum_c}");
+        let gc = Tensor::from_vec(data, (6, 50), &Device::Cpu).unwrap();
+        let dc: f32 = (gc - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(dc < 1e-6, "capped gradient differs by {dc}");
         let d: f32 = (ga - gb.unwrap())
             .unwrap()
             .abs()

@@ -44,6 +44,15 @@ fn converts_every_family_to_matching_logits() {
         "llama_gqa_tied",
         "falcon_mqa",
         "falcon_gqa_newarch",
+        "llama3_rope",
+        "mistral_window",
+        "qwen2_bias",
+        "qwen3_qknorm",
+        "gemma2_softcap",
+        "gemma3_local",
+        "phi3_fused",
+        "stablelm2",
+        "olmo2_postnorm",
     ] {
         let dir = root.join(name);
         copy_dir(&hf_fixture(name), &dir);
@@ -218,4 +227,54 @@ fn bad_inputs_fail_with_one_clear_line_and_no_output() {
     copy_dir(&fixtures().join("formats/sharded"), &gone);
     std::fs::remove_file(gone.join("model-00002-of-00003.safetensors")).unwrap();
     assert_fails_cleanly(&gone, &["model-00002-of-00003.safetensors", "missing"]);
+
+    // A family's own tensor missing: Qwen3 without its query norms.
+    let no_norm = root.join("qwen3-no-qnorm");
+    copy_dir(&hf_fixture("qwen3_qknorm"), &no_norm);
+    let w = no_norm.join("model.safetensors");
+    let kept: Vec<(String, candle_core::Tensor)> = candle_core::safetensors::load(&w, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("q_norm"))
+        .collect();
+    loratune_model::weights::save_safetensors(&w, &kept, None).unwrap();
+    assert_fails_cleanly(
+        &no_norm,
+        &["model.layers.0.self_attn.q_norm.weight", "missing"],
+    );
+
+    // Settings that would change the model and are not computed: named, nothing written.
+    for (fx, from, to, expect) in [
+        (
+            "llama_gqa_untied",
+            "\"rope_type\": \"default\"",
+            "\"rope_type\": \"yarn\", \"factor\": 4.0",
+            "rope type \"yarn\" is not supported yet",
+        ),
+        (
+            "qwen2_bias",
+            "\"model_type\": \"qwen2\"",
+            "\"model_type\": \"llama\"",
+            "model_type \"llama\" disagrees with architectures[0] \"Qwen2ForCausalLM\"",
+        ),
+        (
+            "mistral_window",
+            "\"vocab_size\": 320",
+            "\"vocab_size\": 320, \"logit_scale\": 2.0",
+            "logit_scale = 2.0 is not a setting loratune knows for MistralForCausalLM",
+        ),
+        (
+            "stablelm2",
+            "\"qk_layernorm\": false",
+            "\"qk_layernorm\": true",
+            "qk_layernorm = true",
+        ),
+    ] {
+        let dir = root.join(format!("{fx}-bad"));
+        copy_dir(&hf_fixture(fx), &dir);
+        let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        assert!(cfg.contains(from), "{fx}: {cfg}");
+        std::fs::write(dir.join("config.json"), cfg.replacen(from, to, 1)).unwrap();
+        assert_fails_cleanly(&dir, &["config.json", expect]);
+    }
 }

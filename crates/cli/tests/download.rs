@@ -70,6 +70,40 @@ fn downloads_from_a_hub_layout_and_converts() {
     );
 }
 
+/// Today's families download and convert too; a gated repo without a token says how to get
+/// access, and with one it downloads.
+#[test]
+fn gated_and_modern_models() {
+    let root = scratch("download-gated");
+    let served = root.join("served");
+    copy_dir(&hf_fixture("qwen3_qknorm"), &served);
+    std::fs::remove_file(served.join("oracle.safetensors")).unwrap();
+    let repo = "gated-org/tiny-qwen3";
+    let (port, _) = serve_hub(served, repo);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let ck = root.join("checkpoints");
+    let args = ["--repo-id", repo, "--checkpoint-dir", ck.to_str().unwrap()];
+    let r = download(&args, &endpoint, &root.join("hf-home"));
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    let msg = r.stderr.trim();
+    assert!(
+        msg.lines().count() == 1
+            && msg.contains("is gated or private")
+            && msg.contains("--access-token"),
+        "{msg}"
+    );
+    let mut with_token = args.to_vec();
+    with_token.extend(["--access-token", "hf_test"]);
+    let r = download(&with_token, &endpoint, &root.join("hf-home"));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ck.join(repo).join("lit_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["hf_architecture"], "Qwen3ForCausalLM");
+    assert_eq!(cfg["qk_norm"], "per_head");
+}
+
 #[test]
 fn unreachable_hub_is_one_sentence_and_list_works() {
     let root = scratch("download-offline");

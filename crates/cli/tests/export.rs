@@ -15,13 +15,22 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 
 const LT: &str = env!("CARGO_BIN_EXE_loratune");
-const FAMILIES: [&str; 6] = [
+const FAMILIES: [&str; 15] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
     "llama_gqa_tied",
     "falcon_mqa",
     "falcon_gqa_newarch",
+    "llama3_rope",
+    "mistral_window",
+    "qwen2_bias",
+    "qwen3_qknorm",
+    "gemma2_softcap",
+    "gemma3_local",
+    "phi3_fused",
+    "stablelm2",
+    "olmo2_postnorm",
 ];
 const TOKENS: &str = "1,5,9,14,3,22,7,30,2,11,17,4";
 

@@ -8,13 +8,22 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use loratune_model::convert::load_hf_dir;
 use loratune_model::{Gpt, LoraConfig, LoraTargets};
 
-const VARIANTS: [&str; 6] = [
+const VARIANTS: [&str; 15] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
     "llama_gqa_tied",
     "falcon_mqa",
     "falcon_gqa_newarch",
+    "llama3_rope",
+    "mistral_window",
+    "qwen2_bias",
+    "qwen3_qknorm",
+    "gemma2_softcap",
+    "gemma3_local",
+    "phi3_fused",
+    "stablelm2",
+    "olmo2_postnorm",
 ];
 const TOL: f32 = 1e-4;
 
@@ -77,7 +86,10 @@ fn full_forward_matches_transformers() {
 /// bf16 weights on the CPU (the bf16 kernels): bf16-true (bf16 activations) and mixed
 /// (f32 activations), full forward and cached decode, within bf16's precision of the f32
 /// oracle (bf16 keeps 8 bits of mantissa): 5% of the logits' range for bf16-true (seen:
-/// 0.9-2.7%), 2% for mixed (seen: 0.5-1.5%).
+/// 0.9-2.8%), 2% for mixed (seen: 0.5-1.5%). Gemma loses more to bf16: transformers' own
+/// bf16 forward is off by 7.9% (gemma2_softcap) and 4.0% (gemma3_local) of the range on
+/// these fixtures (its embeddings are scaled by sqrt(n_embd), four norms per block), so
+/// there the tolerance is 2.5x.
 #[test]
 fn bf16_weights_track_transformers_f32_logits() {
     for name in VARIANTS {
@@ -101,7 +113,8 @@ fn bf16_weights_track_transformers_f32_logits() {
                 w.with_dtype(DType::BF16)
             };
             let model = Gpt::load(&cfg, w, &Device::Cpu).unwrap();
-            let tol = if mixed { 0.02 * range } else { 0.05 * range };
+            let loose = if name.starts_with("gemma") { 2.5 } else { 1.0 };
+            let tol = loose * if mixed { 0.02 * range } else { 0.05 * range };
             let full = model
                 .forward(&o.tokens)
                 .unwrap()

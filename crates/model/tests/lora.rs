@@ -9,13 +9,22 @@ use loratune_model::convert::load_hf_dir;
 use loratune_model::model::lora_param_count;
 use loratune_model::{Config, DropoutCtx, Gpt, LoraConfig, LoraTargets, Rng};
 
-const VARIANTS: [&str; 6] = [
+const VARIANTS: [&str; 15] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
     "llama_gqa_tied",
     "falcon_mqa",
     "falcon_gqa_newarch",
+    "llama3_rope",
+    "mistral_window",
+    "qwen2_bias",
+    "qwen3_qknorm",
+    "gemma2_softcap",
+    "gemma3_local",
+    "phi3_fused",
+    "stablelm2",
+    "olmo2_postnorm",
 ];
 
 const ALL: LoraTargets = LoraTargets {
@@ -598,8 +607,10 @@ fn mixed_precision_keeps_activations_f32_and_tracks_the_f32_model() {
             .mean_all()
             .unwrap();
         let err = max_abs_diff(&lf, &lm) / scale.to_scalar::<f32>().unwrap() as f64;
+        // Gemma loses about twice as much to bf16 (see hf_parity.rs: so does transformers).
+        let tol = if name.starts_with("gemma") { 0.1 } else { 0.05 };
         assert!(
-            err < 0.05,
+            err < tol,
             "{name}: mixed logits differ by {err} of their scale"
         );
         // Gradients reach every adapter and point where the f32 model's do.

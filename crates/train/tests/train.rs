@@ -91,8 +91,11 @@ fn loss_gradients_match_finite_differences() {
         mlp: true,
         ..LoraTargets::default()
     };
-    for targets in [LoraTargets::default(), head_too] {
-        let m = model("llama_gqa_untied", DType::F64, targets);
+    for (name, targets) in ["llama_gqa_untied", "gemma2_softcap", "olmo2_postnorm"]
+        .into_iter()
+        .flat_map(|n| [(n, LoraTargets::default()), (n, head_too)])
+    {
+        let m = model(name, DType::F64, targets);
         let vars = m.lora_vars();
         let batches: Vec<Batch> = vec![
             collate(&samples(3, 5), -100, 64),
@@ -103,9 +106,9 @@ fn loss_gradients_match_finite_differences() {
         let (grads, base_loss) = loss(&m);
         assert!(base_loss.is_finite() && base_loss > 0.0);
         let mut rng = Rng::new(3);
-        for (k, (name, v)) in vars.iter().enumerate() {
+        for (k, (pname, v)) in vars.iter().enumerate() {
             let g = grads[k].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            assert!(g.iter().any(|x| *x != 0.0), "{name}: no gradient");
+            assert!(g.iter().any(|x| *x != 0.0), "{name} {pname}: no gradient");
             let i = rng.below(v.elem_count() as u64) as usize;
             let x0 = get(v, i);
             let eps = 1e-6;
@@ -117,10 +120,70 @@ fn loss_gradients_match_finite_differences() {
             let fd = (lp - lm) / (2.0 * eps);
             assert!(
                 (fd - g[i]).abs() <= 1e-7 + 1e-5 * fd.abs(),
-                "{name}[{i}] (head adapted: {}): backprop {} vs finite difference {fd}",
+                "{name} {pname}[{i}] (head adapted: {}): backprop {} vs finite difference {fd}",
                 targets.head,
                 g[i]
             );
+        }
+    }
+}
+
+/// The training loss is the cross-entropy of the model's own logits (soft-capped where the
+/// family caps them), for a frozen and an adapted head, on every family.
+#[test]
+fn training_loss_is_the_cross_entropy_of_the_logits() {
+    for name in [
+        "neox_parallel_rot025",
+        "llama_gqa_tied",
+        "falcon_mqa",
+        "llama3_rope",
+        "mistral_window",
+        "qwen2_bias",
+        "qwen3_qknorm",
+        "gemma2_softcap",
+        "gemma3_local",
+        "phi3_fused",
+        "stablelm2",
+        "olmo2_postnorm",
+    ] {
+        for head in [false, true] {
+            for dtype in [DType::F32, DType::F64] {
+                let targets = LoraTargets {
+                    head,
+                    ..LoraTargets::default()
+                };
+                let m = model(name, dtype, targets);
+                let vars = m.lora_vars();
+                let all = samples(3, 11);
+                let batches = vec![collate(&all, -100, 64)];
+                let (_, loss) =
+                    accumulate_gradients(&m, &vars, &batches, &PLAIN, &mut Rng::new(0)).unwrap();
+                let (mut sum, mut count) = (0f64, 0usize);
+                for s in &all {
+                    let idx = Tensor::new(s.input_ids.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let logits = m.forward(&idx).unwrap().to_dtype(DType::F64).unwrap();
+                    let rows: Vec<Vec<f64>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+                    for (pos, row) in rows.iter().enumerate().take(s.labels.len() - 1) {
+                        let y = s.labels[pos + 1];
+                        if y < 0 {
+                            continue;
+                        }
+                        let mx = row.iter().copied().fold(f64::MIN, f64::max);
+                        let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                        sum += lse - row[y as usize];
+                        count += 1;
+                    }
+                }
+                let want = sum / count as f64;
+                let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+                assert!(
+                    (loss - want).abs() < tol * want.abs().max(1.0),
+                    "{name} head={head} {dtype:?}: training loss {loss} vs {want}"
+                );
+            }
         }
     }
 }
@@ -175,6 +238,10 @@ fn activation_checkpointing_gives_the_same_gradients() {
         "neox_sequential_rot100",
         "llama_gqa_tied",
         "falcon_mqa",
+        "mistral_window",
+        "gemma2_softcap",
+        "gemma3_local",
+        "olmo2_postnorm",
     ] {
         for targets in [LoraTargets::default(), all] {
             // Dropout on: the recomputation must replay the masks the forward pass drew.

@@ -99,7 +99,8 @@ pub fn run_with_stdin(bin: &str, args: &[&str], input: &str) -> Run {
 
 /// Serves the files of `dir` as the Hub model `repo` on 127.0.0.1 (the Hub's URL layout:
 /// `/api/models/<repo>/revision/main`, `/<repo>/resolve/main/<file>` with Range requests);
-/// returns the port and the log of request paths.
+/// returns the port and the log of request paths. A repo whose org starts with `gated`
+/// answers 401 to requests without an Authorization header, as the Hub does for gated models.
 pub fn serve_hub(dir: PathBuf, repo: &str) -> (u16, Arc<Mutex<Vec<String>>>) {
     let repo = repo.to_string();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -126,12 +127,14 @@ fn handle(mut stream: TcpStream, dir: &Path, repo: &str, log: &Mutex<Vec<String>
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut range_start: Option<u64> = None;
     let mut range_end: Option<u64> = None;
+    let mut authorized = false;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
             break;
         }
         let lower = h.to_ascii_lowercase();
+        authorized |= lower.starts_with("authorization: bearer ");
         if let Some(r) = lower.strip_prefix("range: bytes=") {
             let (a, b) = r.trim().split_once('-').unwrap();
             range_start = a.parse().ok();
@@ -146,43 +149,50 @@ fn handle(mut stream: TcpStream, dir: &Path, repo: &str, log: &Mutex<Vec<String>
     files.sort();
     let api = format!("/api/models/{repo}/revision/main");
     let resolve = format!("/{repo}/resolve/main/");
-    let (status, headers, body): (&str, Vec<String>, Vec<u8>) = if path == api {
-        let siblings: Vec<String> = files
-            .iter()
-            .map(|f| format!(r#"{{"rfilename": "{f}"}}"#))
-            .collect();
-        let body = format!(
-            r#"{{"sha": "{COMMIT}", "siblings": [{}]}}"#,
-            siblings.join(",")
-        );
-        (
-            "200 OK",
-            vec!["Content-Type: application/json".into()],
-            body.into_bytes(),
-        )
-    } else if let Some(name) = path.strip_prefix(&resolve) {
-        match std::fs::read(dir.join(name)) {
-            Ok(data) => {
-                let size = data.len() as u64;
-                let a = range_start.unwrap_or(0).min(size);
-                let b = range_end.map(|e| e + 1).unwrap_or(size).min(size);
-                let etag = format!("\"etag-{}-{size}\"", name.replace('.', "-"));
-                let hdrs = vec![
-                    format!("ETag: {etag}"),
-                    format!("X-Repo-Commit: {COMMIT}"),
-                    format!("Content-Range: bytes {a}-{}/{size}", b.saturating_sub(1)),
-                ];
-                (
-                    "206 Partial Content",
-                    hdrs,
-                    data[a as usize..b as usize].to_vec(),
-                )
+    let (status, headers, body): (&str, Vec<String>, Vec<u8>) =
+        if repo.starts_with("gated") && !authorized {
+            (
+                "401 Unauthorized",
+                vec![],
+                b"{\"error\": \"Access to model is restricted.\"}".to_vec(),
+            )
+        } else if path == api {
+            let siblings: Vec<String> = files
+                .iter()
+                .map(|f| format!(r#"{{"rfilename": "{f}"}}"#))
+                .collect();
+            let body = format!(
+                r#"{{"sha": "{COMMIT}", "siblings": [{}]}}"#,
+                siblings.join(",")
+            );
+            (
+                "200 OK",
+                vec!["Content-Type: application/json".into()],
+                body.into_bytes(),
+            )
+        } else if let Some(name) = path.strip_prefix(&resolve) {
+            match std::fs::read(dir.join(name)) {
+                Ok(data) => {
+                    let size = data.len() as u64;
+                    let a = range_start.unwrap_or(0).min(size);
+                    let b = range_end.map(|e| e + 1).unwrap_or(size).min(size);
+                    let etag = format!("\"etag-{}-{size}\"", name.replace('.', "-"));
+                    let hdrs = vec![
+                        format!("ETag: {etag}"),
+                        format!("X-Repo-Commit: {COMMIT}"),
+                        format!("Content-Range: bytes {a}-{}/{size}", b.saturating_sub(1)),
+                    ];
+                    (
+                        "206 Partial Content",
+                        hdrs,
+                        data[a as usize..b as usize].to_vec(),
+                    )
+                }
+                Err(_) => ("404 Not Found", vec![], b"not found".to_vec()),
             }
-            Err(_) => ("404 Not Found", vec![], b"not found".to_vec()),
-        }
-    } else {
-        ("404 Not Found", vec![], b"not found".to_vec())
-    };
+        } else {
+            ("404 Not Found", vec![], b"not found".to_vec())
+        };
     let mut resp = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()

@@ -118,13 +118,28 @@ fn download(args: &Args) -> Result<()> {
             dir.display()
         )
     };
-    let info = repo.info().map_err(|e| offline(&e))?;
+    let gated = |e: &dyn std::fmt::Display| {
+        let text = e.to_string();
+        (text.contains("401") || text.contains("403")).then(|| {
+            anyhow::anyhow!(
+                "{repo_id} is gated or private: the Hub answered {} without access; accept its \
+                 license on {endpoint}/{repo_id} while logged in, then pass --access-token \
+                 (or set HF_TOKEN) with a token of that account",
+                if text.contains("403") { "403" } else { "401" }
+            )
+        })
+    };
+    let info = repo
+        .info()
+        .map_err(|e| gated(&e).unwrap_or_else(|| offline(&e)))?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let files = select(&names).with_context(|| format!("{repo_id} at revision {}", info.sha))?;
     loratune_model::io::create_out_dir(&dir).context("--checkpoint-dir")?;
     crate::clean_stale_temps(&dir);
     for f in &files {
-        let cached = repo.get(f).map_err(|e| offline(&e))?;
+        let cached = repo
+            .get(f)
+            .map_err(|e| gated(&e).unwrap_or_else(|| offline(&e)))?;
         copy_atomic(&cached, &dir.join(f))
             .with_context(|| format!("copying {f} into {}", dir.display()))?;
     }

@@ -122,9 +122,9 @@ fn export(args: &Args) -> Result<()> {
                 }
             }
             outln!(
-                "wrote {} ({:?} layout, {} tensors, {:.1} MB, {dtype:?}) + config.json{}{} in {}",
+                "wrote {} ({} layout, {} tensors, {:.1} MB, {dtype:?}) + config.json{}{} in {}",
                 args.out_dir.join("model.safetensors").display(),
-                report.family,
+                report.arch.class_name(),
                 report.n_tensors,
                 report.bytes as f64 / 1e6,
                 if copied.is_empty() { "" } else { " + " },

@@ -67,6 +67,16 @@ fn yes() -> bool {
     true
 }
 
+// Fields at their defaults are not written, so a family that does not use them writes the
+// same lit_config.json as before they existed (and older readers still read it).
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// Every number the model code reads. All derived sizes are resolved (no "auto" fields), so
 /// a `lit_config.json` is complete and self-describing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,7 +106,7 @@ pub struct Config {
     pub intermediate_size: usize,
     pub tie_embeddings: bool,
     /// A bias on the qkv projection even where `bias` is false (Qwen2, StableLM 2).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub attn_bias: bool,
     /// Rotary frequency scaling (of the global layers, when some layers are local).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,19 +117,19 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_norm: Option<QkNorm>,
     /// Norms before attention and MLP (`norm_1`, `norm_2`); OLMo 2 has none.
-    #[serde(default = "yes")]
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub pre_norm: bool,
     /// A norm on attention's output before the residual sum (Gemma, OLMo 2).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub post_attention_norm: bool,
     /// A norm on the MLP's output before the residual sum (Gemma, OLMo 2).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub post_mlp_norm: bool,
     /// RMSNorm multiplies by (1 + weight) (Gemma).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub norm_unit_offset: bool,
     /// Embeddings multiplied by sqrt(n_embd), in the activation dtype (Gemma).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub scale_embeddings: bool,
     /// Queries scaled by 1/sqrt(this) instead of 1/sqrt(head_size) (Gemma).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1020,6 +1030,27 @@ mod tests {
         let c = get("pythia-70m");
         c.to_json_file(&path).unwrap();
         assert_eq!(Config::from_json_file(&path).unwrap(), c);
+        // An older family writes only the fields it had before newer families came.
+        let text = std::fs::read_to_string(&path).unwrap();
+        for newer in [
+            "attn_bias",
+            "pre_norm",
+            "qk_norm",
+            "sliding_window",
+            "hf_architecture",
+        ] {
+            assert!(!text.contains(newer), "{newer} written for pythia: {text}");
+        }
+        // And a newer family's fields round-trip.
+        for name in [
+            "google/gemma-3-270m",
+            "Qwen/Qwen3-0.6B",
+            "allenai/OLMo-2-0425-1B",
+        ] {
+            let m = get(name);
+            m.to_json_file(&path).unwrap();
+            assert_eq!(Config::from_json_file(&path).unwrap(), m, "{name}");
+        }
 
         let mut v: serde_json::Value = serde_json::to_value(&c).unwrap();
         v["n_hed"] = 3.into();

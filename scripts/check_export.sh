@@ -15,10 +15,10 @@ PY=${PY:-$HOME/.cache/loratune-peer/.venv/bin/python}
 BIN=${LORATUNE_BIN:-$ROOT/target/release/loratune}
 [ -x "$BIN" ] || cargo build --release -q --bin loratune
 W=$(mktemp -d /tmp/loratune-export.XXXXXX)
-TOKENS=1,5,9,14,3,22,7,30,2,11,17,4
+TOKENS=1,5,9,14,3,22,7,30,2,11,17,4,8,19,25,6
 fail=0
 for fx in neox_parallel_rot025 neox_sequential_rot100 llama_gqa_untied llama_gqa_tied falcon_mqa falcon_gqa_newarch \
-          llama3_rope mistral_window qwen2_bias qwen3_qknorm gemma2_softcap gemma3_local phi3_fused stablelm2 olmo2_postnorm; do
+          llama3_rope mistral_window qwen2_bias qwen3_qknorm gemma2_softcap gemma3_local phi3_fused stablelm2 olmo2_postnorm phi4_longrope; do
     ck=$W/$fx/ck
     mkdir -p "$ck"; cp crates/model/tests/fixtures/hf/$fx/* "$ck/"
     "$BIN" convert-hf-checkpoint --checkpoint-dir "$ck" > /dev/null

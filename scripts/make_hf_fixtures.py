@@ -9,7 +9,10 @@ this: it reads the committed output. For every variant, OUT/<variant>/ holds
   config.json, model.safetensors   as save_pretrained writes them (float32)
   oracle.safetensors               tokens (2, 16) i64 and logits (2, 16, vocab) f32 from one
                                    full forward pass (eager attention); greedy_prompt (1, 6) and
-                                   greedy_tokens (1, 10): generate(do_sample=False) continuation
+                                   greedy_tokens (1, 10): generate(do_sample=False) continuation;
+                                   LongRoPE variants also logits_short, the forward of the tokens
+                                   that fit original_max_position_embeddings, and logits_cached
+                                   (1, 16, vocab), prefill 8 + 8 cached single-token steps
   tokenizer.json, tokenizer_config.json, generation_config.json
                                    one byte-level BPE (vocab 320, trained on CPython's doc text)
                                    shared by all variants; llama_gqa_tied gets a ChatML template
@@ -101,6 +104,17 @@ VARIANTS = {
         intermediate_size=96, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=6, pad_token_id=1,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                              partial_rotary_factor=0.5))),
+    # Phi-4-mini shape: LongRoPE (short/long factors, attention factor from the context's
+    # growth 64/12), rotary on 3/4 of each head, tied head. The oracle's 16-token forward
+    # reaches past original_max_position_embeddings (long factors); logits_short holds the
+    # first 12 tokens' forward (short factors); greedy generation crosses from one to the other.
+    "phi4_longrope": ("phi3", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=96, rms_norm_eps=1e-5, hidden_act="silu", pad_token_id=1,
+        tie_word_embeddings=True, original_max_position_embeddings=12,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                             short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                             long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0]))),
     # StableLM 2 shape: LayerNorm, q/k/v biases, partial rotary 0.25.
     "stablelm2": ("stablelm", dict(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
@@ -118,7 +132,7 @@ VARIANTS = {
 ORDER = ["falcon_gqa_newarch", "falcon_mqa", "llama_gqa_tied", "llama_gqa_untied",
          "neox_parallel_rot025", "neox_sequential_rot100", "llama3_rope", "mistral_window",
          "qwen2_bias", "qwen3_qknorm", "gemma2_softcap", "gemma3_local", "phi3_fused",
-         "stablelm2", "olmo2_postnorm"]
+         "stablelm2", "olmo2_postnorm", "phi4_longrope"]
 
 
 SPECIAL = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>"]
@@ -234,9 +248,22 @@ def main():
             greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                     max_new_tokens=10, min_new_tokens=10, pad_token_id=0,
                                     eos_token_id=None)[:, 6:]
-        save_file({"tokens": tokens.contiguous(), "logits": logits.contiguous(),
-                   "greedy_prompt": prompt.clone(), "greedy_tokens": greedy.contiguous()},
-                  str(out / "oracle.safetensors"))
+        oracle = {"tokens": tokens.contiguous(), "logits": logits.contiguous(),
+                  "greedy_prompt": prompt.clone(), "greedy_tokens": greedy.contiguous()}
+        original = params.get("original_max_position_embeddings")
+        if original is not None and original < tokens.shape[1]:
+            with torch.no_grad():
+                oracle["logits_short"] = model(tokens[:, :original]).logits.float().contiguous()
+                # Prefill 8 then decode one at a time: the frequencies switch mid-way, and
+                # keys cached before the switch keep theirs.
+                step = model(tokens[:1, :8], use_cache=True)
+                steps, past = [step.logits], step.past_key_values
+                for pos in range(8, tokens.shape[1]):
+                    step = model(tokens[:1, pos:pos + 1], past_key_values=past, use_cache=True)
+                    steps.append(step.logits)
+                    past = step.past_key_values
+                oracle["logits_cached"] = torch.cat(steps, 1).float().contiguous()
+        save_file(oracle, str(out / "oracle.safetensors"))
         manifest["variants"][name] = {"architecture": type(model).__name__,
                                       "params": sum(p.numel() for p in model.parameters()),
                                       "logits_std": float(logits.std())}

@@ -53,6 +53,7 @@ fn converts_every_family_to_matching_logits() {
         "phi3_fused",
         "stablelm2",
         "olmo2_postnorm",
+        "phi4_longrope",
     ] {
         let dir = root.join(name);
         copy_dir(&hf_fixture(name), &dir);

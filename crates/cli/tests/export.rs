@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 
 const LT: &str = env!("CARGO_BIN_EXE_loratune");
-const FAMILIES: [&str; 15] = [
+const FAMILIES: [&str; 16] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
@@ -31,6 +31,7 @@ const FAMILIES: [&str; 15] = [
     "phi3_fused",
     "stablelm2",
     "olmo2_postnorm",
+    "phi4_longrope",
 ];
 const TOKENS: &str = "1,5,9,14,3,22,7,30,2,11,17,4";
 

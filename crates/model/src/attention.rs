@@ -29,14 +29,18 @@ const ROPE_PRECOMPUTED: usize = 8192;
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// LongRoPE's long frequencies, used by a call that reaches past this many positions.
+    long: Option<(Vec<f32>, usize)>,
+    /// Multiplies cos and sin (LongRoPE's attention factor; 1 otherwise).
+    scale: f32,
     cos: Tensor,
     sin: Tensor,
 }
 
 /// Inverse frequencies of `n_elem` rotary channels with base `base`, scaled as `scaling` says
-/// (transformers' `_compute_*_parameters`).
-pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<RopeScaling>) -> Vec<f64> {
-    let plain = (0..n_elem / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / n_elem as f64));
+/// (transformers' `_compute_*_parameters`; LongRoPE's short factors).
+pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
+    let plain = inv_freq_plain(n_elem, base);
     match scaling {
         None => plain.collect(),
         Some(RopeScaling::Linear { factor }) => plain.map(|f| f / factor).collect(),
@@ -46,7 +50,7 @@ pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<RopeScaling>) -> Vec<f
             high_freq_factor,
             original_max_position_embeddings,
         }) => {
-            let old = original_max_position_embeddings as f64;
+            let old = *original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
             plain
                 .map(|f| {
@@ -63,6 +67,9 @@ pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<RopeScaling>) -> Vec<f
                 })
                 .collect()
         }
+        Some(RopeScaling::Longrope { short_factor, .. }) => {
+            plain.zip(short_factor).map(|(f, s)| f / s).collect()
+        }
     }
 }
 
@@ -72,33 +79,56 @@ impl Rope {
     pub fn new(
         cfg: &Config,
         base: f64,
-        scaling: Option<RopeScaling>,
+        scaling: Option<&RopeScaling>,
         dtype: DType,
         device: &Device,
     ) -> Result<Rope> {
         // Angles in f32, as transformers computes them.
-        let inv_freq: Vec<f32> = inv_freq(cfg.rope_n_elem(), base, scaling)
-            .into_iter()
-            .map(|f| f as f32)
-            .collect();
-        let (cos, sin) = Self::rows(&inv_freq, 0, cfg.block_size.min(ROPE_PRECOMPUTED))?;
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
+        let inv_freq = to_f32(inv_freq(cfg.rope_n_elem(), base, scaling));
+        let (long, scale) = match scaling {
+            Some(RopeScaling::Longrope {
+                long_factor,
+                attention_factor,
+                original_max_position_embeddings,
+                ..
+            }) => {
+                let plain = inv_freq_plain(cfg.rope_n_elem(), base);
+                let long = plain.zip(long_factor).map(|(f, l)| f / l).collect();
+                let limit = *original_max_position_embeddings;
+                (Some((to_f32(long), limit)), *attention_factor as f32)
+            }
+            _ => (None, 1.0),
+        };
+        let mut rows = cfg.block_size.min(ROPE_PRECOMPUTED);
+        if let Some((_, limit)) = &long {
+            rows = rows.min(*limit);
+        }
+        let (cos, sin) = Self::rows(&inv_freq, scale, 0, rows)?;
         Ok(Rope {
             cos: cos.to_device(device)?.to_dtype(dtype)?,
             sin: sin.to_device(device)?.to_dtype(dtype)?,
             inv_freq,
+            long,
+            scale,
         })
     }
 
-    /// f32 cos/sin rows for positions `offset .. offset + len`, on the CPU.
-    fn rows(inv_freq: &[f32], offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// f32 cos/sin rows (times `scale`) for positions `offset .. offset + len`, on the CPU.
+    fn rows(
+        inv_freq: &[f32],
+        scale: f32,
+        offset: usize,
+        len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for t in offset..offset + len {
             for f in inv_freq {
                 let angle = t as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         Ok((
@@ -107,15 +137,21 @@ impl Rope {
         ))
     }
 
-    /// Tables for positions `offset .. offset + len`.
+    /// Tables for positions `offset .. offset + len`, for a call whose positions end there:
+    /// with LongRoPE, a call reaching past the original context uses the long frequencies
+    /// for all its positions (keys cached by earlier calls keep theirs, as in transformers).
     fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        if offset + len <= self.cos.dim(0)? {
-            return Ok((
-                self.cos.narrow(0, offset, len)?,
-                self.sin.narrow(0, offset, len)?,
-            ));
-        }
-        let (cos, sin) = Self::rows(&self.inv_freq, offset, len)?;
+        let inv_freq = match &self.long {
+            Some((long, limit)) if offset + len > *limit => long,
+            _ if offset + len <= self.cos.dim(0)? => {
+                return Ok((
+                    self.cos.narrow(0, offset, len)?,
+                    self.sin.narrow(0, offset, len)?,
+                ));
+            }
+            _ => &self.inv_freq,
+        };
+        let (cos, sin) = Self::rows(inv_freq, self.scale, offset, len)?;
         let (device, dtype) = (self.cos.device(), self.cos.dtype());
         Ok((
             cos.to_device(device)?.to_dtype(dtype)?,
@@ -123,14 +159,21 @@ impl Rope {
         ))
     }
 
-    /// Tables covering at least positions `0 .. len`.
+    /// Tables covering at least positions `0 .. len`, for a call whose longest sequence
+    /// has `len` positions.
     fn covering(&self, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        if len <= self.cos.dim(0)? {
+        let long = matches!(&self.long, Some((_, limit)) if len > *limit);
+        if !long && len <= self.cos.dim(0)? {
             Ok((self.cos.clone(), self.sin.clone()))
         } else {
             self.at(0, len)
         }
     }
+}
+
+/// Unscaled inverse frequencies, 1 / base^(2i / n_elem).
+fn inv_freq_plain(n_elem: usize, base: f64) -> impl Iterator<Item = f64> {
+    (0..n_elem / 2).map(move |i| 1.0 / base.powf((2 * i) as f64 / n_elem as f64))
 }
 
 #[derive(Debug, Clone)]
@@ -567,7 +610,7 @@ mod tests {
         let rope = Rope::new(&cfg, cfg.rope_base, None, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(rope.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
         let (c, s) = rope.at(ROPE_PRECOMPUTED - 3, 6).unwrap();
-        let (c2, s2) = Rope::rows(&rope.inv_freq, ROPE_PRECOMPUTED - 3, 6).unwrap();
+        let (c2, s2) = Rope::rows(&rope.inv_freq, 1.0, ROPE_PRECOMPUTED - 3, 6).unwrap();
         assert_eq!(max_diff(&c, &c2), 0.0);
         assert_eq!(max_diff(&s, &s2), 0.0);
         let (c3, _) = rope.at(ROPE_PRECOMPUTED - 3, 3).unwrap();

@@ -38,7 +38,7 @@ pub enum MlpKind {
 }
 
 /// Rotary frequency scaling for contexts longer than the model was first trained on.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum RopeScaling {
     /// Every frequency divided by `factor` (position interpolation).
@@ -51,7 +51,69 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// LongRoPE (Phi-3.5 / Phi-4-mini): each frequency divided by its own factor, the short
+    /// ones while a forward pass covers at most `original_max_position_embeddings`
+    /// positions and the long ones beyond (chosen per call, as transformers does), and
+    /// cos/sin multiplied by `attention_factor`.
+    Longrope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        attention_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
+
+/// Phi-4-mini-instruct's published `rope_scaling.long_factor` (one per rotary frequency).
+pub(crate) const PHI4_MINI_LONG_FACTOR: [f64; 48] = [
+    1.0,
+    1.118320672,
+    1.250641126,
+    1.398617824,
+    1.564103225,
+    1.74916897,
+    1.956131817,
+    2.187582649,
+    2.446418898,
+    2.735880826,
+    3.059592084,
+    3.421605075,
+    3.826451687,
+    4.279200023,
+    4.785517845,
+    5.351743533,
+    5.984965424,
+    6.693110555,
+    7.485043894,
+    8.370679318,
+    9.36110372,
+    10.4687158,
+    11.70738129,
+    13.09260651,
+    14.64173252,
+    16.37415215,
+    18.31155283,
+    20.47818807,
+    22.90118105,
+    25.61086418,
+    28.64115884,
+    32.03,
+    32.1,
+    32.13,
+    32.23,
+    32.6,
+    32.61,
+    32.64,
+    32.66,
+    32.7,
+    32.71,
+    32.93,
+    32.97,
+    33.28,
+    33.49,
+    33.5,
+    44.16,
+    47.77,
+];
 
 /// RMSNorm on the queries and keys, before the rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +288,17 @@ impl Config {
         self
     }
 
+    /// With LongRoPE, the sequence length past which the long frequencies apply.
+    pub fn longrope_switch(&self) -> Option<usize> {
+        match &self.rope_scaling {
+            Some(RopeScaling::Longrope {
+                original_max_position_embeddings,
+                ..
+            }) => Some(*original_max_position_embeddings),
+            _ => None,
+        }
+    }
+
     /// Number of rotary dimensions per head (`rope_n_elem` in Lit-GPT).
     pub fn rope_n_elem(&self) -> usize {
         (self.rotary_percentage * self.head_size as f64) as usize
@@ -327,23 +400,47 @@ impl Config {
             self.attention_logit_softcapping,
         )?;
         positive("final_logit_softcapping", self.final_logit_softcapping)?;
-        match self.rope_scaling {
-            Some(RopeScaling::Linear { factor }) => positive("rope_scaling.factor", Some(factor))?,
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) => positive("rope_scaling.factor", Some(*factor))?,
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                positive("rope_scaling.factor", Some(factor))?;
-                positive("rope_scaling.low_freq_factor", Some(low_freq_factor))?;
+                positive("rope_scaling.factor", Some(*factor))?;
+                positive("rope_scaling.low_freq_factor", Some(*low_freq_factor))?;
                 if high_freq_factor.is_nan() || high_freq_factor <= low_freq_factor {
                     return bad(format!(
                         "rope_scaling: high_freq_factor ({high_freq_factor}) must exceed \
                          low_freq_factor ({low_freq_factor})"
                     ));
                 }
-                if original_max_position_embeddings == 0 {
+                if *original_max_position_embeddings == 0 {
+                    return bad("rope_scaling.original_max_position_embeddings is 0".into());
+                }
+            }
+            Some(RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                original_max_position_embeddings,
+            }) => {
+                let half = self.rope_n_elem() / 2;
+                for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                    if f.len() != half {
+                        return bad(format!(
+                            "rope_scaling.{name} has {} values, expected one per rotary \
+                             frequency ({half})",
+                            f.len()
+                        ));
+                    }
+                    if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                        return bad(format!("rope_scaling.{name} holds {x}, expected positive"));
+                    }
+                }
+                positive("rope_scaling.attention_factor", Some(*attention_factor))?;
+                if *original_max_position_embeddings == 0 {
                     return bad("rope_scaling.original_max_position_embeddings is 0".into());
                 }
             }
@@ -776,6 +873,29 @@ pub fn presets() -> Vec<Config> {
         c.sliding_window_layers = (0..32).collect();
     });
 
+    // Phi-4-mini: GQA, rotary on 3/4 of each head with LongRoPE (published factors), tied
+    // head. Its config's sliding_window (262144) exceeds the context, so no window.
+    add("microsoft", "Phi-4-mini-instruct", &|c| {
+        modern(c, "Phi3ForCausalLM");
+        c.block_size = 131072;
+        c.vocab_size = 200064;
+        c.n_layer = 32;
+        c.n_embd = 3072;
+        c.n_head = 24;
+        c.n_query_groups = 8;
+        c.head_size = 128;
+        c.intermediate_size = 8192;
+        c.rotary_percentage = 0.75;
+        c.tie_embeddings = true;
+        c.rope_scaling = Some(RopeScaling::Longrope {
+            short_factor: vec![1.0; 48],
+            long_factor: PHI4_MINI_LONG_FACTOR.to_vec(),
+            // transformers' default: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+            attention_factor: (1.0 + (32f64).ln() / (4096f64).ln()).sqrt(),
+            original_max_position_embeddings: 4096,
+        });
+    });
+
     // Stability AI StableLM 2: LayerNorm, q/k/v biases, rotary on a quarter of each head.
     for kind in ["", "-chat"] {
         add("stabilityai", &format!("stablelm-2-1_6b{kind}"), &|c| {
@@ -835,7 +955,7 @@ mod tests {
     /// rounded figures), and LoRA r 8 on query and value adds r * (in + out) per adapter.
     #[test]
     fn modern_presets_have_their_published_sizes() {
-        let published: [(&str, usize); 19] = [
+        let published: [(&str, usize); 20] = [
             ("meta-llama/Llama-3.2-1B", 1_235_814_400),
             ("meta-llama/Llama-3.2-3B", 3_212_749_824),
             ("meta-llama/Llama-3.1-8B", 8_030_261_248),
@@ -855,6 +975,7 @@ mod tests {
             ("google/gemma-3-4b", 3_880_263_168),
             ("mistralai/Mistral-7B-v0.3", 7_248_023_552),
             ("microsoft/Phi-3-mini-4k-instruct", 3_821_079_552),
+            ("microsoft/Phi-4-mini-instruct", 3_836_021_760),
             ("stabilityai/stablelm-2-1_6b", 1_644_515_328),
             ("allenai/OLMo-2-0425-1B", 1_484_916_736),
         ];

@@ -74,7 +74,7 @@ pub fn hf_arch(cfg: &Config) -> Result<HfArch> {
 }
 
 /// A rope scaling as transformers' `rope_parameters` / `rope_scaling` object.
-fn rope_json(theta: f64, scaling: Option<RopeScaling>, partial: Option<f64>) -> Value {
+fn rope_json(theta: f64, scaling: Option<&RopeScaling>, partial: Option<f64>) -> Value {
     let mut r = match scaling {
         None => json!({"rope_type": "default"}),
         Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
@@ -86,6 +86,16 @@ fn rope_json(theta: f64, scaling: Option<RopeScaling>, partial: Option<f64>) -> 
         }) => json!({
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+        Some(RopeScaling::Longrope {
+            short_factor,
+            long_factor,
+            attention_factor,
+            original_max_position_embeddings,
+        }) => json!({
+            "rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor,
+            "attention_factor": attention_factor,
             "original_max_position_embeddings": original_max_position_embeddings,
         }),
     };
@@ -181,7 +191,7 @@ pub fn hf_config(
             set("num_key_value_heads", json!(cfg.n_query_groups));
             set("head_dim", json!(cfg.head_size));
             set("rope_theta", json!(cfg.rope_base));
-            let rope = rope_json(cfg.rope_base, cfg.rope_scaling, partial);
+            let rope = rope_json(cfg.rope_base, cfg.rope_scaling.as_ref(), partial);
             if cfg.rope_scaling.is_some() {
                 // transformers 4.x reads the scaling from here.
                 set("rope_scaling", rope.clone());
@@ -247,7 +257,14 @@ pub fn hf_config(
                     set("sliding_window", json!(cfg.sliding_window));
                     if arch == HfArch::Phi3 {
                         set("attention_bias", json!(false));
-                        set("original_max_position_embeddings", json!(cfg.block_size));
+                        let original = match &cfg.rope_scaling {
+                            Some(RopeScaling::Longrope {
+                                original_max_position_embeddings,
+                                ..
+                            }) => *original_max_position_embeddings,
+                            _ => cfg.block_size,
+                        };
+                        set("original_max_position_embeddings", json!(original));
                     }
                 }
                 HfArch::Qwen2 | HfArch::Qwen3 => {

@@ -144,7 +144,19 @@ fn decode(
     let device = model.device();
     let mut input = Tensor::from_slice(prompt, (1, prompt.len()), device)?;
     let mut out = Vec::with_capacity(max_new);
+    let switch = model.config.longrope_switch();
     for _ in 0..max_new {
+        // LongRoPE: the first call that reaches past the original context re-reads the
+        // whole sequence, so every cached key gets the long frequencies too (transformers'
+        // Phi-3 generate does the same).
+        let cached = cache.first().map_or(0, |c| c.len());
+        if let Some(limit) = switch {
+            if cached > 0 && cached <= limit && cached + input.dim(1)? > limit {
+                let seq: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+                cache = model.new_cache(prompt.len() + max_new);
+                input = Tensor::from_slice(&seq, (1, seq.len()), device)?;
+            }
+        }
         let logits = model.forward_cached_last(&input, &mut cache)?;
         let t = logits.dim(1)?;
         let last: Vec<f32> = logits.i((0, t - 1))?.to_dtype(DType::F32)?.to_vec1()?;

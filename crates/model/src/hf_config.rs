@@ -404,12 +404,25 @@ struct Rope {
     partial: Option<f64>,
 }
 
-fn scaling(k: &Keys, r: &Value, where_: &str) -> Result<Option<RopeScaling>> {
-    let kind = r
+/// What a LongRoPE scaling reads from outside its own object: the top-level
+/// `original_max_position_embeddings` (Phi-3's, which transformers puts first, defaulting to
+/// 4096) and the context length.
+#[derive(Clone, Copy)]
+struct Context {
+    phi3_original: Option<usize>,
+    max_positions: usize,
+}
+
+fn scaling(k: &Keys, r: &Value, where_: &str, ctx: Context) -> Result<Option<RopeScaling>> {
+    let mut kind = r
         .get("rope_type")
         .or_else(|| r.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
+    // Phi3Config renames these two (older Phi-3 128k configs say "su").
+    if ctx.phi3_original.is_some() && matches!(kind, "su" | "yarn") {
+        kind = "longrope";
+    }
     let num = |key: &str| -> Result<f64> {
         r.get(key).and_then(Value::as_f64).ok_or_else(|| {
             k.bad(format!(
@@ -428,16 +441,63 @@ fn scaling(k: &Keys, r: &Value, where_: &str) -> Result<Option<RopeScaling>> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         }),
+        "longrope" => {
+            let factors = |key: &str| -> Result<Vec<f64>> {
+                r.get(key)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                    .ok_or_else(|| {
+                        k.bad(format!(
+                            "{where_}: rope type \"longrope\" needs a list of numbers {key:?}"
+                        ))
+                    })
+            };
+            let original = ctx
+                .phi3_original
+                .or_else(|| {
+                    r.get("original_max_position_embeddings")
+                        .and_then(Value::as_u64)
+                        .map(|x| x as usize)
+                })
+                .unwrap_or(ctx.max_positions);
+            if original == 0 {
+                return Err(k.bad(format!("{where_}: original_max_position_embeddings is 0")));
+            }
+            // transformers' defaults: the context's growth over the original, and the
+            // attention factor the LongRoPE paper suggests for it.
+            let factor = match r.get("factor") {
+                Some(_) => num("factor")?,
+                None => ctx.max_positions as f64 / original as f64,
+            };
+            let attention_factor = match r.get("attention_factor") {
+                Some(_) => num("attention_factor")?,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            Some(RopeScaling::Longrope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                attention_factor,
+                original_max_position_embeddings: original,
+            })
+        }
         other => {
             return Err(k.bad(format!(
                 "{where_}: rope type {other:?} is not supported yet (supported: default, \
-                 linear, llama3)"
+                 linear, llama3, longrope)"
             )))
         }
     })
 }
 
-fn rope(k: &mut Keys) -> Result<Rope> {
+fn rope(k: &mut Keys, phi3: bool, max_positions: usize) -> Result<Rope> {
+    let ctx = Context {
+        phi3_original: match phi3 {
+            true => Some(k.usize("original_max_position_embeddings")?.unwrap_or(4096)),
+            false => None,
+        },
+        max_positions,
+    };
     let mut out = Rope {
         theta: k.f64("rope_theta")?,
         scaling: None,
@@ -445,7 +505,7 @@ fn rope(k: &mut Keys) -> Result<Rope> {
         partial: k.f64("partial_rotary_factor")?,
     };
     if let Some(r) = k.get("rope_scaling") {
-        out.scaling = scaling(k, r, "rope_scaling")?;
+        out.scaling = scaling(k, r, "rope_scaling", ctx)?;
     }
     if let Some(p) = k.get("rope_parameters") {
         // One set per layer type (Gemma 3), or one for all.
@@ -458,7 +518,7 @@ fn rope(k: &mut Keys) -> Result<Rope> {
             .get("partial_rotary_factor")
             .and_then(Value::as_f64)
             .or(out.partial);
-        if let Some(s) = scaling(k, full, "rope_parameters")? {
+        if let Some(s) = scaling(k, full, "rope_parameters", ctx)? {
             out.scaling = Some(s);
         }
         if let Some(l) = local {
@@ -466,7 +526,7 @@ fn rope(k: &mut Keys) -> Result<Rope> {
                 .get("rope_theta")
                 .and_then(Value::as_f64)
                 .or(out.local_theta);
-            if scaling(k, l, "rope_parameters.sliding_attention")?.is_some() {
+            if scaling(k, l, "rope_parameters.sliding_attention", ctx)?.is_some() {
                 return Err(
                     k.bad("rope scaling on the sliding-window layers is not supported".into())
                 );
@@ -555,7 +615,7 @@ fn read_config(v: &Value, name: &str, path: &Path) -> Result<(Config, HfArch, BT
     cfg.head_size = k.usize("head_dim")?.unwrap_or(n_embd / n_head.max(1));
     cfg.n_query_groups = k.usize("num_key_value_heads")?.unwrap_or(n_head);
     let tie = k.bool("tie_word_embeddings")?;
-    let r = rope(&mut k)?;
+    let r = rope(&mut k, arch == HfArch::Phi3, cfg.block_size)?;
     cfg.rope_base = r.theta.unwrap_or(10000.0);
     cfg.rope_scaling = r.scaling;
     let no = Value::Bool(false);
@@ -708,8 +768,20 @@ fn read_config(v: &Value, name: &str, path: &Path) -> Result<(Config, HfArch, BT
                     k.must_be("attention_bias", &no, "a bias on attention")?;
                     k.activation(&["hidden_act"], &["silu"])?;
                     cfg.rotary_percentage = r.partial.unwrap_or(1.0);
-                    // Used by "longrope" scaling only, which is refused above.
-                    k.usize("original_max_position_embeddings")?;
+                    // Keys Phi-4-mini's config carries that transformers' Phi-3 never
+                    // reads; accepted at the values that mean nothing else.
+                    k.must_be("lm_head_bias", &no, "a bias on the head")?;
+                    k.must_be("mlp_bias", &no, "a bias on the MLP")?;
+                    k.must_be(
+                        "full_attn_mod",
+                        &serde_json::json!(1),
+                        "a full_attn_mod other than 1",
+                    )?;
+                    k.must_be(
+                        "interpolate_factor",
+                        &serde_json::json!(1),
+                        "an interpolate_factor other than 1",
+                    )?;
                     if let Some(w) = window {
                         cfg.sliding_window = Some(w);
                         cfg.sliding_window_layers = (0..n_layer).collect();
@@ -803,11 +875,77 @@ mod tests {
             serde_json::json!({"rope_scaling": scaling, "rope_theta": 5e5}),
         ))
         .unwrap();
-        assert_eq!((c.rope_scaling, c.rope_base), (want, 5e5));
+        assert_eq!((c.rope_scaling, c.rope_base), (want.clone(), 5e5));
         let mut p = scaling.clone();
         p["rope_theta"] = serde_json::json!(5e5);
         let (c, _) = read(llama(serde_json::json!({"rope_parameters": p}))).unwrap();
         assert_eq!((c.rope_scaling, c.rope_base), (want, 5e5));
+    }
+
+    /// microsoft/Phi-4-mini-instruct's published config.json (factors as published).
+    fn phi4_mini() -> Value {
+        let long = crate::config::PHI4_MINI_LONG_FACTOR.to_vec();
+        serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 199999, "embd_pdrop": 0.0,
+            "eos_token_id": 199999, "full_attn_mod": 1, "hidden_act": "silu",
+            "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+            "interpolate_factor": 1, "lm_head_bias": false, "max_position_embeddings": 131072,
+            "mlp_bias": false, "model_type": "phi3", "num_attention_heads": 24,
+            "num_hidden_layers": 32, "num_key_value_heads": 8,
+            "original_max_position_embeddings": 4096, "pad_token_id": 199999,
+            "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+            "rope_scaling": {"long_factor": long, "short_factor": vec![1.0; 48],
+                             "type": "longrope"},
+            "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": true,
+            "torch_dtype": "bfloat16", "transformers_version": "4.45.0", "use_cache": true,
+            "vocab_size": 200064
+        })
+    }
+
+    #[test]
+    fn phi4_mini_published_config_reads_as_its_preset() {
+        let (c, arch) = read(phi4_mini()).unwrap();
+        let preset = Config::from_name("microsoft/Phi-4-mini-instruct").unwrap();
+        assert_eq!(arch, HfArch::Phi3);
+        assert_eq!(c.rope_scaling, preset.rope_scaling);
+        assert_eq!(c.rotary_percentage, 0.75);
+        assert_eq!(c.num_params(), preset.num_params());
+        // transformers' own attention factor for these numbers.
+        let Some(RopeScaling::Longrope {
+            attention_factor, ..
+        }) = c.rope_scaling
+        else {
+            panic!("not longrope")
+        };
+        assert!((attention_factor - 1.1902380714238083).abs() < 1e-12);
+        // "su" is Phi3Config's older name; an explicit attention_factor wins.
+        let mut v = phi4_mini();
+        v["rope_scaling"]["type"] = "su".into();
+        v["rope_scaling"]["attention_factor"] = 1.5.into();
+        let (c, _) = read(v).unwrap();
+        let Some(RopeScaling::Longrope {
+            attention_factor, ..
+        }) = c.rope_scaling
+        else {
+            panic!("not longrope")
+        };
+        assert_eq!(attention_factor, 1.5);
+        for (edit, want) in [
+            (
+                ("short_factor", serde_json::json!([1.0, 2.0])),
+                "short_factor has 2 values",
+            ),
+            (
+                ("long_factor", serde_json::json!("x")),
+                "needs a list of numbers \"long_factor\"",
+            ),
+        ] {
+            let mut v = phi4_mini();
+            v["rope_scaling"][edit.0] = edit.1;
+            let err = read(v).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]
@@ -883,7 +1021,11 @@ mod tests {
             ("qwen3_qknorm", "attention_bias hidden_act layer_types max_window_layers use_sliding_window"),
             ("gemma2_softcap", "_sliding_window_pattern attention_bias attn_logit_softcapping final_logit_softcapping hidden_act hidden_activation layer_types query_pre_attn_scalar sliding_window_pattern use_bidirectional_attention"),
             ("gemma3_local", "_sliding_window_pattern attention_bias attn_logit_softcapping final_logit_softcapping hidden_act hidden_activation layer_types query_pre_attn_scalar sliding_window_pattern use_bidirectional_attention"),
-            ("phi3_fused", "attention_bias hidden_act original_max_position_embeddings"),
+            (
+                "phi3_fused",
+                "attention_bias full_attn_mod hidden_act interpolate_factor lm_head_bias \
+                 mlp_bias original_max_position_embeddings",
+            ),
             ("stablelm2", "hidden_act layer_norm_eps qk_layernorm use_parallel_residual use_qkv_bias"),
             ("olmo2_postnorm", "attention_bias hidden_act"),
         ];

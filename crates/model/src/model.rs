@@ -436,7 +436,7 @@ impl Gpt {
             blocks,
             ln_f,
             lm_head: LoraLinear::frozen("lm_head", head_w, None),
-            rope: Rope::new(cfg, cfg.rope_base, cfg.rope_scaling, dtype, device)?,
+            rope: Rope::new(cfg, cfg.rope_base, cfg.rope_scaling.as_ref(), dtype, device)?,
             rope_local: cfg
                 .rope_local_base
                 .map(|base| Rope::new(cfg, base, None, dtype, device))

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use loratune_model::convert::load_hf_dir;
-use loratune_model::{Gpt, LoraConfig, LoraTargets};
+use loratune_model::generate::{generate, Sampling};
+use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng};
 
-const VARIANTS: [&str; 15] = [
+const VARIANTS: [&str; 16] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
@@ -24,6 +25,7 @@ const VARIANTS: [&str; 15] = [
     "phi3_fused",
     "stablelm2",
     "olmo2_postnorm",
+    "phi4_longrope",
 ];
 const TOL: f32 = 1e-4;
 
@@ -38,6 +40,11 @@ struct Oracle {
     logits: Tensor,
     greedy_prompt: Tensor,
     greedy_tokens: Vec<u32>,
+    /// LongRoPE: the forward of the tokens that fit the original context (short factors).
+    logits_short: Option<Tensor>,
+    /// LongRoPE: transformers' own prefill of 8 + cached single-token steps (its factors
+    /// switch at the original context, and keys cached before keep theirs).
+    logits_cached: Option<Tensor>,
 }
 
 fn load(name: &str) -> (Gpt, Oracle) {
@@ -55,6 +62,8 @@ fn load(name: &str) -> (Gpt, Oracle) {
             .unwrap()
             .to_vec1()
             .unwrap(),
+        logits_short: o.get("logits_short").cloned(),
+        logits_cached: o.get("logits_cached").cloned(),
     };
     (model, oracle)
 }
@@ -80,6 +89,15 @@ fn full_forward_matches_transformers() {
         let logits = model.forward(&o.tokens).unwrap();
         let d = max_abs_diff(&logits, &o.logits);
         assert!(d <= TOL, "{name}: max |logits - hf| = {d}");
+        if let Some(short) = &o.logits_short {
+            let t = short.dim(1).unwrap();
+            let logits = model.forward(&o.tokens.narrow(1, 0, t).unwrap()).unwrap();
+            let d = max_abs_diff(&logits, short);
+            assert!(
+                d <= TOL,
+                "{name}: first {t} tokens: max |logits - hf| = {d}"
+            );
+        }
     }
 }
 
@@ -148,7 +166,10 @@ fn prefill_then_cached_decode_matches_transformers() {
     for name in VARIANTS {
         let (model, o) = load(name);
         let seq = o.tokens.i(0..1).unwrap();
-        let want = o.logits.i(0..1).unwrap();
+        let want = match &o.logits_cached {
+            Some(cached) => cached.clone(),
+            None => o.logits.i(0..1).unwrap(),
+        };
         let mut cache = model.new_cache(32);
         let prefill = model
             .forward_cached(&seq.i((.., 0..8)).unwrap(), &mut cache)
@@ -169,20 +190,22 @@ fn prefill_then_cached_decode_matches_transformers() {
     }
 }
 
+/// `generate` (the loop `generate-lora` and `chat` run), greedy, token for token.
 #[test]
 fn greedy_decoding_matches_transformers_generate() {
     for name in VARIANTS {
         let (model, o) = load(name);
-        let mut cache = model.new_cache(32);
-        let mut input = o.greedy_prompt.clone();
-        let mut got = Vec::new();
-        for _ in 0..o.greedy_tokens.len() {
-            let logits = model.forward_cached(&input, &mut cache).unwrap();
-            let last = logits.i((0, logits.dim(1).unwrap() - 1)).unwrap();
-            let next = last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
-            got.push(next);
-            input = Tensor::new(&[[next]], &Device::Cpu).unwrap();
-        }
+        let prompt: Vec<u32> = o.greedy_prompt.flatten_all().unwrap().to_vec1().unwrap();
+        let got = generate(
+            &model,
+            &prompt,
+            o.greedy_tokens.len(),
+            &Sampling::greedy(),
+            &[],
+            &mut Rng::new(0),
+            |_| Ok(true),
+        )
+        .unwrap();
         assert_eq!(got, o.greedy_tokens, "{name}");
     }
 }

@@ -9,7 +9,7 @@ use loratune_model::convert::load_hf_dir;
 use loratune_model::model::lora_param_count;
 use loratune_model::{Config, DropoutCtx, Gpt, LoraConfig, LoraTargets, Rng};
 
-const VARIANTS: [&str; 15] = [
+const VARIANTS: [&str; 16] = [
     "neox_parallel_rot025",
     "neox_sequential_rot100",
     "llama_gqa_untied",
@@ -25,6 +25,7 @@ const VARIANTS: [&str; 15] = [
     "phi3_fused",
     "stablelm2",
     "olmo2_postnorm",
+    "phi4_longrope",
 ];
 
 const ALL: LoraTargets = LoraTargets {

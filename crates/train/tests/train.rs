@@ -145,6 +145,7 @@ fn training_loss_is_the_cross_entropy_of_the_logits() {
         "phi3_fused",
         "stablelm2",
         "olmo2_postnorm",
+        "phi4_longrope",
     ] {
         for head in [false, true] {
             for dtype in [DType::F32, DType::F64] {
@@ -242,6 +243,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         "gemma2_softcap",
         "gemma3_local",
         "olmo2_postnorm",
+        "phi4_longrope",
     ] {
         for targets in [LoraTargets::default(), all] {
             // Dropout on: the recomputation must replay the masks the forward pass drew.

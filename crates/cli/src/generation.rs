@@ -40,7 +40,7 @@ pub struct GenerateArgs {
     pub precision: Option<Precision>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// alpaca, plain or chatml.
+    /// alpaca, plain, raw or chatml.
     #[arg(long, default_value = "alpaca", value_parser = parse_style)]
     pub prompt_style: PromptStyle,
     /// Keep only the end of a prompt that does not fit the context (instead of an error).

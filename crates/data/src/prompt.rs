@@ -19,19 +19,27 @@ pub enum PromptStyle {
     Alpaca,
     /// The instruction (and input, after a blank line) as it is, then a newline.
     Plain,
+    /// The text exactly as given (input after a blank line): a base model continues it
+    /// (Lit-GPT's "default" style).
+    Raw,
     /// ChatML turns (`<|im_start|>user ... <|im_end|>`), as SmolLM2-Instruct and other ChatML
     /// chat templates expect; the response is closed by the tokenizer's EOS (`<|im_end|>`).
     Chatml,
 }
 
 impl PromptStyle {
-    pub const ALL: [PromptStyle; 3] =
-        [PromptStyle::Alpaca, PromptStyle::Plain, PromptStyle::Chatml];
+    pub const ALL: [PromptStyle; 4] = [
+        PromptStyle::Alpaca,
+        PromptStyle::Plain,
+        PromptStyle::Raw,
+        PromptStyle::Chatml,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             PromptStyle::Alpaca => "alpaca",
             PromptStyle::Plain => "plain",
+            PromptStyle::Raw => "raw",
             PromptStyle::Chatml => "chatml",
         }
     }
@@ -57,6 +65,8 @@ impl PromptStyle {
             ),
             PromptStyle::Plain if !input.is_empty() => format!("{instruction}\n\n{input}\n"),
             PromptStyle::Plain => format!("{instruction}\n"),
+            PromptStyle::Raw if !input.is_empty() => format!("{instruction}\n\n{input}"),
+            PromptStyle::Raw => instruction.to_string(),
             PromptStyle::Chatml => {
                 let content = if input.is_empty() {
                     instruction.to_string()
@@ -78,7 +88,7 @@ impl PromptStyle {
             let marker = match self {
                 PromptStyle::Alpaca => "### Response:",
                 PromptStyle::Chatml => "<|im_start|>assistant\n",
-                PromptStyle::Plain => "",
+                PromptStyle::Plain | PromptStyle::Raw => "",
             };
             match full.rfind(marker) {
                 Some(i) if !marker.is_empty() => &full[i + marker.len()..],

@@ -1,9 +1,12 @@
-//! GGUF import (llama.cpp's format): Llama-architecture weights dequantized to a lit
-//! checkpoint, `lit_config.json` from the GGUF metadata, and a `tokenizer.json` built from the
-//! embedded BPE vocabulary and merges (plus tokenizer_config.json with the chat template).
+//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2` and `gemma3`
+//! architectures' weights dequantized to a lit checkpoint, `lit_config.json` from the GGUF
+//! metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
+//! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
+//! tokenizer_config.json with the file's chat template.
 //!
-//! llama.cpp's converter permutes the rows of the query and key weights of every head from
-//! the "rotate half" rotary layout to the interleaved one; [`unpermute`] undoes it.
+//! What llama.cpp's converters changed is undone here: its Llama converter permutes the rows
+//! of the query and key weights of every head from the "rotate half" rotary layout to the
+//! interleaved one ([`unpermute`]); its Gemma converters store RMSNorm weights as 1 + w.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::config::{Config, MlpKind, NormKind};
+use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::convert::lit_shapes;
 use crate::error::{Error, Result};
 use crate::weights::{write_safetensors_streaming, TensorSpec};
@@ -138,6 +141,10 @@ fn gguf_name(lit: &str) -> Option<String> {
     let g = match module {
         "norm_1.weight" => "attn_norm.weight",
         "norm_2.weight" => "ffn_norm.weight",
+        "post_attention_norm.weight" => "post_attention_norm.weight",
+        "post_mlp_norm.weight" => "post_ffw_norm.weight",
+        "attn.norm_q.weight" => "attn_q_norm.weight",
+        "attn.norm_k.weight" => "attn_k_norm.weight",
         "attn.proj.weight" => "attn_output.weight",
         "mlp.fc_1.weight" => "ffn_gate.weight",
         "mlp.fc_2.weight" => "ffn_up.weight",
@@ -147,115 +154,338 @@ fn gguf_name(lit: &str) -> Option<String> {
     Some(format!("blk.{i}.{g}"))
 }
 
+/// The GGUF architectures this import reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma2,
+    Gemma3,
+}
+
+impl Arch {
+    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3";
+
+    fn from_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3" => Arch::Gemma3,
+            _ => return None,
+        })
+    }
+
+    /// The metadata key prefix (`general.architecture`).
+    fn key(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+
+    /// Only llama.cpp's Llama converter permutes the query and key rows.
+    fn permuted(self) -> bool {
+        self == Arch::Llama
+    }
+
+    /// Gemma's converters store every RMSNorm weight as 1 + w.
+    fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+}
+
+fn arch_of(g: &Gguf) -> Result<Arch> {
+    let name = g.string("general.architecture").unwrap_or_default();
+    Arch::from_name(&name).ok_or_else(|| {
+        g.bad(format!(
+            "architecture {name:?} is not supported for GGUF import (supported: {})",
+            Arch::NAMES
+        ))
+    })
+}
+
 fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
-    let arch = g.string("general.architecture").unwrap_or_default();
-    if arch != "llama" {
-        return Err(g.bad(format!(
-            "architecture {arch:?} is not supported for GGUF import (supported: llama)"
-        )));
+    let arch = arch_of(g)?;
+    let p = arch.key();
+    let key = |k: &str| format!("{p}.{k}");
+    let has = |t: &str| g.content.tensor_infos.contains_key(t);
+    // Rope scaling: linear is carried over (Gemma 3 4b+, global layers); anything else refused.
+    let mut rope_scaling = None;
+    if let Some(kind) = g.string(&key("rope.scaling.type")).filter(|k| k != "none") {
+        if kind == "linear" && arch == Arch::Gemma3 {
+            rope_scaling = Some(RopeScaling::Linear {
+                factor: g.f64(&key("rope.scaling.factor"))?,
+            });
+        } else {
+            return Err(g.bad(format!(
+                "rope scaling {kind:?} ({}) is not supported for GGUF import; convert the \
+                 Hugging Face checkpoint instead",
+                key("rope.scaling.type")
+            )));
+        }
     }
-    // Settings that change the model and that this import does not carry over.
-    if let Some(kind) = g.string("llama.rope.scaling.type").filter(|k| k != "none") {
-        return Err(g.bad(format!(
-            "rope scaling {kind:?} (llama.rope.scaling.type) is not supported for GGUF import"
-        )));
-    }
-    if g.content.tensor_infos.contains_key("rope_freqs.weight") {
+    if has("rope_freqs.weight") {
         return Err(g.bad(
             "it carries rope frequency factors (rope_freqs.weight, Llama 3.1+ scaling), which \
              GGUF import does not support yet; convert the Hugging Face checkpoint instead"
                 .into(),
         ));
     }
-    let n_embd = g.usize("llama.embedding_length")?;
-    let n_head = g.usize("llama.attention.head_count")?;
+    let n_embd = g.usize(&key("embedding_length"))?;
+    let n_head = g.usize(&key("attention.head_count"))?;
+    let n_layer = g.usize(&key("block_count"))?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
-    let eps = g.f64("llama.attention.layer_norm_rms_epsilon")?;
+    let eps = g.f64(&key("attention.layer_norm_rms_epsilon"))?;
     // The file stores eps as f32; snap 1e-5 / 1e-6 back to the value the model was made with.
     let eps = [1e-5, 1e-6]
         .into_iter()
         .find(|c| (c - eps).abs() < 1e-9)
         .unwrap_or(eps);
-    let cfg = Config {
+    let head_size = match g.usize(&key("attention.key_length")) {
+        Ok(k) => k,
+        Err(_) => n_embd / n_head.max(1),
+    };
+    let mut cfg = Config {
         name: name.to_string(),
         hf_org: String::new(),
-        block_size: g.usize("llama.context_length")?,
+        block_size: g.usize(&key("context_length"))?,
         vocab_size: vocab,
         padding_multiple: 1,
         padded_vocab_size: vocab,
-        n_layer: g.usize("llama.block_count")?,
+        n_layer,
         n_head,
         n_embd,
-        n_query_groups: g.usize("llama.attention.head_count_kv").unwrap_or(n_head),
-        head_size: n_embd / n_head.max(1),
+        n_query_groups: g.usize(&key("attention.head_count_kv")).unwrap_or(n_head),
+        head_size,
         rotary_percentage: 1.0,
-        rope_base: g.f64("llama.rope.freq_base").unwrap_or(10000.0),
+        rope_base: g.f64(&key("rope.freq_base")).unwrap_or(10000.0),
+        rope_scaling,
         parallel_residual: false,
         shared_attention_norm: false,
         bias: false,
         norm: NormKind::RmsNorm,
         norm_eps: eps,
         mlp: MlpKind::Llama,
-        intermediate_size: g.usize("llama.feed_forward_length")?,
-        tie_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
+        intermediate_size: g.usize(&key("feed_forward_length"))?,
+        tie_embeddings: !has("output.weight"),
+        attn_bias: has("blk.0.attn_q.bias"),
+        hf_architecture: arch.hf_class().to_string(),
         ..Config::litgpt_defaults("", name)
     };
+    if has("blk.0.attn_q_norm.weight") {
+        cfg.qk_norm = Some(QkNorm::PerHead);
+    }
+    if arch.gemma() {
+        cfg.mlp = MlpKind::Gemma;
+        cfg.norm_unit_offset = true;
+        cfg.scale_embeddings = true;
+        cfg.post_attention_norm = has("blk.0.post_attention_norm.weight");
+        cfg.post_mlp_norm = has("blk.0.post_ffw_norm.weight");
+        // llama.cpp scales queries by 1/sqrt(head_size), except in the 27B models (46 and 62
+        // layers), whose query_pre_attn_scalar is n_embd / n_head.
+        let big =
+            (arch == Arch::Gemma2 && n_layer == 46) || (arch == Arch::Gemma3 && n_layer == 62);
+        cfg.attention_scores_scalar = Some(if big { n_embd / n_head } else { head_size } as f64);
+        let cap = |k: &str| g.f64(&key(k)).ok().filter(|x| *x > 0.0);
+        cfg.final_logit_softcapping = cap("final_logit_softcapping");
+        if arch == Arch::Gemma2 {
+            cfg.attention_logit_softcapping = cap("attn_logit_softcapping");
+        }
+        let window = g.usize(&key("attention.sliding_window")).ok();
+        let local: Vec<usize> = (0..n_layer)
+            .filter(|&i| match arch {
+                // Gemma 2 alternates local and global layers; Gemma 3 has five local per global.
+                Arch::Gemma2 => i % 2 == 0,
+                _ => (i + 1) % 6 != 0,
+            })
+            .collect();
+        if let (Some(w), false) = (window, local.is_empty()) {
+            cfg.sliding_window = Some(w);
+            cfg.sliding_window_layers = local;
+        }
+        if arch == Arch::Gemma3 {
+            // llama.cpp's fixed base for Gemma 3's local layers.
+            cfg.rope_local_base = Some(10000.0);
+        }
+    }
     cfg.validate()?;
     Ok(cfg)
 }
 
-/// The tokenizer files (tokenizer.json, tokenizer_config.json, generation_config.json)
-/// rebuilt from the GGUF's embedded BPE vocabulary.
-fn tokenizer_files(g: &Gguf) -> Result<Vec<(&'static str, String)>> {
-    let model = g.string("tokenizer.ggml.model").unwrap_or_default();
-    if model != "gpt2" {
-        return Err(g.bad(format!(
-            "tokenizer model {model:?} is not supported for GGUF import (supported: gpt2 byte-level BPE)"
-        )));
-    }
-    let tokens = g.strings("tokenizer.ggml.tokens")?;
+/// The split transformers' Qwen2 tokenizer applies before byte-level BPE.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The split of Llama 3's tokenizer (llama.cpp's `llama-bpe` pre-tokenizer).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-level BPE model, its merges as the file gives them.
+fn byte_level_bpe(g: &Gguf, tokens: &[String]) -> Result<serde_json::Value> {
     let merges = g.strings("tokenizer.ggml.merges")?;
-    let types: Vec<i64> = match g.content.metadata.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.to_i32().map(|x| x as i64).unwrap_or(1))
-            .collect(),
-        _ => vec![1; tokens.len()],
-    };
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
-    // Type 3 = control (special) tokens, 4 = user-defined: both are added tokens.
-    let added: Vec<serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": types[i] == 3})
-        })
-        .collect();
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
                             "use_regex": true});
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+    };
     let pre = g.string("tokenizer.ggml.pre").unwrap_or_default();
     let pre_tokenizer = match pre.as_str() {
         // SmolLM (and StarCoder-style) tokenizers split digits one by one before byte-level BPE.
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => split(LLAMA3_SPLIT),
         _ => byte_level.clone(),
     };
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+    Ok(json!({
+        "normalizer": null, "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                   "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
-    let id = |key: &str| g.usize(key).ok().filter(|&i| i < tokens.len());
-    let tok = |key: &str| id(key).map(|i| tokens[i].clone());
+    }))
+}
+
+/// A Gemma SentencePiece vocabulary respelled as transformers' GGUF conversion does: a token
+/// of spaces only is looked up as that many `▁`.
+fn gemma_spelling(tokens: &[String]) -> Vec<String> {
+    tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect()
+}
+
+/// The merges a SentencePiece vocabulary implies (the file lists none): every split of a token
+/// into two tokens of the vocabulary, ranked by the merged token's position in the file (Gemma's
+/// scores do not follow its merge order; its token order does), then the longer left piece
+/// first. transformers' `generate_merges` with Gemma's positions as scores.
+fn sentencepiece_merges(tokens: &[String]) -> Vec<(String, String)> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        last.insert(t.as_str(), i);
+    }
+    let mut merges: Vec<(usize, usize, &str, &str)> = Vec::new();
+    for (&t, &rank) in &last {
+        for (cut, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(cut);
+            if last.contains_key(l) && last.contains_key(r) {
+                merges.push((rank, usize::MAX - l.chars().count(), l, r));
+            }
+        }
+    }
+    merges.sort_unstable();
+    merges
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// Gemma's SentencePiece vocabulary as a byte-fallback BPE model (transformers'
+/// `GemmaTokenizer`): spaces become `▁`, and unknown characters fall back to byte tokens.
+fn gemma_bpe(tokens: &[String], unk: Option<&str>) -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<[String; 2]> = sentencepiece_merges(tokens)
+        .into_iter()
+        .map(|(l, r)| [l, r])
+        .collect();
+    json!({
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
+                          "behavior": "MergedWithPrevious", "invert": false},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    })
+}
+
+/// The tokenizer files (tokenizer.json, tokenizer_config.json, generation_config.json)
+/// rebuilt from the GGUF's embedded vocabulary.
+fn tokenizer_files(g: &Gguf, arch: Arch) -> Result<Vec<(&'static str, String)>> {
+    let model = g.string("tokenizer.ggml.model").unwrap_or_default();
+    let raw = g.strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.content.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.to_i32().map(|x| x as i64).unwrap_or(1))
+            .collect(),
+        _ => vec![1; raw.len()],
+    };
+    let id = |key: &str| g.usize(key).ok().filter(|&i| i < raw.len());
+    let tok = |key: &str| id(key).map(|i| raw[i].clone());
+    let (mut tokenizer, tokens) = match model.as_str() {
+        "gpt2" => (byte_level_bpe(g, &raw)?, raw.clone()),
+        "llama" if arch.gemma() => {
+            let tokens = gemma_spelling(&raw);
+            let unk = tok("tokenizer.ggml.unknown_token_id");
+            (gemma_bpe(&tokens, unk.as_deref()), tokens)
+        }
+        other => {
+            return Err(g.bad(format!(
+                "tokenizer model {other:?} of a {:?} file is not supported for GGUF import \
+                 (supported: gpt2 byte-level BPE; SentencePiece for gemma2 and gemma3)",
+                arch.key()
+            )))
+        }
+    };
+    let index: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // Type 3 = control (special) tokens, 4 = user-defined: both are added tokens, matched
+    // whole. A user-defined token the vocabulary respelled is not one (transformers skips it).
+    let added: Vec<serde_json::Value> = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| match types.get(i) {
+            Some(3) => Some((index.get(t.as_str()).copied().unwrap_or(i), t, true)),
+            Some(4) => index.get(t.as_str()).map(|&j| (j, t, false)),
+            _ => None,
+        })
+        .map(|(i, t, special)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": special})
+        })
+        .collect();
+    let obj = tokenizer.as_object_mut().expect("object");
+    obj.insert("version".into(), json!("1.0"));
+    obj.insert("truncation".into(), json!(null));
+    obj.insert("padding".into(), json!(null));
+    obj.insert("added_tokens".into(), json!(added));
+    obj.insert("post_processor".into(), json!(null));
     let mut cfg = json!({
         "add_bos_token": g.content.metadata.get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok()).unwrap_or(false),
@@ -290,6 +520,7 @@ pub fn import_gguf(
     dtype: Option<DType>,
 ) -> Result<GgufReport> {
     let g = Gguf::open(gguf)?;
+    let arch = arch_of(&g)?;
     let derived = config_from_gguf(&g, name)?;
     let cfg = match Config::from_name(name) {
         Ok(p)
@@ -299,13 +530,18 @@ pub fn import_gguf(
                 && p.n_query_groups == derived.n_query_groups
                 && p.intermediate_size == derived.intermediate_size
                 && p.padded_vocab_size == derived.padded_vocab_size
-                && p.tie_embeddings == derived.tie_embeddings =>
+                && p.tie_embeddings == derived.tie_embeddings
+                && p.head_size == derived.head_size
+                && p.attn_bias == derived.attn_bias
+                && p.qk_norm == derived.qk_norm
+                && p.sliding_window == derived.sliding_window
+                && p.mlp == derived.mlp =>
         {
             p
         }
         _ => derived,
     };
-    let tok_files = tokenizer_files(&g)?;
+    let tok_files = tokenizer_files(&g, arch)?;
     let mut quant_types: Vec<String> = g
         .content
         .tensor_infos
@@ -331,24 +567,33 @@ pub fn import_gguf(
         &specs,
         &metadata,
         |s| {
-            if let Some(i) = s
-                .name
-                .strip_prefix("transformer.h.")
-                .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
-            {
-                let q = unpermute(&g.tensor(&format!("blk.{i}.attn_q.weight"))?, cfg.n_head)?;
-                let k = unpermute(
-                    &g.tensor(&format!("blk.{i}.attn_k.weight"))?,
-                    cfg.n_query_groups,
-                )?;
+            let block = s.name.strip_prefix("transformer.h.");
+            if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.weight")) {
+                let mut q = g.tensor(&format!("blk.{i}.attn_q.weight"))?;
+                let mut k = g.tensor(&format!("blk.{i}.attn_k.weight"))?;
+                if arch.permuted() {
+                    q = unpermute(&q, cfg.n_head)?;
+                    k = unpermute(&k, cfg.n_query_groups)?;
+                }
                 let v = g.tensor(&format!("blk.{i}.attn_v.weight"))?;
                 return Ok(Tensor::cat(&[q, k, v], 0)?);
+            }
+            if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.bias")) {
+                let parts = ["q", "k", "v"]
+                    .iter()
+                    .map(|x| g.tensor(&format!("blk.{i}.attn_{x}.bias")))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&parts, 0)?);
             }
             let gname = gguf_name(&s.name).ok_or_else(|| Error::MissingTensor {
                 name: s.name.clone(),
                 source_file: Some(gguf.to_path_buf()),
             })?;
-            g.tensor(&gname)
+            let t = g.tensor(&gname)?;
+            if arch.gemma() && gname.ends_with("norm.weight") {
+                return Ok((t - 1.0)?);
+            }
+            Ok(t)
         },
     )?;
     for (file, text) in tok_files {
@@ -361,4 +606,65 @@ pub fn import_gguf(
         bytes,
         quant_types,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gguf")
+            .join(name)
+    }
+
+    /// Every ggml type llama.cpp writes for the imported families dequantizes to what the
+    /// `gguf` package's own dequantizer computes (scripts/make_gguf_quant_fixture.py).
+    #[test]
+    fn every_tensor_type_dequantizes_like_gguf_py() {
+        let g = Gguf::open(&fixture("quants.gguf")).unwrap();
+        let want =
+            candle_core::safetensors::load(fixture("quants_expected.safetensors"), &Device::Cpu)
+                .unwrap();
+        let types = [
+            "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+        ];
+        assert_eq!(want.len(), types.len());
+        for t in types {
+            let name = format!("t.{t}");
+            let got = g.tensor(&name).unwrap();
+            let w = &want[&name];
+            assert_eq!(got.dims(), w.dims(), "{name}");
+            let scale: f32 = w.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let d: f32 = (got - w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                d <= 1e-6 * scale,
+                "{name}: off by {d} (largest value {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn sentencepiece_merges_rank_by_position_then_longer_left_piece() {
+        let tokens: Vec<String> = ["<unk>", "a", "b", "c", "ab", "abc", "bc", "  "]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let spelled = gemma_spelling(&tokens);
+        assert_eq!(spelled[7], "\u{2581}\u{2581}");
+        let merges = sentencepiece_merges(&spelled);
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(l, r)| (l.as_str(), r.as_str()))
+            .collect();
+        // "ab" (position 4) first; "abc" (5) split as ab+c before a+bc; then "bc" (6).
+        assert_eq!(pairs, [("a", "b"), ("ab", "c"), ("a", "bc"), ("b", "c")]);
+    }
 }

@@ -57,7 +57,7 @@ struct Args {
     /// Longest sample in tokens; longer ones are cut (keeping EOS). Default: the model's block size.
     #[arg(long)]
     max_seq_length: Option<usize>,
-    /// alpaca, plain or chatml.
+    /// alpaca, plain, raw or chatml.
     #[arg(long, default_value = "alpaca", value_parser = crate::generation::parse_style)]
     prompt_style: PromptStyle,
     /// Skip and count invalid records instead of stopping at the first one.

@@ -1,12 +1,14 @@
-//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2` and `gemma3`
-//! architectures' weights dequantized to a lit checkpoint, `lit_config.json` from the GGUF
+//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3` and
+//! `phi3` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from the GGUF
 //! metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
 //! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
 //! tokenizer_config.json with the file's chat template.
 //!
 //! What llama.cpp's converters changed is undone here: its Llama converter permutes the rows
 //! of the query and key weights of every head from the "rotate half" rotary layout to the
-//! interleaved one ([`unpermute`]); its Gemma converters store RMSNorm weights as 1 + w.
+//! interleaved one ([`unpermute`]); its Gemma converters store RMSNorm weights as 1 + w; its
+//! Phi-3 converter keeps the fused qkv and gate/up tensors and writes LongRoPE's factors as
+//! tensors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -162,10 +164,11 @@ enum Arch {
     Qwen3,
     Gemma2,
     Gemma3,
+    Phi3,
 }
 
 impl Arch {
-    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3";
+    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3";
 
     fn from_name(name: &str) -> Option<Arch> {
         Some(match name {
@@ -174,6 +177,7 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             _ => return None,
         })
     }
@@ -186,6 +190,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -196,6 +201,7 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -239,6 +245,20 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
                 key("rope.scaling.type")
             )));
         }
+    }
+    if arch == Arch::Phi3 && has("rope_factors_long.weight") {
+        // LongRoPE (Phi-3.5, Phi-4-mini): the factors are tensors.
+        let factors = |t: &str| -> Result<Vec<f64>> {
+            let v: Vec<f32> = g.tensor(t)?.flatten_all()?.to_vec1()?;
+            Ok(v.into_iter().map(f64::from).collect())
+        };
+        rope_scaling = Some(RopeScaling::Longrope {
+            short_factor: factors("rope_factors_short.weight")?,
+            long_factor: factors("rope_factors_long.weight")?,
+            attention_factor: g.f64(&key("rope.scaling.attn_factor")).unwrap_or(1.0),
+            original_max_position_embeddings: g
+                .usize(&key("rope.scaling.original_context_length"))?,
+        });
     }
     if has("rope_freqs.weight") {
         return Err(g.bad(
@@ -288,6 +308,19 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
         hf_architecture: arch.hf_class().to_string(),
         ..Config::litgpt_defaults("", name)
     };
+    if arch == Arch::Phi3 {
+        // Rotary on the first rope.dimension_count channels of each head; one window for all.
+        let rot = g.usize(&key("rope.dimension_count")).unwrap_or(head_size);
+        cfg.rotary_percentage = rot as f64 / head_size as f64;
+        if let Some(w) = g
+            .usize(&key("attention.sliding_window"))
+            .ok()
+            .filter(|&w| w > 0)
+        {
+            cfg.sliding_window = Some(w);
+            cfg.sliding_window_layers = (0..n_layer).collect();
+        }
+    }
     if has("blk.0.attn_q_norm.weight") {
         cfg.qk_norm = Some(QkNorm::PerHead);
     }
@@ -320,8 +353,8 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
             cfg.sliding_window_layers = local;
         }
         if arch == Arch::Gemma3 {
-            // llama.cpp's fixed base for Gemma 3's local layers.
-            cfg.rope_local_base = Some(10000.0);
+            // The local layers' base; llama.cpp's fixed 10000 when the file has none.
+            cfg.rope_local_base = Some(g.f64(&key("rope.freq_base_swa")).unwrap_or(10000.0));
         }
     }
     cfg.validate()?;
@@ -568,6 +601,24 @@ pub fn import_gguf(
         &metadata,
         |s| {
             let block = s.name.strip_prefix("transformer.h.");
+            // Phi-3's fused tensors: q, k, v rows, and the MLP's gate rows then up rows.
+            if let (Arch::Phi3, Some(i)) = (arch, block.and_then(|r| r.split_once('.'))) {
+                let inter = cfg.intermediate_size;
+                match i.1 {
+                    "attn.qkv.weight" => return g.tensor(&format!("blk.{}.attn_qkv.weight", i.0)),
+                    "mlp.fc_1.weight" => {
+                        return Ok(g
+                            .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
+                            .narrow(0, 0, inter)?)
+                    }
+                    "mlp.fc_2.weight" => {
+                        return Ok(g
+                            .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
+                            .narrow(0, inter, inter)?)
+                    }
+                    _ => {}
+                }
+            }
             if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.weight")) {
                 let mut q = g.tensor(&format!("blk.{i}.attn_q.weight"))?;
                 let mut k = g.tensor(&format!("blk.{i}.attn_k.weight"))?;

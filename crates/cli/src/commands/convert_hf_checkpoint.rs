@@ -31,8 +31,8 @@ struct Args {
     /// Output dtype; by default each tensor keeps its stored dtype (float32 for GGUF).
     #[arg(long, value_enum)]
     dtype: Option<OutDtype>,
-    /// Import this llama.cpp GGUF file (llama, qwen2, qwen3, gemma2 or gemma3 architecture,
-    /// quantized or not) into --checkpoint-dir instead of reading Hugging Face files there.
+    /// Import this llama.cpp GGUF file (llama, qwen2, qwen3, gemma2, gemma3 or phi3
+    /// architecture, quantized or not) into --checkpoint-dir instead of reading Hugging Face files there.
     #[arg(long)]
     gguf: Option<PathBuf>,
 }

@@ -545,7 +545,7 @@ fn tokenizer_files(g: &Gguf, arch: Arch) -> Result<Vec<(&'static str, String)>> 
 
 /// Imports `gguf` into `out_dir` (created if needed): lit_model.safetensors (in `dtype`,
 /// default f32), lit_config.json and the tokenizer files. `name` names the config; a preset of
-/// that name is used when its sizes agree with the file.
+/// that name is used when its sizes and attention settings agree with the file.
 pub fn import_gguf(
     gguf: &Path,
     out_dir: &Path,
@@ -568,7 +568,9 @@ pub fn import_gguf(
                 && p.attn_bias == derived.attn_bias
                 && p.qk_norm == derived.qk_norm
                 && p.sliding_window == derived.sliding_window
-                && p.mlp == derived.mlp =>
+                && p.mlp == derived.mlp
+                && p.rotary_percentage == derived.rotary_percentage
+                && p.rope_scaling == derived.rope_scaling =>
         {
             p
         }

@@ -25,16 +25,22 @@ use crate::recompute::recompute;
 /// grow with a block size it never uses.
 const ROPE_PRECOMPUTED: usize = 8192;
 
-/// Rotary cos/sin tables, (positions, rope_n_elem / 2).
+/// Rotary cos/sin tables, (positions, rope_n_elem / 2), for one set of frequencies.
 #[derive(Debug, Clone)]
-pub struct Rope {
+struct Table {
     inv_freq: Vec<f32>,
-    /// LongRoPE's long frequencies, used by a call that reaches past this many positions.
-    long: Option<(Vec<f32>, usize)>,
-    /// Multiplies cos and sin (LongRoPE's attention factor; 1 otherwise).
-    scale: f32,
     cos: Tensor,
     sin: Tensor,
+}
+
+/// A layer type's rotary tables: the frequencies, and with LongRoPE the long ones that a call
+/// reaching past `limit` positions uses.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    table: Table,
+    long: Option<(Table, usize)>,
+    /// Multiplies cos and sin (LongRoPE's attention factor; 1 otherwise).
+    scale: f32,
 }
 
 /// Inverse frequencies of `n_elem` rotary channels with base `base`, scaled as `scaling` says
@@ -85,7 +91,7 @@ impl Rope {
     ) -> Result<Rope> {
         // Angles in f32, as transformers computes them.
         let to_f32 = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
-        let inv_freq = to_f32(inv_freq(cfg.rope_n_elem(), base, scaling));
+        let rows = cfg.block_size.min(ROPE_PRECOMPUTED);
         let (long, scale) = match scaling {
             Some(RopeScaling::Longrope {
                 long_factor,
@@ -94,21 +100,18 @@ impl Rope {
                 ..
             }) => {
                 let plain = inv_freq_plain(cfg.rope_n_elem(), base);
-                let long = plain.zip(long_factor).map(|(f, l)| f / l).collect();
-                let limit = *original_max_position_embeddings;
-                (Some((to_f32(long), limit)), *attention_factor as f32)
+                let long = to_f32(plain.zip(long_factor).map(|(f, l)| f / l).collect());
+                let scale = *attention_factor as f32;
+                let table = Table::new(long, scale, rows, dtype, device)?;
+                (Some((table, *original_max_position_embeddings)), scale)
             }
             _ => (None, 1.0),
         };
-        let mut rows = cfg.block_size.min(ROPE_PRECOMPUTED);
-        if let Some((_, limit)) = &long {
-            rows = rows.min(*limit);
-        }
-        let (cos, sin) = Self::rows(&inv_freq, scale, 0, rows)?;
+        let inv_freq = to_f32(inv_freq(cfg.rope_n_elem(), base, scaling));
+        // The short table is only ever read below the switch.
+        let short_rows = long.as_ref().map_or(rows, |(_, limit)| rows.min(*limit));
         Ok(Rope {
-            cos: cos.to_device(device)?.to_dtype(dtype)?,
-            sin: sin.to_device(device)?.to_dtype(dtype)?,
-            inv_freq,
+            table: Table::new(inv_freq, scale, short_rows, dtype, device)?,
             long,
             scale,
         })
@@ -137,22 +140,27 @@ impl Rope {
         ))
     }
 
-    /// Tables for positions `offset .. offset + len`, for a call whose positions end there:
-    /// with LongRoPE, a call reaching past the original context uses the long frequencies
-    /// for all its positions (keys cached by earlier calls keep theirs, as in transformers).
+    /// The table for a call whose positions end at `end`: with LongRoPE, a call reaching past
+    /// the original context uses the long frequencies for all its positions (keys cached by
+    /// earlier calls keep theirs, as in transformers).
+    fn table(&self, end: usize) -> &Table {
+        match &self.long {
+            Some((long, limit)) if end > *limit => long,
+            _ => &self.table,
+        }
+    }
+
+    /// Tables for positions `offset .. offset + len`, for a call whose positions end there.
     fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let inv_freq = match &self.long {
-            Some((long, limit)) if offset + len > *limit => long,
-            _ if offset + len <= self.cos.dim(0)? => {
-                return Ok((
-                    self.cos.narrow(0, offset, len)?,
-                    self.sin.narrow(0, offset, len)?,
-                ));
-            }
-            _ => &self.inv_freq,
-        };
-        let (cos, sin) = Self::rows(inv_freq, self.scale, offset, len)?;
-        let (device, dtype) = (self.cos.device(), self.cos.dtype());
+        let table = self.table(offset + len);
+        if offset + len <= table.cos.dim(0)? {
+            return Ok((
+                table.cos.narrow(0, offset, len)?,
+                table.sin.narrow(0, offset, len)?,
+            ));
+        }
+        let (cos, sin) = Self::rows(&table.inv_freq, self.scale, offset, len)?;
+        let (device, dtype) = (table.cos.device(), table.cos.dtype());
         Ok((
             cos.to_device(device)?.to_dtype(dtype)?,
             sin.to_device(device)?.to_dtype(dtype)?,
@@ -162,12 +170,30 @@ impl Rope {
     /// Tables covering at least positions `0 .. len`, for a call whose longest sequence
     /// has `len` positions.
     fn covering(&self, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let long = matches!(&self.long, Some((_, limit)) if len > *limit);
-        if !long && len <= self.cos.dim(0)? {
-            Ok((self.cos.clone(), self.sin.clone()))
+        let table = self.table(len);
+        if len <= table.cos.dim(0)? {
+            Ok((table.cos.clone(), table.sin.clone()))
         } else {
             self.at(0, len)
         }
+    }
+}
+
+impl Table {
+    /// The first `rows` positions' cos/sin (times `scale`) in `dtype` on `device`.
+    fn new(
+        inv_freq: Vec<f32>,
+        scale: f32,
+        rows: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Table> {
+        let (cos, sin) = Rope::rows(&inv_freq, scale, 0, rows)?;
+        Ok(Table {
+            cos: cos.to_device(device)?.to_dtype(dtype)?,
+            sin: sin.to_device(device)?.to_dtype(dtype)?,
+            inv_freq,
+        })
     }
 }
 
@@ -255,7 +281,7 @@ impl CausalSelfAttention {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let qkv = self.norm_qk(&self.qkv.forward(x, dropout.as_deref_mut())?)?;
-        if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.cos)) {
+        if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.table.cos)) {
             // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
             let (b, t, _) = qkv.dims3()?;
             let lengths = seqs.map_or_else(|| vec![t; b], <[usize]>::to_vec);
@@ -608,9 +634,9 @@ mod tests {
         let mut cfg = Config::from_name("pythia-14m").unwrap();
         cfg.block_size = 1_000_000_000;
         let rope = Rope::new(&cfg, cfg.rope_base, None, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(rope.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
+        assert_eq!(rope.table.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
         let (c, s) = rope.at(ROPE_PRECOMPUTED - 3, 6).unwrap();
-        let (c2, s2) = Rope::rows(&rope.inv_freq, 1.0, ROPE_PRECOMPUTED - 3, 6).unwrap();
+        let (c2, s2) = Rope::rows(&rope.table.inv_freq, 1.0, ROPE_PRECOMPUTED - 3, 6).unwrap();
         assert_eq!(max_diff(&c, &c2), 0.0);
         assert_eq!(max_diff(&s, &s2), 0.0);
         let (c3, _) = rope.at(ROPE_PRECOMPUTED - 3, 3).unwrap();

@@ -3,8 +3,8 @@
 # weights, same token batches, one table. Not part of `cargo test`; runs in ~20 minutes.
 #
 #   ../shared/peer/setup.sh        # once: the PyTorch venv, random-init pythia-14m/-70m, data
-#   scripts/fetch_assets.sh        # once: the real SmolLM2-135M-Instruct GGUF
-#   bench/cpu.sh [pythia-14m pythia-70m smollm2-135m]
+#   scripts/fetch_assets.sh        # once: the real SmolLM2-135M-Instruct / Qwen2.5 GGUFs
+#   bench/cpu.sh [pythia-14m pythia-70m smollm2-135m qwen2.5-0.5b]
 #
 # Training: micro-batch 4, max length 256, prompts masked, LoRA r 8 / alpha 16 / dropout 0.05
 # on the attention (loratune: query + value, Lit-GPT's default; PEFT: the fused
@@ -18,8 +18,9 @@
 # Generation: greedy, KV cache, 128 new tokens, time to first token and decode tokens/s,
 # loratune in 32-true and bf16-mixed against transformers' generate (bench/hf_generate.py)
 # in float32 and bfloat16.
-# The SmolLM2 weights are the Q4_1 GGUF imported by loratune and written back as a Hugging
-# Face folder by `export --format hf`, so both sides load identical f32 weights.
+# The SmolLM2 and Qwen2.5-Coder-0.5B weights are their Q4 GGUFs imported by loratune and
+# written back as a Hugging Face folder by `export --format hf`, so both sides load identical
+# f32 weights. qwen2.5-0.5b (~50 minutes) is not in the default list.
 #
 # Run it on an idle machine: a second busy process slows PyTorch by an order of magnitude.
 set -euo pipefail
@@ -49,9 +50,11 @@ for m in $MODELS; do
     ck=$WORK/$m/ck; hf=$WORK/$m/hf; ds=$WORK/$m/ds; out=$WORK/$m/out
     rm -rf "$WORK/$m"; mkdir -p "$ck"
     case $m in
-    smollm2-135m)
+    smollm2-135m|qwen2.5-0.5b)
         eval "$("$ROOT/scripts/fetch_assets.sh")"
-        "$LT" convert-hf-checkpoint --gguf "$LORATUNE_SMOLLM2_GGUF" --checkpoint-dir "$ck" > /dev/null
+        gguf=$LORATUNE_SMOLLM2_GGUF
+        [ "$m" = qwen2.5-0.5b ] && gguf=$LORATUNE_QWEN25_GGUF
+        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$ck" > /dev/null
         "$LT" export --format hf --checkpoint-dir "$ck" --out-dir "$hf" > /dev/null
         style=chatml ;;
     *)

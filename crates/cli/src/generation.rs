@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use loratune_data::chat::{ChatFormat, Rendering};
 use loratune_data::PromptStyle;
 use loratune_model::adapter::{load_adapter, AdapterMeta};
 use loratune_model::generate::{generate, Sampling};
@@ -40,9 +41,14 @@ pub struct GenerateArgs {
     pub precision: Option<Precision>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// alpaca, plain, raw or chatml.
-    #[arg(long, default_value = "alpaca", value_parser = parse_style)]
-    pub prompt_style: PromptStyle,
+    /// template (the checkpoint's chat template), alpaca, plain, chatml or none (the text as
+    /// is, for base models); auto: what the adapter was trained with, else the chat template
+    /// when the tokenizer has one, else alpaca.
+    #[arg(long, default_value = "auto", value_parser = parse_rendering)]
+    pub prompt_style: StyleFlag,
+    /// A system message before the prompt.
+    #[arg(long)]
+    pub system: Option<String>,
     /// Keep only the end of a prompt that does not fit the context (instead of an error).
     #[arg(long)]
     pub truncate_prompt: bool,
@@ -63,14 +69,77 @@ pub fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Result<Sampling> 
     })
 }
 
-pub fn parse_style(s: &str) -> std::result::Result<PromptStyle, String> {
-    PromptStyle::parse(s).ok_or_else(|| {
-        let names: Vec<_> = PromptStyle::ALL.iter().map(|p| p.name()).collect();
+/// A --prompt-style value: a rendering, or `None` for "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StyleFlag(pub Option<Rendering>);
+
+pub fn parse_rendering(s: &str) -> std::result::Result<StyleFlag, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(StyleFlag(None));
+    }
+    Rendering::parse(s)
+        .map(|r| StyleFlag(Some(r)))
+        .ok_or_else(|| {
+            format!(
+                "unknown prompt style {s:?}; expected auto, {}",
+                Rendering::names()
+            )
+        })
+}
+
+/// The rendering to prompt with: the flag's, else the one the adapter's training data used
+/// (checked against this tokenizer's chat template), else the chat template when the
+/// tokenizer has one, else alpaca. With the format comes a note saying which one and why
+/// (none when the flag chose), for stderr once the request is known to be good.
+pub fn resolve_rendering(
+    flag: Option<Rendering>,
+    adapter: Option<&AdapterMeta>,
+    tok: &Tokenizer,
+) -> Result<(ChatFormat, Option<String>)> {
+    let trained = adapter.and_then(|m| {
+        m.prompt_style
+            .as_deref()
+            .and_then(Rendering::parse)
+            .map(|r| (r, m.chat_template_sha256.as_deref()))
+    });
+    let (rendering, why) = match (flag, trained) {
+        (Some(r), _) => (r, None),
+        (None, Some((r, sha))) => {
+            if r == Rendering::Template {
+                let Some(source) = &tok.chat_template else {
+                    bail!(
+                        "the adapter was trained on data rendered by a chat template, and this \
+                         checkpoint's tokenizer has none; pass --prompt-style"
+                    );
+                };
+                let here = loratune_model::io::sha256_hex(source.as_bytes());
+                if sha.is_some_and(|s| s != here) {
+                    errln!(
+                        "warning: the adapter was trained with another chat template than this \
+                         checkpoint's; using this one (pass --prompt-style to choose)"
+                    );
+                }
+            }
+            (r, Some("as the adapter's training data"))
+        }
+        (None, None) if tok.chat_template.is_some() => {
+            (Rendering::Template, Some("the tokenizer's chat template"))
+        }
+        (None, None) => (
+            Rendering::Style(PromptStyle::Alpaca),
+            Some("the tokenizer has no chat template"),
+        ),
+    };
+    let note = why.map(|why| {
         format!(
-            "unknown prompt style {s:?}; expected one of {}",
-            names.join(", ")
+            "prompt style {} ({why}; --prompt-style to change)",
+            rendering.name()
         )
-    })
+    });
+    Ok((
+        ChatFormat::new(rendering, tok).context("--prompt-style")?,
+        note,
+    ))
 }
 
 /// Loads the base model, and with `lora` its adapters (settings read from the adapter file)
@@ -79,7 +148,7 @@ pub fn load_model(
     args: &GenerateArgs,
     lora: Option<&Path>,
     force: bool,
-) -> Result<(Gpt, Tokenizer)> {
+) -> Result<(Gpt, Tokenizer, Option<AdapterMeta>)> {
     let device = crate::parse_device(&args.device)?;
     let precision = args
         .precision
@@ -88,10 +157,16 @@ pub fn load_model(
     let mut model = precision
         .load_model(&args.checkpoint_dir, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
-    if let Some(path) = lora {
-        merge_adapter(&mut model, path, &args.checkpoint_dir, force)?;
-    }
-    Ok((model, tok))
+    let meta = match lora {
+        Some(path) => Some(merge_adapter(
+            &mut model,
+            path,
+            &args.checkpoint_dir,
+            force,
+        )?),
+        None => None,
+    };
+    Ok((model, tok, meta))
 }
 
 /// Checks that the adapter at `path` was trained on the base model in `checkpoint_dir`:
@@ -133,26 +208,34 @@ pub fn check_adapter_base(
 
 /// Attaches the adapter at `path` (its r/alpha/targets come from the file) and merges it,
 /// after checking it belongs to the base in `checkpoint_dir` ([`check_adapter_base`]).
+/// Returns the adapter's metadata.
 pub fn merge_adapter(
     model: &mut Gpt,
     path: &Path,
     checkpoint_dir: &Path,
     force: bool,
-) -> Result<()> {
+) -> Result<AdapterMeta> {
     let (meta, tensors) = load_adapter(path, model.device())?;
     check_adapter_base(model, &meta, path, checkpoint_dir, force)?;
     model
         .load_lora(&meta.lora, Weights::new(tensors))
         .with_context(|| format!("loading the adapter {}", path.display()))?;
     model.merge_lora()?;
-    Ok(())
+    Ok(meta)
 }
 
-/// Generates `num_samples` answers, streaming each to stdout.
-pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Result<()> {
+/// Generates `num_samples` answers, streaming each to stdout; `adapter` is the merged
+/// adapter's metadata (its training data's rendering is the default).
+pub fn run_generation(
+    args: &GenerateArgs,
+    model: &Gpt,
+    tok: &Tokenizer,
+    adapter: Option<&AdapterMeta>,
+) -> Result<()> {
     let sampling = sampling(args.temperature, args.top_k, args.top_p)?;
-    let prompt = args.prompt_style.prompt(&args.prompt, &args.input);
-    let mut ids = tok.encode(&prompt, tok.add_bos, false)?;
+    let (format, note) = resolve_rendering(args.prompt_style.0, adapter, tok)?;
+    let prompt = format.prompt(&args.prompt, &args.input, args.system.as_deref())?;
+    let mut ids = tok.encode(&prompt, format.adds_bos() && tok.add_bos, false)?;
     let block = model.config.block_size;
     if ids.len() + args.max_new_tokens > block {
         if args.max_new_tokens >= block {
@@ -171,6 +254,9 @@ pub fn run_generation(args: &GenerateArgs, model: &Gpt, tok: &Tokenizer) -> Resu
             );
         }
         ids = ids[ids.len() - (block - args.max_new_tokens)..].to_vec();
+    }
+    if let Some(note) = note {
+        errln!("{note}");
     }
     let mut rng = Rng::new(args.seed);
     for i in 0..args.num_samples {

@@ -308,6 +308,9 @@ fn real_gemma3_matches_transformers_and_continues_with_paris() {
     let cfg = loratune_model::Config::from_json_file(&ck.join("lit_config.json")).unwrap();
     // The file's sizes match the preset, so the preset (with its published settings) is used.
     assert_eq!(cfg.name, "gemma-3-270m");
+    // `--prompt-style none`: the text as it is, so `generate` equals transformers' greedy
+    // `generate` on the same string (BOS, 16 new tokens, decoded).
+    let g = &real_oracle("gemma3")["greedy"];
     let r = run(
         GENERATE,
         &[
@@ -316,15 +319,20 @@ fn real_gemma3_matches_transformers_and_continues_with_paris() {
             "--prompt",
             "Q: What is the capital of France?\nA:",
             "--prompt-style",
-            "raw",
+            "none",
             "--temperature",
             "0",
             "--max-new-tokens",
-            "10",
+            "16",
         ],
     );
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("Paris"), "continuation: {}", r.stdout);
+    assert_eq!(
+        r.stdout,
+        format!("{}\n", g["text"].as_str().unwrap()),
+        "transformers' continuation"
+    );
 }
 
 #[test]
@@ -356,4 +364,24 @@ fn real_qwen25_matches_transformers_and_answers_paris_in_chat() {
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("chat template"), "{}", r.stderr);
     assert!(r.stdout.contains("Paris"), "answer: {}", r.stdout);
+    // generate's default for a checkpoint with a chat template is that template: the answer
+    // equals transformers' greedy answer through apply_chat_template.
+    let g = &real_oracle("qwen25")["greedy"];
+    let r = run(
+        GENERATE,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("prompt style template"), "{}", r.stderr);
+    let want = g["text"].as_str().unwrap().trim_end_matches("<|im_end|>");
+    assert_eq!(r.stdout, format!("{want}\n"), "transformers' answer");
 }

@@ -385,7 +385,7 @@ fn real_alpaca_demo_set_prepares() {
     );
     assert!(r.ok, "{}", r.stderr);
     assert!(
-        r.stdout.contains("read 999 records, skipped 0")
+        r.stdout.contains("read 999 alpaca records, skipped 0")
             && r.stdout.contains("train:     949 samples"),
         "{}",
         r.stdout

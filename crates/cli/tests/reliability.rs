@@ -682,7 +682,17 @@ fn prepare_reports_what_it_skipped_repeated_and_cut() {
         })
         .collect();
     std::fs::write(&long, format!("[{}]", recs.join(","))).unwrap();
-    let r = prep(&long, "c", &["--mask-inputs", "--max-seq-length", "8"]);
+    let r = prep(
+        &long,
+        "c",
+        &[
+            "--mask-inputs",
+            "--max-seq-length",
+            "8",
+            "--prompt-style",
+            "alpaca",
+        ],
+    );
     assert!(r.ok, "{}", r.stderr);
     assert!(
         r.stdout.contains(

@@ -1,9 +1,11 @@
-//! loratune's data crate: instruction records, prompt styles, the tokenized dataset format,
-//! and batching for training.
+//! loratune's data crate: training records (instructions, conversations, documents), prompt
+//! styles and chat templates, the tokenized dataset format, and batching for training.
 //!
-//! The path of one example: `records` (JSON -> `Record`) -> `prompt` (`PromptStyle`) ->
-//! `prepare` (token ids + labels, split) -> `dataset` (file on disk) -> `batch` (padded
-//! micro-batches). `chat` renders conversations (Jinja chat templates or a style).
+//! The path of one example: `records` (JSON / JSON Lines / text -> `Example`: an Alpaca
+//! `Record`, a `Conversation` or a document) -> `chat` (`ChatFormat`: the tokenizer's Jinja
+//! chat template or a `PromptStyle` from `prompt`; the trained spans of a conversation) ->
+//! `prepare` (token ids + labels, split, statistics) -> `dataset` (file on disk) -> `batch`
+//! (padded micro-batches).
 
 pub mod batch;
 pub mod chat;

@@ -1,14 +1,19 @@
-//! Records -> tokenized samples: prompt style, BOS/EOS, input masking, truncation that keeps
-//! EOS, the seeded train/val split, length statistics, and `meta.json`.
+//! Examples -> tokenized samples: instruction records through a prompt style (BOS/EOS, input
+//! masking, truncation that keeps EOS), conversations through a chat template or style
+//! (loss on the trained turns only, cut at whole turns), documents packed into windows; the
+//! seeded train/val split, length statistics, and `meta.json`.
 
+use std::ops::Range;
 use std::path::Path;
 
 use loratune_model::{Rng, Tokenizer};
 use serde::{Deserialize, Serialize};
 
+use crate::chat::{ChatFormat, Conversation, Rendering};
 use crate::dataset::Sample;
 use crate::error::{Error, Result};
 use crate::prompt::{PromptStyle, Record};
+use crate::records::{DataFormat, Example};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeOptions {
@@ -83,6 +88,309 @@ pub fn encode_records(
     Ok((samples, cut))
 }
 
+/// What tokenizing conversations did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversationReport {
+    /// Samples cut to the maximum length: at the end of the last trained turn that fits
+    /// (later turns dropped), or inside a trained turn when none fits whole.
+    pub truncated: usize,
+    /// Records skipped because their first trained token lies past the maximum length (they
+    /// would train on nothing): their 1-based indices in the file.
+    pub too_long: Vec<usize>,
+    /// Records the rendering refused, skipped as asked: (1-based index, reason).
+    pub skipped: Vec<(usize, String)>,
+    /// User and assistant turns of each kept conversation.
+    pub turns: Vec<usize>,
+}
+
+/// Tokenizes conversations (1-based record index, conversation) rendered by `format`; only
+/// the trained messages' tokens get labels. A conversation that the template refuses, or
+/// that it cannot split into turns, is an error naming `path` and the record, or with
+/// `skip_invalid` skipped and counted.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_conversations(
+    items: &[(usize, Conversation)],
+    format: &ChatFormat,
+    tok: &Tokenizer,
+    ignore_index: i32,
+    max_seq_length: usize,
+    path: &Path,
+    skip_invalid: bool,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<Sample>, ConversationReport)> {
+    if max_seq_length < 2 {
+        return Err(Error::Invalid(format!(
+            "--max-seq-length must be at least 2, got {max_seq_length}"
+        )));
+    }
+    let bos = format.adds_bos() && tok.add_bos;
+    let mut samples = Vec::with_capacity(items.len());
+    let mut report = ConversationReport::default();
+    for chunk in items.chunks(256) {
+        let mut rendered = Vec::with_capacity(chunk.len());
+        for (index, conv) in chunk {
+            match format.render_trained(conv) {
+                Ok((text, spans)) => rendered.push((*index, conv, text, spans)),
+                Err(e) if skip_invalid => report.skipped.push((*index, e.to_string())),
+                Err(e) => {
+                    return Err(Error::Record {
+                        path: path.to_path_buf(),
+                        index: *index,
+                        reason: format!("{e} (use --skip-invalid to skip such records)"),
+                    })
+                }
+            }
+        }
+        let texts: Vec<&str> = rendered.iter().map(|r| r.2.as_str()).collect();
+        let encoded = tok.encode_batch_with_offsets(&texts, bos)?;
+        for ((index, conv, _, spans), (mut ids, offsets)) in rendered.iter().zip(encoded) {
+            let token_spans: Vec<Range<usize>> = spans
+                .iter()
+                .filter_map(|s| token_range(&offsets, s))
+                .collect();
+            let index = *index;
+            let Some(first) = token_spans.first().map(|r| r.start) else {
+                return Err(Error::Record {
+                    path: path.to_path_buf(),
+                    index,
+                    reason: "its trained turns render to no tokens".into(),
+                });
+            };
+            // The loss predicts token i from those before it: a trained token at position 0
+            // teaches nothing, so the first one must lie within the length.
+            if first.max(1) >= max_seq_length {
+                report.too_long.push(index);
+                continue;
+            }
+            let mut labels = vec![ignore_index; ids.len()];
+            for r in &token_spans {
+                for i in r.clone() {
+                    labels[i] = ids[i] as i32;
+                }
+            }
+            if ids.len() > max_seq_length {
+                report.truncated += 1;
+                // Cut after the last trained turn that fits whole, else inside the first.
+                let cut = token_spans
+                    .iter()
+                    .map(|r| r.end)
+                    .filter(|&e| e <= max_seq_length)
+                    .max()
+                    .unwrap_or(max_seq_length);
+                ids.truncate(cut);
+                labels.truncate(cut);
+            }
+            report.turns.push(conv.turns());
+            samples.push(Sample {
+                input_ids: ids,
+                labels,
+            });
+        }
+        progress(chunk.len());
+    }
+    Ok((samples, report))
+}
+
+/// The tokens covering the byte range `span`: from the one holding its first byte to the one
+/// holding its last (as transformers' `return_assistant_tokens_mask` marks them).
+fn token_range(offsets: &[(usize, usize)], span: &Range<usize>) -> Option<Range<usize>> {
+    let holding = |b: usize| offsets.iter().position(|&(s, e)| s <= b && b < e);
+    let start = holding(span.start)
+        .or_else(|| offsets.iter().position(|&(s, e)| s >= span.start && e > s))?;
+    let end = holding(span.end - 1)
+        .or_else(|| offsets.iter().rposition(|&(s, e)| e <= span.end && e > s))?;
+    (start <= end).then_some(start..end + 1)
+}
+
+/// Tokenizes documents for continued pre-training: each gets BOS (if the tokenizer adds
+/// one) and EOS, all are joined into one stream, and the stream is cut into samples of
+/// `max_seq_length` tokens (the last may be shorter), every token trained on.
+pub fn encode_documents(
+    docs: &[String],
+    tok: &Tokenizer,
+    max_seq_length: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Sample>> {
+    if max_seq_length < 2 {
+        return Err(Error::Invalid(format!(
+            "--max-seq-length must be at least 2, got {max_seq_length}"
+        )));
+    }
+    let mut stream: Vec<u32> = Vec::new();
+    for chunk in docs.chunks(256) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        for ids in tok.encode_batch(&refs, tok.add_bos, true)? {
+            stream.extend(ids);
+        }
+        progress(chunk.len());
+    }
+    Ok(stream
+        .chunks(max_seq_length)
+        .filter(|w| w.len() >= 2)
+        .map(|w| Sample {
+            input_ids: w.to_vec(),
+            labels: w.iter().map(|&x| x as i32).collect(),
+        })
+        .collect())
+}
+
+/// How a split's examples become samples, whatever their format.
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareOptions {
+    /// Alpaca records through a style: train on the output only.
+    pub mask_inputs: bool,
+    pub ignore_index: i32,
+    pub max_seq_length: usize,
+    /// Skip records the rendering refuses instead of failing.
+    pub skip_invalid: bool,
+}
+
+/// What encoding a split did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodeReport {
+    pub truncated: usize,
+    /// Alpaca records cut inside their prompt (see [`Truncation`]).
+    pub no_response_left: usize,
+    /// Conversations skipped because their first trained token lies past the length limit.
+    pub too_long: Vec<usize>,
+    /// Records the rendering refused (with `skip_invalid`): (1-based index, reason).
+    pub refused: Vec<(usize, String)>,
+    /// User and assistant turns of each conversation kept.
+    pub turns: Vec<usize>,
+}
+
+/// Whether examples of `data` rendered by `format` are trained turn by turn (only the
+/// assistant turns): conversations always, Alpaca records through a chat template.
+pub fn by_turn(data: DataFormat, format: &ChatFormat) -> bool {
+    match data {
+        DataFormat::Text => false,
+        DataFormat::Alpaca => matches!(format, ChatFormat::Template(_)),
+        DataFormat::Messages | DataFormat::Sharegpt => true,
+    }
+}
+
+/// Tokenizes one split of a file's examples: documents packed into windows, Alpaca records
+/// through a style on the instruction path (`mask_inputs`, EOS appended), everything else as
+/// conversations rendered by `format` (an Alpaca record is one exchange).
+pub fn encode_examples(
+    examples: &[(usize, Example)],
+    data: DataFormat,
+    format: &ChatFormat,
+    tok: &Tokenizer,
+    opts: PrepareOptions,
+    path: &Path,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Vec<Sample>, EncodeReport)> {
+    let mut report = EncodeReport::default();
+    match (data, format) {
+        (DataFormat::Text, _) => {
+            let docs: Vec<String> = examples
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Example::Text(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect();
+            let samples = encode_documents(&docs, tok, opts.max_seq_length, progress)?;
+            Ok((samples, report))
+        }
+        (DataFormat::Alpaca, ChatFormat::Style { style, .. }) => {
+            let records: Vec<Record> = examples
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Example::Instruction(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect();
+            let enc = EncodeOptions {
+                style: *style,
+                mask_inputs: opts.mask_inputs,
+                ignore_index: opts.ignore_index,
+                max_seq_length: opts.max_seq_length,
+            };
+            let (samples, cut) = encode_records(&records, tok, enc, progress)?;
+            report.truncated = cut.truncated;
+            report.no_response_left = cut.no_response_left;
+            Ok((samples, report))
+        }
+        _ => {
+            let convs: Vec<(usize, Conversation)> = examples
+                .iter()
+                .filter_map(|(i, e)| match e {
+                    Example::Conversation(c) => Some((*i, c.clone())),
+                    Example::Instruction(r) => Some((*i, Conversation::from_record(r))),
+                    Example::Text(_) => None,
+                })
+                .collect();
+            let (samples, conv) = encode_conversations(
+                &convs,
+                format,
+                tok,
+                opts.ignore_index,
+                opts.max_seq_length,
+                path,
+                opts.skip_invalid,
+                progress,
+            )?;
+            report.truncated = conv.truncated;
+            report.too_long = conv.too_long;
+            report.refused = conv.skipped;
+            report.turns = conv.turns;
+            Ok((samples, report))
+        }
+    }
+}
+
+/// Removes from `examples` the ones `format` refuses to render turn by turn (when `data` is
+/// trained turn by turn): an error naming `path` and the first, or with `skip` returned as
+/// (1-based index, reason). Done before the split, so that it splits usable records.
+pub fn drop_refused(
+    examples: &mut Vec<(usize, Example)>,
+    data: DataFormat,
+    format: &ChatFormat,
+    skip: bool,
+    path: &Path,
+) -> Result<Vec<(usize, String)>> {
+    if !by_turn(data, format) {
+        return Ok(Vec::new());
+    }
+    let mut refused = Vec::new();
+    let mut kept = Vec::with_capacity(examples.len());
+    for (i, e) in std::mem::take(examples) {
+        let check = match &e {
+            Example::Conversation(c) => format.render_trained(c).map(|_| ()),
+            Example::Instruction(r) => format
+                .render_trained(&Conversation::from_record(r))
+                .map(|_| ()),
+            Example::Text(_) => Ok(()),
+        };
+        match check {
+            Ok(()) => kept.push((i, e)),
+            Err(err) if skip => refused.push((i, err.to_string())),
+            Err(err) => {
+                return Err(Error::Record {
+                    path: path.to_path_buf(),
+                    index: i,
+                    reason: format!("{err} (use --skip-invalid to skip such records)"),
+                })
+            }
+        }
+    }
+    *examples = kept;
+    if examples.is_empty() {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the rendering refused all {} records (first: record {}: {})",
+                refused.len(),
+                refused.first().map_or(0, |r| r.0),
+                refused.first().map_or("", |r| r.1.as_str())
+            ),
+        });
+    }
+    Ok(refused)
+}
+
 /// How many records go to validation.
 #[derive(Debug, Clone, Copy)]
 pub enum ValSplit {
@@ -138,35 +446,74 @@ pub struct LengthStats {
     pub p95: usize,
     pub max: usize,
     pub tokens: usize,
+    /// Tokens the loss looks at (targets other than the ignore index; absent in older
+    /// meta.json files), and their median and largest count per sample.
+    #[serde(default)]
+    pub trained_tokens: usize,
+    #[serde(default)]
+    pub trained_p50: usize,
+    #[serde(default)]
+    pub trained_max: usize,
 }
 
-pub fn length_stats(samples: &[Sample]) -> LengthStats {
-    let mut lens: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
-    lens.sort_unstable();
+/// (median, 95th percentile, largest) of `values`.
+pub fn percentiles(values: &[usize]) -> (usize, usize, usize) {
+    let mut v = values.to_vec();
+    v.sort_unstable();
     let pct = |p: f64| -> usize {
-        if lens.is_empty() {
+        if v.is_empty() {
             0
         } else {
-            lens[(((lens.len() - 1) as f64) * p).round() as usize]
+            v[(((v.len() - 1) as f64) * p).round() as usize]
         }
     };
+    (pct(0.5), pct(0.95), v.last().copied().unwrap_or(0))
+}
+
+/// Tokens of each sample that the loss looks at (position 0 never is: nothing precedes it).
+pub fn trained_counts(samples: &[Sample], ignore_index: i32) -> Vec<usize> {
+    samples
+        .iter()
+        .map(|s| {
+            s.labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != ignore_index)
+                .count()
+        })
+        .collect()
+}
+
+pub fn length_stats(samples: &[Sample], ignore_index: i32) -> LengthStats {
+    let lens: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
+    let (p50, p95, max) = percentiles(&lens);
+    let trained = trained_counts(samples, ignore_index);
+    let (trained_p50, _, trained_max) = percentiles(&trained);
     LengthStats {
         count: lens.len(),
-        p50: pct(0.5),
-        p95: pct(0.95),
-        max: lens.last().copied().unwrap_or(0),
+        p50,
+        p95,
+        max,
         tokens: lens.iter().sum(),
+        trained_tokens: trained.iter().sum(),
+        trained_p50,
+        trained_max,
     }
 }
 
 /// A text histogram of sample lengths, `bins` rows of `#` bars at most `width` wide.
 pub fn length_histogram(samples: &[Sample], bins: usize, width: usize) -> String {
     let lens: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
+    histogram(&lens, bins, width)
+}
+
+/// A text histogram of `values`, `bins` rows of `#` bars at most `width` wide.
+pub fn histogram(lens: &[usize], bins: usize, width: usize) -> String {
     let max = lens.iter().copied().max().unwrap_or(0).max(1);
     let bins = bins.max(1);
     let step = max.div_ceil(bins).max(1);
     let mut counts = vec![0usize; bins];
-    for l in &lens {
+    for l in lens {
         counts[((*l).saturating_sub(1) / step).min(bins - 1)] += 1;
     }
     let top = counts.iter().copied().max().unwrap_or(0).max(1);
@@ -195,7 +542,14 @@ pub struct DatasetMeta {
     pub val_source_sha256: Option<String>,
     pub tokenizer_sha256: String,
     pub checkpoint_dir: String,
-    pub prompt_style: PromptStyle,
+    /// The records' format (absent in older meta.json files: alpaca).
+    #[serde(default)]
+    pub data_format: Option<DataFormat>,
+    /// How records were rendered: "template" (the tokenizer's chat template) or a style.
+    pub prompt_style: Rendering,
+    /// sha256 of the chat template, when it rendered the records.
+    #[serde(default)]
+    pub chat_template_sha256: Option<String>,
     pub mask_inputs: bool,
     pub ignore_index: i32,
     pub max_seq_length: usize,
@@ -206,6 +560,12 @@ pub struct DatasetMeta {
     /// Truncated samples with no response token left (absent in older meta.json files).
     #[serde(default)]
     pub no_response_left: usize,
+    /// Conversations skipped because their first trained token lies past the maximum length.
+    #[serde(default)]
+    pub records_too_long: usize,
+    /// User and assistant turns per conversation (p50, p95, max), for conversation data.
+    #[serde(default)]
+    pub turns: Option<(usize, usize, usize)>,
     pub train: LengthStats,
     pub val: LengthStats,
 }
@@ -265,7 +625,7 @@ mod tests {
             labels: vec![0; n],
         };
         let samples: Vec<Sample> = (1..=100).map(s).collect();
-        let st = length_stats(&samples);
+        let st = length_stats(&samples, -100);
         assert_eq!((st.p50, st.p95, st.max, st.tokens), (51, 95, 100, 5050));
         let h = length_histogram(&samples, 4, 10);
         assert_eq!(h.lines().count(), 4);

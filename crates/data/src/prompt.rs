@@ -19,8 +19,9 @@ pub enum PromptStyle {
     Alpaca,
     /// The instruction (and input, after a blank line) as it is, then a newline.
     Plain,
-    /// The text exactly as given (input after a blank line): a base model continues it
-    /// (Lit-GPT's "default" style).
+    /// The text exactly as given (input after a blank line), no template: a base model
+    /// continues it (Lit-GPT's "default" style). Named "none" ("raw" is read too).
+    #[serde(rename = "none", alias = "raw")]
     Raw,
     /// ChatML turns (`<|im_start|>user ... <|im_end|>`), as SmolLM2-Instruct and other ChatML
     /// chat templates expect; the response is closed by the tokenizer's EOS (`<|im_end|>`).
@@ -39,15 +40,17 @@ impl PromptStyle {
         match self {
             PromptStyle::Alpaca => "alpaca",
             PromptStyle::Plain => "plain",
-            PromptStyle::Raw => "raw",
+            PromptStyle::Raw => "none",
             PromptStyle::Chatml => "chatml",
         }
     }
 
     pub fn parse(s: &str) -> Option<PromptStyle> {
-        PromptStyle::ALL
-            .into_iter()
-            .find(|p| p.name() == s.to_ascii_lowercase())
+        let s = s.to_ascii_lowercase();
+        if s == "raw" {
+            return Some(PromptStyle::Raw);
+        }
+        PromptStyle::ALL.into_iter().find(|p| p.name() == s)
     }
 
     /// The prompt for an instruction and optional input (empty = none).

@@ -30,6 +30,13 @@ pub struct AdapterMeta {
     /// The finetune-lora run that wrote it (absent in adapters from before run ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// How its training data was rendered ("template" or a prompt style's name), so that
+    /// generation and chat default to the same; absent in older adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_style: Option<String>,
+    /// sha256 of the chat template that rendered the data, for "template".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_sha256: Option<String>,
 }
 
 impl AdapterMeta {
@@ -42,7 +49,16 @@ impl AdapterMeta {
             base_sha256,
             step,
             run_id: None,
+            prompt_style: None,
+            chat_template_sha256: None,
         }
+    }
+
+    /// Records the rendering of the training data.
+    pub fn with_prompt(mut self, style: Option<String>, template_sha256: Option<String>) -> Self {
+        self.prompt_style = style;
+        self.chat_template_sha256 = template_sha256;
+        self
     }
 
     pub fn with_run_id(mut self, run_id: &str) -> Self {

@@ -543,6 +543,18 @@ fn tokenizer_files(g: &Gguf, arch: Arch) -> Result<Vec<(&'static str, String)>> 
     ])
 }
 
+/// Writes only the tokenizer files of `gguf` (tokenizer.json, tokenizer_config.json with the
+/// chat template, generation_config.json) into `out_dir`, without reading any weights.
+pub fn import_tokenizer(gguf: &Path, out_dir: &Path) -> Result<()> {
+    let g = Gguf::open(gguf)?;
+    let arch = arch_of(&g)?;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    for (file, text) in tokenizer_files(&g, arch)? {
+        crate::io::write_atomic(&out_dir.join(file), text.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Imports `gguf` into `out_dir` (created if needed): lit_model.safetensors (in `dtype`,
 /// default f32), lit_config.json and the tokenizer files. `name` names the config; a preset of
 /// that name is used when its sizes and attention settings agree with the file.

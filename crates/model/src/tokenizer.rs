@@ -11,6 +11,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// A token's byte range in the text it came from.
+pub type Offset = (usize, usize);
+
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -163,6 +166,31 @@ impl Tokenizer {
         Ok(encs
             .iter()
             .map(|e| self.wrap(e.get_ids(), bos, eos))
+            .collect())
+    }
+
+    /// Token ids of each text with each token's byte range in its text (BOS first, at 0..0,
+    /// when `bos`), on all cores.
+    pub fn encode_batch_with_offsets(
+        &self,
+        texts: &[&str],
+        bos: bool,
+    ) -> Result<Vec<(Vec<u32>, Vec<Offset>)>> {
+        let encs = self
+            .inner
+            .encode_batch(texts.to_vec(), false)
+            .map_err(|e| self.err(e))?;
+        Ok(encs
+            .iter()
+            .map(|e| {
+                let ids = self.wrap(e.get_ids(), bos, false);
+                let mut offsets = Vec::with_capacity(ids.len());
+                if ids.len() > e.get_ids().len() {
+                    offsets.push((0, 0));
+                }
+                offsets.extend_from_slice(e.get_offsets());
+                (ids, offsets)
+            })
             .collect())
     }
 

@@ -145,6 +145,8 @@ pub struct Trainer {
     base: (String, String),
     /// The newest checkpoint this run saved or resumed from.
     last_saved: Option<PathBuf>,
+    /// The training data's rendering, recorded in adapters: (style, chat template sha256).
+    prompt: (Option<String>, Option<String>),
     /// Things about the data worth telling the user (the library does not print them).
     pub warnings: Vec<String>,
 }
@@ -249,6 +251,7 @@ impl Trainer {
             state,
             base,
             last_saved: None,
+            prompt: (None, None),
             warnings,
         })
     }
@@ -270,6 +273,13 @@ impl Trainer {
             self.state.step,
         )
         .with_run_id(&self.state.run_id)
+        .with_prompt(self.prompt.0.clone(), self.prompt.1.clone())
+    }
+
+    /// Records how the training data was rendered (a prompt style's name or "template", and
+    /// the chat template's sha256) in every adapter this run writes.
+    pub fn set_prompt(&mut self, style: String, template_sha256: Option<String>) {
+        self.prompt = (Some(style), template_sha256);
     }
 
     /// Continues from a checkpoint: LoRA weights, AdamW moments, step, RNG and data position.

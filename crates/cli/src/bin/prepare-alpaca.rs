@@ -1,4 +1,5 @@
-//! prepare-alpaca: Alpaca-format JSON (or JSON Lines, or your own instruction data) ->
+//! prepare-alpaca: training data (Alpaca records, conversations or documents) -> tokenized
+//! train/val splits.
 
 fn main() -> std::process::ExitCode {
     loratune_cli::commands::prepare_alpaca::main(std::env::args_os())

@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use loratune_data::chat::{fit_history, ChatFormat, Message};
-use loratune_data::PromptStyle;
 use loratune_model::Rng;
 
-use crate::generation::{load_model, stream_reply, GenerateArgs};
+use crate::generation::{load_model, stream_reply, GenerateArgs, StyleFlag};
 use crate::Precision;
 
 /// Chat with a model. Type a message and Enter; `/reset` forgets the conversation, `/exit`
@@ -25,10 +24,11 @@ struct Args {
     /// A LoRA adapter from finetune-lora, merged before chatting.
     #[arg(long)]
     lora_path: Option<PathBuf>,
-    /// auto (the tokenizer's chat template if it has one, else alpaca), template, alpaca,
-    /// plain or chatml.
-    #[arg(long, default_value = "auto")]
-    prompt_style: String,
+    /// template (the checkpoint's chat template), alpaca, plain, chatml or none; auto: what
+    /// the adapter was trained with, else the chat template when the tokenizer has one, else
+    /// alpaca.
+    #[arg(long, default_value = "auto", value_parser = crate::generation::parse_rendering)]
+    prompt_style: StyleFlag,
     /// A system message placed before the conversation.
     #[arg(long)]
     system: Option<String>,
@@ -70,37 +70,15 @@ fn chat(args: Args) -> Result<()> {
         num_samples: 1,
         precision: args.precision,
         device: args.device.clone(),
-        prompt_style: PromptStyle::Alpaca,
+        prompt_style: args.prompt_style,
+        system: None,
         truncate_prompt: false,
     };
     let sampling = crate::generation::sampling(args.temperature, args.top_k, args.top_p)?;
-    let (model, tok) = load_model(&gen_args, args.lora_path.as_deref(), args.force)?;
-    let format = match args.prompt_style.as_str() {
-        "auto" | "template" => match &tok.chat_template {
-            Some(source) => ChatFormat::Template {
-                source: source.clone(),
-                bos: tok
-                    .bos_id
-                    .and_then(|i| tok.id_to_token(i))
-                    .unwrap_or_default(),
-                eos: tok
-                    .eos_id
-                    .and_then(|i| tok.id_to_token(i))
-                    .unwrap_or_default(),
-            },
-            None if args.prompt_style == "auto" => ChatFormat::Style(PromptStyle::Alpaca),
-            None => bail!(
-                "--prompt-style template: {} has no chat_template in tokenizer_config.json",
-                args.checkpoint_dir.display()
-            ),
-        },
-        other => ChatFormat::Style(
-            crate::generation::parse_style(other)
-                .map_err(|e| anyhow::anyhow!("--prompt-style: {e}; or auto, template"))?,
-        ),
-    };
-    // A template writes its own BOS; a style gets the tokenizer's.
-    let add_bos = matches!(format, ChatFormat::Style(_)) && tok.add_bos;
+    let (model, tok, adapter) = load_model(&gen_args, args.lora_path.as_deref(), args.force)?;
+    let (format, note) =
+        crate::generation::resolve_rendering(args.prompt_style.0, adapter.as_ref(), &tok)?;
+    let add_bos = format.adds_bos() && tok.add_bos;
     let block = model.config.block_size;
     if args.max_new_tokens >= block {
         bail!(
@@ -108,13 +86,16 @@ fn chat(args: Args) -> Result<()> {
             args.max_new_tokens
         );
     }
+    if let Some(note) = note {
+        errln!("{note}");
+    }
     let interactive = std::io::stdin().is_terminal();
     errln!(
         "chatting with {} ({}); /reset forgets, /exit quits",
         model.config.name,
         match &format {
-            ChatFormat::Template { .. } => "the tokenizer's chat template".to_string(),
-            ChatFormat::Style(s) => format!("{} prompts", s.name()),
+            ChatFormat::Template(_) => "the tokenizer's chat template".to_string(),
+            ChatFormat::Style { style, .. } => format!("{} prompts", style.name()),
         }
     );
     let mut history: Vec<Message> = Vec::new();

@@ -8,6 +8,7 @@ use crate::Precision;
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
+use loratune_data::chat::ChatFormat;
 use loratune_data::{Dataset, DatasetMeta};
 use loratune_model::generate::{generate, Sampling};
 use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, Tokenizer};
@@ -212,7 +213,7 @@ struct Progress {
     total: u64,
     last_val: Option<f64>,
     tok: Tokenizer,
-    style: loratune_data::PromptStyle,
+    format: ChatFormat,
 }
 
 impl Progress {
@@ -246,7 +247,7 @@ impl Hooks for Progress {
     fn on_eval(&mut self, step: u64, val_loss: f64, model: &Gpt) {
         self.last_val = Some(val_loss);
         self.say(format!("step {step}: val loss {val_loss:.4}"));
-        match sample_answer(model, &self.tok, self.style) {
+        match sample_answer(model, &self.tok, &self.format) {
             Ok(text) => self.say(format!("sample: {}", text.trim())),
             Err(e) => self.say(format!("sample generation failed: {e}")),
         }
@@ -264,13 +265,9 @@ impl Hooks for Progress {
 }
 
 /// Greedy answer to the fixed instruction, with the prompt cut so it fits the context.
-fn sample_answer(
-    model: &Gpt,
-    tok: &Tokenizer,
-    style: loratune_data::PromptStyle,
-) -> Result<String> {
-    let prompt = style.prompt(SAMPLE_INSTRUCTION, "");
-    let mut ids = tok.encode(&prompt, tok.add_bos, false)?;
+fn sample_answer(model: &Gpt, tok: &Tokenizer, format: &ChatFormat) -> Result<String> {
+    let prompt = format.prompt(SAMPLE_INSTRUCTION, "", None)?;
+    let mut ids = tok.encode(&prompt, format.adds_bos() && tok.add_bos, false)?;
     let block = model.config.block_size;
     let max_new = 100.min(block / 2);
     if ids.len() + max_new > block {
@@ -471,6 +468,21 @@ fn finetune(args: Args) -> Result<ExitCode> {
         }
         Some(path) => errln!("resumed from {path} (step {})", trainer.step()),
     }
+    // Generation samples and the adapters use the rendering the dataset was made with.
+    let format = ChatFormat::new(meta.prompt_style, &tok)
+        .with_context(|| format!("the dataset's prompt style ({})", meta.prompt_style.name()))?;
+    if let (Some(want), Some(here)) = (&meta.chat_template_sha256, format.template_sha256()) {
+        if want != here {
+            errln!(
+                "warning: the dataset was rendered with another chat template than {}'s",
+                args.checkpoint_dir.display()
+            );
+        }
+    }
+    trainer.set_prompt(
+        meta.prompt_style.name().to_string(),
+        format.template_sha256().map(str::to_string),
+    );
     let hparams = serde_json::json!({
         "args": &args,
         "precision": precision.name(),
@@ -515,7 +527,7 @@ fn finetune(args: Args) -> Result<ExitCode> {
         total,
         last_val: None,
         tok,
-        style: meta.prompt_style,
+        format,
     };
     let summary = trainer.fit(&mut hooks, stop)?;
     if let Some(bar) = &hooks.bar {

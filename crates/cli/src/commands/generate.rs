@@ -16,7 +16,7 @@ struct Args {
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     crate::run(|| {
         let args = Args::parse_from(argv);
-        let (model, tok) = load_model(&args.gen, None, false)?;
-        run_generation(&args.gen, &model, &tok)
+        let (model, tok, _) = load_model(&args.gen, None, false)?;
+        run_generation(&args.gen, &model, &tok, None)
     })
 }

@@ -27,7 +27,7 @@ struct Args {
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     crate::run(|| {
         let args = Args::parse_from(argv);
-        let (model, tok) = load_model(&args.gen, Some(&args.lora_path), args.force)?;
-        run_generation(&args.gen, &model, &tok)
+        let (model, tok, meta) = load_model(&args.gen, Some(&args.lora_path), args.force)?;
+        run_generation(&args.gen, &model, &tok, meta.as_ref())
     })
 }

@@ -23,6 +23,8 @@ pub const COMMANDS: &[(&str, CommandMain)] = &[
     ("download", |a| download::main(a)),
     ("convert-hf-checkpoint", |a| convert_hf_checkpoint::main(a)),
     ("prepare-alpaca", |a| prepare_alpaca::main(a)),
+    // The same command, named for data that is not Alpaca (conversations, documents).
+    ("prepare", |a| prepare_alpaca::main(a)),
     ("finetune-lora", |a| finetune_lora::main(a)),
     ("generate", |a| generate::main(a)),
     ("generate-lora", |a| generate_lora::main(a)),

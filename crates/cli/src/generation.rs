@@ -187,7 +187,7 @@ pub fn check_adapter_base(
             model.config.repo_id()
         );
     }
-    let weights = checkpoint_dir.join("lit_model.safetensors");
+    let weights = loratune_model::CheckpointDir::new(checkpoint_dir).weights_path();
     let sha = loratune_model::io::sha256_file(&weights)?;
     if sha != meta.base_sha256 {
         let short = |s: &str| s.get(..12).unwrap_or(s).to_string();

@@ -1,4 +1,5 @@
-//! The tokenized dataset file (`train.safetensors`, `val.safetensors`): format version 1.
+//! The prepared dataset folder (`DatasetDir`: which file is which, written in which order)
+//! and its tokenized files (`train.safetensors`, `val.safetensors`): format version 1.
 //!
 //! A safetensors file with three flat tensors, memory-mapped when read:
 //!   input_ids  U32 [total_tokens]   every sample's token ids, one after another
@@ -16,7 +17,67 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "loratune-sft";
+/// In the safetensors header (metadata holds strings only).
 pub const FORMAT_VERSION: &str = "1";
+/// The same version as `meta.json` writes it (a number).
+pub const META_FORMAT_VERSION: u32 = 1;
+
+/// A prepared dataset folder: `train.safetensors`, `val.safetensors`, `val.json` (the
+/// validation records as text) and `meta.json`, which is written last: a folder without it is
+/// incomplete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetDir {
+    path: PathBuf,
+}
+
+impl DatasetDir {
+    pub fn new(path: impl Into<PathBuf>) -> DatasetDir {
+        DatasetDir { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn train_path(&self) -> PathBuf {
+        self.path.join("train.safetensors")
+    }
+
+    pub fn val_path(&self) -> PathBuf {
+        self.path.join("val.safetensors")
+    }
+
+    pub fn val_json_path(&self) -> PathBuf {
+        self.path.join("val.json")
+    }
+
+    pub fn meta_path(&self) -> PathBuf {
+        self.path.join("meta.json")
+    }
+
+    /// The folder's `meta.json` (checked: format and version), or an error saying how to make
+    /// it when it is missing.
+    pub fn meta(&self) -> Result<crate::DatasetMeta> {
+        let path = self.meta_path();
+        if !path.is_file() {
+            return Err(Error::Invalid(format!(
+                "{} is missing: run prepare-alpaca --destination-path {} first (or it was \
+                 interrupted)",
+                path.display(),
+                self.path.display()
+            )));
+        }
+        crate::DatasetMeta::read(&path)
+    }
+
+    /// The training and validation splits, memory-mapped.
+    pub fn open(&self) -> Result<(Dataset, Dataset)> {
+        Ok((
+            Dataset::open(&self.train_path())?,
+            Dataset::open(&self.val_path())?,
+        ))
+    }
+}
 
 /// One tokenized example.
 #[derive(Debug, Clone, PartialEq, Eq)]

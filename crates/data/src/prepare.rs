@@ -571,12 +571,34 @@ pub struct DatasetMeta {
 }
 
 impl DatasetMeta {
+    /// Reads `meta.json`, refusing another format or a version this loratune does not read.
     pub fn read(path: &Path) -> Result<DatasetMeta> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Dataset {
+        let bad = |reason: String| Error::Dataset {
             path: path.to_path_buf(),
-            reason: format!("invalid meta.json ({e})"),
-        })
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // Format and version first: a newer meta.json may have fields this one does not know.
+        let head: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("invalid meta.json ({e})")))?;
+        let format = head.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        let version = head.get("format_version").and_then(|v| v.as_u64());
+        if format != crate::dataset::FORMAT {
+            return Err(bad(format!(
+                "meta.json is for format {format:?}, not {:?}",
+                crate::dataset::FORMAT
+            )));
+        }
+        if version != Some(crate::dataset::META_FORMAT_VERSION as u64) {
+            return Err(bad(format!(
+                "meta.json has format version {}, this loratune reads version {}; prepare the \
+                 data again",
+                head.get("format_version")
+                    .map_or("(none)".to_string(), |v| v.to_string()),
+                crate::dataset::META_FORMAT_VERSION
+            )));
+        }
+        serde_json::from_value(head).map_err(|e| bad(format!("invalid meta.json ({e})")))
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
@@ -616,6 +638,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("validation split empty"), "{err}");
+    }
+
+    #[test]
+    fn meta_json_format_and_version_are_checked() {
+        let dir = std::env::temp_dir().join(format!("lt-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meta.json");
+        let stats = length_stats(&[], -100);
+        let meta = DatasetMeta {
+            format: crate::dataset::FORMAT.into(),
+            format_version: crate::dataset::META_FORMAT_VERSION,
+            source: "s".into(),
+            source_sha256: "0".into(),
+            val_source: None,
+            val_source_sha256: None,
+            tokenizer_sha256: "0".into(),
+            checkpoint_dir: "c".into(),
+            data_format: Some(DataFormat::Messages),
+            prompt_style: Rendering::Template,
+            chat_template_sha256: Some("1".into()),
+            mask_inputs: true,
+            ignore_index: -100,
+            max_seq_length: 8,
+            seed: 1,
+            records_read: 1,
+            records_skipped: 0,
+            truncated: 0,
+            no_response_left: 0,
+            records_too_long: 0,
+            turns: Some((2, 2, 2)),
+            train: stats.clone(),
+            val: stats,
+        };
+        meta.write(&path).unwrap();
+        assert_eq!(DatasetMeta::read(&path).unwrap(), meta);
+        let text = std::fs::read_to_string(&path).unwrap();
+        // A newer version, even with fields this one does not know: refused by its version.
+        let newer = text.replacen(
+            "\"format_version\": 1",
+            "\"format_version\": 2, \"x\": 0",
+            1,
+        );
+        std::fs::write(&path, newer).unwrap();
+        let err = DatasetMeta::read(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("format version 2, this loratune reads version 1"),
+            "{err}"
+        );
+        std::fs::write(&path, text.replace("loratune-sft", "other")).unwrap();
+        let err = DatasetMeta::read(&path).unwrap_err().to_string();
+        assert!(err.contains("format \"other\""), "{err}");
+        // An older meta.json (before conversations): the new fields read as empty, "raw" as none.
+        let old = r#"{"format": "loratune-sft", "format_version": 1, "source": "s",
+            "source_sha256": "0", "val_source": null, "val_source_sha256": null,
+            "tokenizer_sha256": "0", "checkpoint_dir": "c", "prompt_style": "raw",
+            "mask_inputs": false, "ignore_index": -100, "max_seq_length": 8, "seed": 1,
+            "records_read": 1, "records_skipped": 0, "truncated": 0,
+            "train": {"count": 0, "p50": 0, "p95": 0, "max": 0, "tokens": 0},
+            "val": {"count": 0, "p50": 0, "p95": 0, "max": 0, "tokens": 0}}"#;
+        std::fs::write(&path, old).unwrap();
+        let m = DatasetMeta::read(&path).unwrap();
+        assert_eq!(m.prompt_style, Rendering::Style(PromptStyle::Raw));
+        assert_eq!(
+            (m.data_format, m.turns, m.records_too_long),
+            (None, None, 0)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -630,12 +630,9 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
             dtype,
         });
     }
-    let weights_path = dir.join("lit_model.safetensors");
-    let metadata = std::collections::HashMap::from([
-        ("format".to_string(), "loratune-lit".to_string()),
-        ("format_version".to_string(), "1".to_string()),
-        ("model".to_string(), cfg.repo_id()),
-    ]);
+    let ck = crate::CheckpointDir::new(dir);
+    let weights_path = ck.weights_path();
+    let metadata = crate::CheckpointDir::marker(&cfg.repo_id());
     let mut get = |n: &str| src.get(n, &device);
     let bytes =
         crate::weights::write_safetensors_streaming(&weights_path, &specs, &metadata, |s| {
@@ -654,7 +651,7 @@ pub fn convert_hf_checkpoint(dir: &Path, opts: &ConvertOptions) -> Result<Conver
             }
             Ok(t)
         })?;
-    cfg.to_json_file(&dir.join("lit_config.json"))?;
+    cfg.to_json_file(&ck.config_path())?;
     Ok(ConvertReport {
         config: cfg,
         weights_path,

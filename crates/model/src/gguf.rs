@@ -604,67 +604,59 @@ pub fn import_gguf(
         .into_iter()
         .map(|(name, shape)| TensorSpec { name, shape, dtype })
         .collect();
-    let metadata = HashMap::from([
-        ("format".to_string(), "loratune-lit".to_string()),
-        ("format_version".to_string(), "1".to_string()),
-        ("model".to_string(), cfg.repo_id()),
-    ]);
-    let bytes = write_safetensors_streaming(
-        &out_dir.join("lit_model.safetensors"),
-        &specs,
-        &metadata,
-        |s| {
-            let block = s.name.strip_prefix("transformer.h.");
-            // Phi-3's fused tensors: q, k, v rows, and the MLP's gate rows then up rows.
-            if let (Arch::Phi3, Some(i)) = (arch, block.and_then(|r| r.split_once('.'))) {
-                let inter = cfg.intermediate_size;
-                match i.1 {
-                    "attn.qkv.weight" => return g.tensor(&format!("blk.{}.attn_qkv.weight", i.0)),
-                    "mlp.fc_1.weight" => {
-                        return Ok(g
-                            .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
-                            .narrow(0, 0, inter)?)
-                    }
-                    "mlp.fc_2.weight" => {
-                        return Ok(g
-                            .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
-                            .narrow(0, inter, inter)?)
-                    }
-                    _ => {}
+    let ck = crate::CheckpointDir::new(out_dir);
+    let metadata = crate::CheckpointDir::marker(&cfg.repo_id());
+    let bytes = write_safetensors_streaming(&ck.weights_path(), &specs, &metadata, |s| {
+        let block = s.name.strip_prefix("transformer.h.");
+        // Phi-3's fused tensors: q, k, v rows, and the MLP's gate rows then up rows.
+        if let (Arch::Phi3, Some(i)) = (arch, block.and_then(|r| r.split_once('.'))) {
+            let inter = cfg.intermediate_size;
+            match i.1 {
+                "attn.qkv.weight" => return g.tensor(&format!("blk.{}.attn_qkv.weight", i.0)),
+                "mlp.fc_1.weight" => {
+                    return Ok(g
+                        .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
+                        .narrow(0, 0, inter)?)
                 }
-            }
-            if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.weight")) {
-                let mut q = g.tensor(&format!("blk.{i}.attn_q.weight"))?;
-                let mut k = g.tensor(&format!("blk.{i}.attn_k.weight"))?;
-                if arch.permuted() {
-                    q = unpermute(&q, cfg.n_head)?;
-                    k = unpermute(&k, cfg.n_query_groups)?;
+                "mlp.fc_2.weight" => {
+                    return Ok(g
+                        .tensor(&format!("blk.{}.ffn_up.weight", i.0))?
+                        .narrow(0, inter, inter)?)
                 }
-                let v = g.tensor(&format!("blk.{i}.attn_v.weight"))?;
-                return Ok(Tensor::cat(&[q, k, v], 0)?);
+                _ => {}
             }
-            if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.bias")) {
-                let parts = ["q", "k", "v"]
-                    .iter()
-                    .map(|x| g.tensor(&format!("blk.{i}.attn_{x}.bias")))
-                    .collect::<Result<Vec<_>>>()?;
-                return Ok(Tensor::cat(&parts, 0)?);
+        }
+        if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.weight")) {
+            let mut q = g.tensor(&format!("blk.{i}.attn_q.weight"))?;
+            let mut k = g.tensor(&format!("blk.{i}.attn_k.weight"))?;
+            if arch.permuted() {
+                q = unpermute(&q, cfg.n_head)?;
+                k = unpermute(&k, cfg.n_query_groups)?;
             }
-            let gname = gguf_name(&s.name).ok_or_else(|| Error::MissingTensor {
-                name: s.name.clone(),
-                source_file: Some(gguf.to_path_buf()),
-            })?;
-            let t = g.tensor(&gname)?;
-            if arch.gemma() && gname.ends_with("norm.weight") {
-                return Ok((t - 1.0)?);
-            }
-            Ok(t)
-        },
-    )?;
+            let v = g.tensor(&format!("blk.{i}.attn_v.weight"))?;
+            return Ok(Tensor::cat(&[q, k, v], 0)?);
+        }
+        if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.bias")) {
+            let parts = ["q", "k", "v"]
+                .iter()
+                .map(|x| g.tensor(&format!("blk.{i}.attn_{x}.bias")))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        let gname = gguf_name(&s.name).ok_or_else(|| Error::MissingTensor {
+            name: s.name.clone(),
+            source_file: Some(gguf.to_path_buf()),
+        })?;
+        let t = g.tensor(&gname)?;
+        if arch.gemma() && gname.ends_with("norm.weight") {
+            return Ok((t - 1.0)?);
+        }
+        Ok(t)
+    })?;
     for (file, text) in tok_files {
         crate::io::write_atomic(&out_dir.join(file), text.as_bytes())?;
     }
-    cfg.to_json_file(&out_dir.join("lit_config.json"))?;
+    cfg.to_json_file(&ck.config_path())?;
     Ok(GgufReport {
         n_tensors: specs.len(),
         config: cfg,

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod attention;
 pub mod attn_kernel;
 pub mod bf16_gemm;
+pub mod checkpoint_dir;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use attention::CausalSelfAttention;
+pub use checkpoint_dir::CheckpointDir;
 pub use config::{Config, MlpKind, NormKind};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

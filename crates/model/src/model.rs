@@ -449,8 +449,7 @@ impl Gpt {
     /// Loads a converted checkpoint folder: `lit_config.json` + `lit_model.safetensors`,
     /// weights cast to `dtype`.
     pub fn from_dir(dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Gpt> {
-        let cfg = Config::from_json_file(&dir.join("lit_config.json"))?;
-        let w = Weights::from_safetensors(&dir.join("lit_model.safetensors"), device)?;
+        let (cfg, w) = Gpt::read_dir(dir, device)?;
         Gpt::load(&cfg, w.with_dtype(dtype), device)
     }
 
@@ -463,9 +462,16 @@ impl Gpt {
         activations: DType,
         device: &Device,
     ) -> Result<Gpt> {
-        let cfg = Config::from_json_file(&dir.join("lit_config.json"))?;
-        let w = Weights::from_safetensors(&dir.join("lit_model.safetensors"), device)?;
+        let (cfg, w) = Gpt::read_dir(dir, device)?;
         Gpt::load(&cfg, w.with_mixed_dtype(weights, activations), device)
+    }
+
+    /// A checkpoint folder's config and (marker-checked) weights.
+    fn read_dir(dir: &std::path::Path, device: &Device) -> Result<(Config, Weights)> {
+        let ck = crate::CheckpointDir::new(dir);
+        let cfg = ck.config()?;
+        ck.check_marker()?;
+        Ok((cfg, Weights::from_safetensors(&ck.weights_path(), device)?))
     }
 
     /// dtype of the activations; also of the weights except under mixed precision.

@@ -31,7 +31,7 @@ fn main() {
         "peak RSS after loading the model {:6.0} MiB",
         peak_rss_mib()
     );
-    let ds = Dataset::open(&std::path::Path::new(data).join("train.safetensors")).unwrap();
+    let ds = Dataset::open(&loratune_data::dataset::DatasetDir::new(data).train_path()).unwrap();
     let mut sampler = Sampler::new(&ds, 4, 1337);
     let mut opt = AdamW::new(model.lora_vars(), AdamWConfig::default()).unwrap();
     let mut rng = Rng::new(1);

@@ -91,7 +91,7 @@ fn export(args: &Args) -> Result<()> {
     if args.format == Format::Peft && args.lora_path.is_none() {
         bail!("--format peft needs --lora-path (the adapter to export)");
     }
-    let stored = stored_dtype(&ck.join("lit_model.safetensors"))?;
+    let stored = stored_dtype(&loratune_model::CheckpointDir::new(ck).weights_path())?;
     // Merge (and re-lay) in f32; write the requested dtype.
     let mut model = Gpt::from_dir(ck, DType::F32, &device)
         .with_context(|| format!("loading {}", ck.display()))?;

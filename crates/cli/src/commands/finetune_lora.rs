@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
 use loratune_data::chat::ChatFormat;
-use loratune_data::{Dataset, DatasetMeta};
+use loratune_data::dataset::DatasetDir;
 use loratune_model::generate::{generate, Sampling};
 use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, Tokenizer};
 use loratune_train::optim::LrSchedule;
@@ -320,15 +320,8 @@ fn finetune(args: Args) -> Result<ExitCode> {
     lora.validate().context("--lora-*")?;
 
     // Data first: it is cheap to check and the usual source of mistakes.
-    let meta_path = args.data_dir.join("meta.json");
-    if !meta_path.is_file() {
-        bail!(
-            "{} is missing: run prepare-alpaca --destination-path {} first (or it was interrupted)",
-            meta_path.display(),
-            args.data_dir.display()
-        );
-    }
-    let meta = DatasetMeta::read(&meta_path)?;
+    let data = DatasetDir::new(&args.data_dir);
+    let meta = data.meta()?;
     let tok = Tokenizer::from_dir(&args.checkpoint_dir)?;
     if meta.tokenizer_sha256 != tok.checksum() {
         bail!(
@@ -343,13 +336,12 @@ fn finetune(args: Args) -> Result<ExitCode> {
             args.checkpoint_dir.display()
         );
     }
-    let train = Dataset::open(&args.data_dir.join("train.safetensors"))?;
-    let val = Dataset::open(&args.data_dir.join("val.safetensors"))?;
+    let (train, val) = data.open()?;
     if train.is_empty() || val.is_empty() {
         bail!("{}: the dataset is empty", args.data_dir.display());
     }
 
-    let weights = args.checkpoint_dir.join("lit_model.safetensors");
+    let weights = loratune_model::CheckpointDir::new(&args.checkpoint_dir).weights_path();
     let mut model = precision
         .load_model(&args.checkpoint_dir, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;

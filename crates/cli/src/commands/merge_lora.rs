@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::generation::merge_adapter;
 use anyhow::{Context, Result};
 use clap::Parser;
+use loratune_model::checkpoint_dir::{self, CheckpointDir};
 use loratune_model::weights::stored_dtype;
 use loratune_model::Gpt;
 
@@ -49,7 +50,11 @@ pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
 fn merge(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let device = candle_core::Device::Cpu;
-    let mut outputs = vec!["lit_model.safetensors", "lit_config.json"];
+    let (src, dst) = (
+        CheckpointDir::new(&args.checkpoint_dir),
+        CheckpointDir::new(&args.out_dir),
+    );
+    let mut outputs = vec![checkpoint_dir::WEIGHTS, checkpoint_dir::CONFIG];
     outputs.extend(TOKENIZER_FILES);
     crate::check_out_dir(
         &args.out_dir,
@@ -58,7 +63,7 @@ fn merge(args: &Args) -> Result<()> {
         args.overwrite,
     )?;
     // Merge in f32 and write the stored dtype back.
-    let dtype = stored_dtype(&args.checkpoint_dir.join("lit_model.safetensors"))?;
+    let dtype = stored_dtype(&src.weights_path())?;
     let mut model = Gpt::from_dir(&args.checkpoint_dir, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     merge_adapter(
@@ -75,13 +80,11 @@ fn merge(args: &Args) -> Result<()> {
     loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
     crate::clean_stale_temps(&args.out_dir);
     loratune_model::weights::save_safetensors(
-        &args.out_dir.join("lit_model.safetensors"),
+        &dst.weights_path(),
         &weights,
-        None,
+        Some(CheckpointDir::marker(&model.config.repo_id())),
     )?;
-    model
-        .config
-        .to_json_file(&args.out_dir.join("lit_config.json"))?;
+    model.config.to_json_file(&dst.config_path())?;
     for f in TOKENIZER_FILES {
         let src = args.checkpoint_dir.join(f);
         if src.is_file() {

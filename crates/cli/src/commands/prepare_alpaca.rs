@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use loratune_data::chat::{ChatFormat, Rendering};
-use loratune_data::dataset::write_dataset;
+use loratune_data::dataset::{write_dataset, DatasetDir};
 use loratune_data::prepare::{
     by_turn, drop_refused, encode_examples, histogram, length_histogram, length_stats, percentiles,
     split_indices, trained_counts, DatasetMeta, EncodeReport, LengthStats, PrepareOptions,
@@ -231,7 +231,7 @@ fn prepare(args: &Args) -> Result<()> {
     let t0 = Instant::now();
     let tok = Tokenizer::from_dir(&args.checkpoint_dir)
         .with_context(|| format!("loading the tokenizer of {}", args.checkpoint_dir.display()))?;
-    let config_path = args.checkpoint_dir.join("lit_config.json");
+    let config_path = loratune_model::CheckpointDir::new(&args.checkpoint_dir).config_path();
     let block_size = match Config::from_json_file(&config_path) {
         Ok(c) => Some(c.block_size),
         // Only the tokenizer is needed when the length is given.
@@ -389,13 +389,14 @@ fn prepare(args: &Args) -> Result<()> {
     loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
     crate::clean_stale_temps(&args.destination_path);
     // meta.json is written last: a dataset folder without it is incomplete.
-    let meta_path = args.destination_path.join("meta.json");
+    let dir = DatasetDir::new(&args.destination_path);
+    let meta_path = dir.meta_path();
     if meta_path.exists() {
         std::fs::remove_file(&meta_path)
             .with_context(|| format!("removing {}", meta_path.display()))?;
     }
-    write_dataset(&args.destination_path.join("train.safetensors"), &train)?;
-    write_dataset(&args.destination_path.join("val.safetensors"), &val)?;
+    write_dataset(&dir.train_path(), &train)?;
+    write_dataset(&dir.val_path(), &val)?;
     // The validation records as text, for reading and for picking test prompts.
     let val_json = serde_json::to_string_pretty(
         &val_part
@@ -404,11 +405,11 @@ fn prepare(args: &Args) -> Result<()> {
             .map(|(_, e)| example_json(e))
             .collect::<Vec<_>>(),
     )?;
-    loratune_model::io::write_atomic(&args.destination_path.join("val.json"), val_json.as_bytes())?;
+    loratune_model::io::write_atomic(&dir.val_json_path(), val_json.as_bytes())?;
     let sha = |p: &Path| loratune_model::io::sha256_file(p);
     let meta = DatasetMeta {
         format: loratune_data::dataset::FORMAT.into(),
-        format_version: 1,
+        format_version: loratune_data::dataset::META_FORMAT_VERSION,
         source: source_name,
         source_sha256: sha(&source)?,
         val_source: val_source.as_ref().map(|p| p.display().to_string()),

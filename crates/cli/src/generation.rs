@@ -87,24 +87,30 @@ pub fn parse_rendering(s: &str) -> std::result::Result<StyleFlag, String> {
         })
 }
 
-/// The rendering to prompt with: the flag's, else the one the adapter's training data used
-/// (checked against this tokenizer's chat template), else the chat template when the
+/// How a model's finetuning data was rendered, and where that was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainedPrompt {
+    pub style: String,
+    pub template_sha256: Option<String>,
+    /// "the adapter's training data" or "the merged adapter's training data".
+    pub from: &'static str,
+}
+
+/// The rendering to prompt with: the flag's, else the one the (merged) adapter's training
+/// data used (checked against this tokenizer's chat template), else the chat template when the
 /// tokenizer has one, else alpaca. With the format comes a note saying which one and why
 /// (none when the flag chose), for stderr once the request is known to be good.
 pub fn resolve_rendering(
     flag: Option<Rendering>,
-    adapter: Option<&AdapterMeta>,
+    trained_with: Option<&TrainedPrompt>,
     tok: &Tokenizer,
 ) -> Result<(ChatFormat, Option<String>)> {
-    let trained = adapter.and_then(|m| {
-        m.prompt_style
-            .as_deref()
-            .and_then(Rendering::parse)
-            .map(|r| (r, m.chat_template_sha256.as_deref()))
+    let trained = trained_with.and_then(|t| {
+        Rendering::parse(&t.style).map(|r| (r, t.template_sha256.as_deref(), t.from))
     });
     let (rendering, why) = match (flag, trained) {
         (Some(r), _) => (r, None),
-        (None, Some((r, sha))) => {
+        (None, Some((r, sha, from))) => {
             if r == Rendering::Template {
                 let Some(source) = &tok.chat_template else {
                     bail!(
@@ -120,7 +126,7 @@ pub fn resolve_rendering(
                     );
                 }
             }
-            (r, Some("as the adapter's training data"))
+            (r, Some(from))
         }
         (None, None) if tok.chat_template.is_some() => {
             (Rendering::Template, Some("the tokenizer's chat template"))
@@ -143,12 +149,13 @@ pub fn resolve_rendering(
 }
 
 /// Loads the base model, and with `lora` its adapters (settings read from the adapter file)
-/// merged into the weights; `force` accepts an adapter trained on other base weights.
+/// merged into the weights; `force` accepts an adapter trained on other base weights. With
+/// them comes the rendering the adapter's (or a merged checkpoint's) training data used.
 pub fn load_model(
     args: &GenerateArgs,
     lora: Option<&Path>,
     force: bool,
-) -> Result<(Gpt, Tokenizer, Option<AdapterMeta>)> {
+) -> Result<(Gpt, Tokenizer, Option<TrainedPrompt>)> {
     let device = crate::parse_device(&args.device)?;
     let precision = args
         .precision
@@ -166,7 +173,21 @@ pub fn load_model(
         )?),
         None => None,
     };
-    Ok((model, tok, meta))
+    let trained = match meta.and_then(|m| m.prompt_style.map(|s| (s, m.chat_template_sha256))) {
+        Some((style, template_sha256)) => Some(TrainedPrompt {
+            style,
+            template_sha256,
+            from: "as the adapter's training data",
+        }),
+        None => loratune_model::CheckpointDir::new(&args.checkpoint_dir)
+            .prompt()?
+            .map(|(style, template_sha256)| TrainedPrompt {
+                style,
+                template_sha256,
+                from: "as the merged adapter's training data",
+            }),
+    };
+    Ok((model, tok, trained))
 }
 
 /// Checks that the adapter at `path` was trained on the base model in `checkpoint_dir`:
@@ -230,10 +251,10 @@ pub fn run_generation(
     args: &GenerateArgs,
     model: &Gpt,
     tok: &Tokenizer,
-    adapter: Option<&AdapterMeta>,
+    trained: Option<&TrainedPrompt>,
 ) -> Result<()> {
     let sampling = sampling(args.temperature, args.top_k, args.top_p)?;
-    let (format, note) = resolve_rendering(args.prompt_style.0, adapter, tok)?;
+    let (format, note) = resolve_rendering(args.prompt_style.0, trained, tok)?;
     let prompt = format.prompt(&args.prompt, &args.input, args.system.as_deref())?;
     let mut ids = tok.encode(&prompt, format.adds_bos() && tok.add_bos, false)?;
     let block = model.config.block_size;

@@ -18,6 +18,7 @@ const CONVERT: &str = env!("CARGO_BIN_EXE_convert-hf-checkpoint");
 const FINETUNE: &str = env!("CARGO_BIN_EXE_finetune-lora");
 const GENERATE_LORA: &str = env!("CARGO_BIN_EXE_generate-lora");
 const GENERATE: &str = env!("CARGO_BIN_EXE_generate");
+const MERGE: &str = env!("CARGO_BIN_EXE_merge-lora");
 
 /// A fixture whose tokenizer has a ChatML chat template (EOS `<|im_end|>`).
 fn chat_ck() -> PathBuf {
@@ -455,6 +456,42 @@ fn the_adapter_carries_the_template_into_generate_lora() {
         r.ok && r
             .stderr
             .contains("prompt style template (the tokenizer's chat template"),
+        "{}",
+        r.stderr
+    );
+    // Merged, the checkpoint keeps the adapter's rendering (prompt.json).
+    let merged = root.join("merged");
+    let r = run(
+        MERGE,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--out-dir",
+            merged.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let prompt = std::fs::read_to_string(merged.join("prompt.json")).unwrap();
+    assert!(prompt.contains("\"template\""), "{prompt}");
+    let r = run(
+        GENERATE,
+        &[
+            "--checkpoint-dir",
+            merged.to_str().unwrap(),
+            "--prompt",
+            "Say 3.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ],
+    );
+    assert!(
+        r.ok && r
+            .stderr
+            .contains("prompt style template (as the merged adapter's training data"),
         "{}",
         r.stderr
     );

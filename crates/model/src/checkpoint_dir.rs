@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 pub const WEIGHTS: &str = "lit_model.safetensors";
 /// The resolved `Config` as JSON.
 pub const CONFIG: &str = "lit_config.json";
+/// In a merged checkpoint: how the merged adapter's training data was rendered
+/// (`{"prompt_style", "chat_template_sha256"}`), so prompts default to the same.
+pub const PROMPT: &str = "prompt.json";
 pub const FORMAT: &str = "loratune-lit";
 /// Safetensors header metadata holds strings only, so the version is the string "1" there.
 pub const FORMAT_VERSION: &str = "1";
@@ -41,6 +44,43 @@ impl CheckpointDir {
 
     pub fn config(&self) -> Result<Config> {
         Config::from_json_file(&self.config_path())
+    }
+
+    pub fn prompt_path(&self) -> PathBuf {
+        self.path.join(PROMPT)
+    }
+
+    /// The recorded rendering of a merged adapter's training data: (prompt style, chat
+    /// template sha256), or None when the folder has no `prompt.json`.
+    pub fn prompt(&self) -> Result<Option<(String, Option<String>)>> {
+        let path = self.prompt_path();
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::json(path.clone(), e))?;
+        match v.get("prompt_style").and_then(|s| s.as_str()) {
+            Some(style) => Ok(Some((
+                style.to_string(),
+                v.get("chat_template_sha256")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_string),
+            ))),
+            None => Err(Error::BadCheckpoint {
+                path,
+                reason: "no \"prompt_style\" string".into(),
+            }),
+        }
+    }
+
+    /// Writes `prompt.json` (atomically).
+    pub fn write_prompt(&self, style: &str, template_sha256: Option<&str>) -> Result<()> {
+        let v = serde_json::json!({"prompt_style": style, "chat_template_sha256": template_sha256});
+        crate::io::write_atomic(
+            &self.prompt_path(),
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )
     }
 
     /// The header metadata a weights file of model `repo_id` is written with.
@@ -145,6 +185,13 @@ mod tests {
         assert!(
             err.contains("\"pt\"") && err.contains("convert-hf-checkpoint"),
             "{err}"
+        );
+        // prompt.json round trip.
+        assert_eq!(ck.prompt().unwrap(), None);
+        ck.write_prompt("template", Some("abc")).unwrap();
+        assert_eq!(
+            ck.prompt().unwrap(),
+            Some(("template".to_string(), Some("abc".to_string())))
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

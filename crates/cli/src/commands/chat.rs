@@ -75,9 +75,9 @@ fn chat(args: Args) -> Result<()> {
         truncate_prompt: false,
     };
     let sampling = crate::generation::sampling(args.temperature, args.top_k, args.top_p)?;
-    let (model, tok, adapter) = load_model(&gen_args, args.lora_path.as_deref(), args.force)?;
+    let (model, tok, trained) = load_model(&gen_args, args.lora_path.as_deref(), args.force)?;
     let (format, note) =
-        crate::generation::resolve_rendering(args.prompt_style.0, adapter.as_ref(), &tok)?;
+        crate::generation::resolve_rendering(args.prompt_style.0, trained.as_ref(), &tok)?;
     let add_bos = format.adds_bos() && tok.add_bos;
     let block = model.config.block_size;
     if args.max_new_tokens >= block {

@@ -16,7 +16,7 @@ struct Args {
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     crate::run(|| {
         let args = Args::parse_from(argv);
-        let (model, tok, _) = load_model(&args.gen, None, false)?;
-        run_generation(&args.gen, &model, &tok, None)
+        let (model, tok, trained) = load_model(&args.gen, None, false)?;
+        run_generation(&args.gen, &model, &tok, trained.as_ref())
     })
 }

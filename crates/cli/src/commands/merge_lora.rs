@@ -54,7 +54,11 @@ fn merge(args: &Args) -> Result<()> {
         CheckpointDir::new(&args.checkpoint_dir),
         CheckpointDir::new(&args.out_dir),
     );
-    let mut outputs = vec![checkpoint_dir::WEIGHTS, checkpoint_dir::CONFIG];
+    let mut outputs = vec![
+        checkpoint_dir::WEIGHTS,
+        checkpoint_dir::CONFIG,
+        checkpoint_dir::PROMPT,
+    ];
     outputs.extend(TOKENIZER_FILES);
     crate::check_out_dir(
         &args.out_dir,
@@ -66,7 +70,7 @@ fn merge(args: &Args) -> Result<()> {
     let dtype = stored_dtype(&src.weights_path())?;
     let mut model = Gpt::from_dir(&args.checkpoint_dir, candle_core::DType::F32, &device)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
-    merge_adapter(
+    let meta = merge_adapter(
         &mut model,
         &args.lora_path,
         &args.checkpoint_dir,
@@ -85,6 +89,14 @@ fn merge(args: &Args) -> Result<()> {
         Some(CheckpointDir::marker(&model.config.repo_id())),
     )?;
     model.config.to_json_file(&dst.config_path())?;
+    // The rendering the adapter was trained with, so prompts to the merged model default to
+    // it (a folder left from an earlier merge loses its old record).
+    match &meta.prompt_style {
+        Some(style) => dst.write_prompt(style, meta.chat_template_sha256.as_deref())?,
+        None if dst.prompt_path().is_file() => std::fs::remove_file(dst.prompt_path())
+            .with_context(|| format!("removing {}", dst.prompt_path().display()))?,
+        None => {}
+    }
     for f in TOKENIZER_FILES {
         let src = args.checkpoint_dir.join(f);
         if src.is_file() {

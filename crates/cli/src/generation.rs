@@ -39,6 +39,10 @@ pub struct GenerateArgs {
     /// 32-true, bf16-true or 16-true; default bf16-true on CUDA, 32-true on CPU.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// Quantize the checkpoint's linear weights to this ggml type as they are loaded
+    /// (q8_0, q4_0, q4_k, ...), as finetune-lora --quantize does.
+    #[arg(long, value_parser = crate::parse_quantize)]
+    pub quantize: Option<loratune_model::quant::QuantKind>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// template (the checkpoint's chat template), alpaca, plain, chatml or none (the text as
@@ -162,7 +166,7 @@ pub fn load_model(
         .unwrap_or_else(|| Precision::default_for(&device));
     let tok = Tokenizer::from_dir(&args.checkpoint_dir)?;
     let mut model = precision
-        .load_model(&args.checkpoint_dir, &device)
+        .load_model(&args.checkpoint_dir, &device, args.quantize)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     let meta = match lora {
         Some(path) => Some(merge_adapter(
@@ -208,9 +212,21 @@ pub fn check_adapter_base(
             model.config.repo_id()
         );
     }
+    // Another quantization of the same model (QLoRA on a quantized file or --quantize, used
+    // on the dense checkpoint, or the other way round) is allowed with a warning naming both.
+    let here = model.quantization().label();
+    let requantized = meta.trained_quantization() != here;
+    if requantized {
+        errln!(
+            "warning: {} was trained on {} with {} linear weights; this base has {here}",
+            path.display(),
+            meta.base_model,
+            meta.trained_quantization()
+        );
+    }
     let weights = loratune_model::CheckpointDir::new(checkpoint_dir).weights_path();
     let sha = loratune_model::io::sha256_file(&weights)?;
-    if sha != meta.base_sha256 {
+    if sha != meta.base_sha256 && !requantized {
         let short = |s: &str| s.get(..12).unwrap_or(s).to_string();
         let msg = format!(
             "{} was trained on base weights with sha256 {}…, but {} has sha256 {}…",

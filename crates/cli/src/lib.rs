@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use loratune_model::quant::{QuantKind, QUANTIZE_KINDS};
 
 /// Runs a command body; an error becomes `error: <message with its causes>` on stderr and exit
 /// status 1.
@@ -134,6 +135,11 @@ fn one_line(msg: &str) -> String {
         .join(" ")
 }
 
+/// `--quantize TYPE`'s parser: a ggml type the linear weights can be quantized to.
+pub fn parse_quantize(s: &str) -> std::result::Result<QuantKind, String> {
+    QuantKind::parse_target(s).map_err(|_| format!("expected one of {}", QUANTIZE_KINDS.join(", ")))
+}
+
 /// `--precision`, Lit-GPT's names.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -167,14 +173,37 @@ impl Precision {
         }
     }
 
-    /// Loads a converted checkpoint folder in this precision.
-    pub fn load_model(self, dir: &std::path::Path, device: &Device) -> Result<loratune_model::Gpt> {
-        let model = match self {
-            Precision::Bf16Mixed | Precision::F16Mixed => {
-                loratune_model::Gpt::from_dir_mixed(dir, self.dtype(), DType::F32, device)?
-            }
-            _ => loratune_model::Gpt::from_dir(dir, self.dtype(), device)?,
+    /// Loads a converted checkpoint folder in this precision; `quantize` (`--quantize`)
+    /// quantizes its dense linear weights as they are read.
+    pub fn load_model(
+        self,
+        dir: &std::path::Path,
+        device: &Device,
+        quantize: Option<QuantKind>,
+    ) -> Result<loratune_model::Gpt> {
+        let activations = match self {
+            Precision::Bf16Mixed | Precision::F16Mixed => Some(DType::F32),
+            _ => None,
         };
+        let opts = loratune_model::LoadOptions {
+            weights: self.dtype(),
+            activations,
+            quantize,
+        };
+        let model = loratune_model::Gpt::open(dir, &opts, device)?;
+        let q = model.quantization();
+        if let Some(kind) = quantize {
+            if !q.dense_names.is_empty() {
+                errln!(
+                    "warning: --quantize {kind}: {} of {} linears kept dense, their rows are not \
+                     whole {kind} blocks of {} values (first: {})",
+                    q.dense_names.len(),
+                    q.quantized + q.dense,
+                    kind.block_size(),
+                    q.dense_names[0]
+                );
+            }
+        }
         Ok(model)
     }
 

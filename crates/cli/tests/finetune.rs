@@ -569,3 +569,133 @@ fn activation_checkpointing_and_bf16_mixed_train_the_same_adapters() {
         "bf16-mixed loss {lq} strays from 32-true's {lp}"
     );
 }
+
+const GENERATE_LORA: &str = env!("CARGO_BIN_EXE_generate-lora");
+const MERGE: &str = env!("CARGO_BIN_EXE_merge-lora");
+
+/// QLoRA with `--quantize`: every linear quantized to q8_0 at load, the run trains (loss
+/// tracks the 32-true run's), its adapter records the quantization, and resuming without
+/// `--quantize` is refused; generate-lora on the dense base warns naming both, merge-lora
+/// writes a dense checkpoint; a bogus type and ragged rows are refused or reported.
+#[test]
+fn quantize_trains_a_qlora_adapter_that_generate_and_merge_accept() {
+    let (root, ck, ds) = setup("ft-qlora", "llama_gqa_untied");
+    let common = [
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--max-iters",
+        "12",
+        "--eval-iters",
+        "1",
+        "--save-interval",
+        "3",
+        "--activation-checkpointing",
+        "--lora-mlp",
+    ];
+    let dense = root.join("dense");
+    assert!(finetune(&ck, &ds, &dense, &common).ok);
+    let qlora = root.join("qlora");
+    let mut args = common.to_vec();
+    args.extend(["--quantize", "q8_0"]);
+    let r = finetune(&ck, &ds, &qlora, &args);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("base weights: 11 of 11 linears quantized: q8_0 x 11"),
+        "{}",
+        r.stderr
+    );
+    let (d, q) = (metrics(&dense), metrics(&qlora));
+    let (first, ld, lq) = (
+        q[0]["loss"].as_f64().unwrap(),
+        d.last().unwrap()["loss"].as_f64().unwrap(),
+        q.last().unwrap()["loss"].as_f64().unwrap(),
+    );
+    assert!(lq < first, "QLoRA loss did not fall: {first} -> {lq}");
+    assert!(
+        (ld - lq).abs() < 0.05 * ld,
+        "QLoRA loss {lq} strays from 32-true's {ld}"
+    );
+    let adapter = qlora.join("lit_model_lora_finetuned.safetensors");
+    let (meta, _) = load_adapter(&adapter, &Device::Cpu).unwrap();
+    assert_eq!(meta.base_quantization.as_deref(), Some("q8_0 x 11"));
+
+    let mut resume = common.to_vec();
+    resume.extend(["--max-iters", "15", "--resume", "auto"]);
+    let r = finetune(&ck, &ds, &qlora, &resume);
+    assert!(
+        !r.ok
+            && r.stderr
+                .contains("trained on q8_0 x 11 linear weights, this run has dense"),
+        "{}",
+        r.stderr
+    );
+
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "Count to 3.",
+            "--max-new-tokens",
+            "4",
+            "--prompt-style",
+            "plain",
+        ];
+        a.extend_from_slice(extra);
+        run(GENERATE_LORA, &a)
+    };
+    let r = gen(&[]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("trained on")
+            && r.stderr
+                .contains("q8_0 x 11 linear weights; this base has dense"),
+        "{}",
+        r.stderr
+    );
+    let r = gen(&["--quantize", "q8_0"]);
+    assert!(r.ok && !r.stderr.contains("warning"), "{}", r.stderr);
+
+    let merged = root.join("merged");
+    let r = run(
+        MERGE,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--out-dir",
+            merged.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let w = loratune_model::Weights::from_safetensors(
+        &merged.join("lit_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(!w.holds_quantized());
+
+    let r = finetune(&ck, &ds, &root.join("bogus"), &["--quantize", "q3_x"]);
+    assert!(
+        !r.ok && r.stderr.contains("q3_x") && r.stderr.contains("q8_0, q4_0"),
+        "{}",
+        r.stderr
+    );
+    let mut args = common.to_vec();
+    args.extend(["--quantize", "q4_k", "--max-iters", "1"]);
+    let r = finetune(&ck, &ds, &root.join("ragged"), &args);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--quantize q4_k: 11 of 11 linears kept dense")
+            && r.stderr.contains("256 values"),
+        "{}",
+        r.stderr
+    );
+}

@@ -18,6 +18,9 @@ use loratune_model::{Gpt, Tokenizer};
 const CONVERT: &str = env!("CARGO_BIN_EXE_convert-hf-checkpoint");
 const GENERATE: &str = env!("CARGO_BIN_EXE_generate");
 const CHAT: &str = env!("CARGO_BIN_EXE_chat");
+const PREPARE: &str = env!("CARGO_BIN_EXE_prepare-alpaca");
+const FINETUNE: &str = env!("CARGO_BIN_EXE_finetune-lora");
+const GENERATE_LORA: &str = env!("CARGO_BIN_EXE_generate-lora");
 
 fn tiny_gguf() -> PathBuf {
     fixtures().join("gguf/tiny-llama.gguf")
@@ -199,6 +202,131 @@ fn real_smollm2_answers_paris() {
     );
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("Paris"), "answer: {}", r.stdout);
+}
+
+/// QLoRA on the file as downloaded: `--keep-quantized` keeps SmolLM2's 150 Q4_1/Q8_0 linear
+/// weights as their blocks (a smaller checkpoint), finetune-lora trains adapters on them, and
+/// generate-lora on the same quantized base still answers Paris.
+#[test]
+fn real_smollm2_qlora_on_the_file_as_downloaded() {
+    let (Ok(path), Ok(demo)) = (
+        std::env::var("LORATUNE_SMOLLM2_GGUF"),
+        std::env::var("LORATUNE_ALPACA_DEMO"),
+    ) else {
+        eprintln!("LORATUNE_SMOLLM2_GGUF / LORATUNE_ALPACA_DEMO are not set: runs in .ci/run");
+        return;
+    };
+    let root = scratch("gguf-smollm2-qlora");
+    let (ck, dense) = (root.join("smollm2-q"), root.join("smollm2"));
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            &path,
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--keep-quantized",
+            "--dtype",
+            "bfloat16",
+            "--model-name",
+            "smollm2",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("kept 150 linear weights quantized"),
+        "{}",
+        r.stdout
+    );
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            &path,
+            "--checkpoint-dir",
+            dense.to_str().unwrap(),
+            "--model-name",
+            "smollm2",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("lit_model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    // 150 linears as 4/8-bit blocks and a bf16 embedding, against all of it in f32.
+    assert!(
+        size(&ck) * 4 < size(&dense),
+        "{} vs {}",
+        size(&ck),
+        size(&dense)
+    );
+
+    let ds = root.join("ds");
+    let r = run(
+        PREPARE,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--data-file",
+            &demo,
+            "--destination-path",
+            ds.to_str().unwrap(),
+            "--test-split-size",
+            "8",
+            "--max-seq-length",
+            "96",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let out = root.join("out");
+    let r = run(
+        FINETUNE,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--data-dir",
+            ds.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--max-iters",
+            "3",
+            "--micro-batch-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-iters",
+            "1",
+            "--quiet",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("150 of 150 linears quantized"),
+        "{}",
+        r.stderr
+    );
+    let r = run(
+        GENERATE_LORA,
+        &[
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            out.join("lit_model_lora_finetuned.safetensors")
+                .to_str()
+                .unwrap(),
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+        ],
+    );
+    assert!(r.ok && !r.stderr.contains("warning"), "{}", r.stderr);
+    assert!(r.stdout.contains("Paris"), "answer: {}", r.stdout);
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 /// transformers' outputs for the real GGUF files (scripts/make_gguf_oracle.py).

@@ -37,6 +37,10 @@ pub struct AdapterMeta {
     /// sha256 of the chat template that rendered the data, for "template".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template_sha256: Option<String>,
+    /// The base's linear weights as trained on (`QuantSummary::label`: `dense`, or e.g.
+    /// `q4_k x 96 + q6_k x 24`); absent in adapters from before QLoRA (dense).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_quantization: Option<String>,
 }
 
 impl AdapterMeta {
@@ -51,7 +55,18 @@ impl AdapterMeta {
             run_id: None,
             prompt_style: None,
             chat_template_sha256: None,
+            base_quantization: None,
         }
+    }
+
+    pub fn with_base_quantization(mut self, label: String) -> Self {
+        self.base_quantization = Some(label);
+        self
+    }
+
+    /// What the base was when trained: `dense` when the adapter does not say.
+    pub fn trained_quantization(&self) -> &str {
+        self.base_quantization.as_deref().unwrap_or("dense")
     }
 
     /// Records the rendering of the training data.

@@ -13,7 +13,6 @@ use crate::attn_kernel::{packed_attention, PackedAttention};
 use crate::config::{Config, QkNorm, RopeScaling};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::lora::{frozen_forward, linear_input_grad};
 use crate::lora::{DropoutCtx, LoraLinear};
 use crate::mask::ScoreRules;
 use crate::model::Norm;
@@ -318,9 +317,9 @@ impl CausalSelfAttention {
                 return Ok(recompute(
                     "attention-proj",
                     &[&qkv, res],
-                    move |a| &a[1] + frozen_forward(&fwd.forward(&a[0])?, &w, b.as_ref())?,
+                    move |a| &a[1] + w.forward_no_grad(&fwd.forward(&a[0])?, b.as_ref())?,
                     move |a, dout| {
-                        let dy = linear_input_grad(dout, &wb)?.to_dtype(a[0].dtype())?;
+                        let dy = wb.input_grad(dout)?.to_dtype(a[0].dtype())?;
                         Ok(vec![Some(att.backward(&a[0], &dy)?), Some(dout.clone())])
                     },
                 )?);
@@ -352,8 +351,10 @@ impl CausalSelfAttention {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         if let (Some(r), Some((w, b))) = (residual, self.proj.frozen_parts()) {
-            if let Some(out) = frozen_linear_add(y, &w, b.as_ref(), r)? {
-                return Ok(out);
+            if let Some(w) = w.as_dense() {
+                if let Some(out) = frozen_linear_add(y, w, b.as_ref(), r)? {
+                    return Ok(out);
+                }
             }
         }
         let out = self.proj.forward(y, dropout)?;

@@ -387,7 +387,7 @@ pub fn export_hf(
     let arch = hf_arch(cfg)?;
     let config = hf_config(cfg, arch, bos, eos, dtype);
     check_round_trip(cfg, arch, &config)?;
-    let lit: HashMap<String, Tensor> = model.named_weights().into_iter().collect();
+    let lit: HashMap<String, Tensor> = model.named_weights()?.into_iter().collect();
     // HF name -> its pieces (first row, lit name), and the HF names in lit order.
     let mut pieces: HashMap<String, Vec<(usize, String)>> = HashMap::new();
     let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();

@@ -20,7 +20,8 @@ use serde_json::json;
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::convert::lit_shapes;
 use crate::error::{Error, Result};
-use crate::weights::{write_safetensors_streaming, TensorSpec};
+use crate::quant::{QuantKind, QuantWeight};
+use crate::weights::{write_safetensors_streaming, TensorSpec, QUANTIZED_KEY};
 
 /// What an import wrote.
 #[derive(Debug, Clone)]
@@ -29,7 +30,22 @@ pub struct GgufReport {
     pub n_tensors: usize,
     pub bytes: u64,
     pub quant_types: Vec<String>,
+    /// Linear weights written as the file's blocks (`keep_quantized`).
+    pub kept_quantized: usize,
 }
+
+/// The lit linear weights (what may stay quantized), by name suffix.
+const LINEAR_SUFFIXES: [&str; 6] = [
+    "attn.qkv.weight",
+    "attn.proj.weight",
+    "mlp.fc_1.weight",
+    "mlp.fc_2.weight",
+    "mlp.proj.weight",
+    "lm_head.weight",
+];
+
+/// Where a lit linear weight's rows come from: GGUF tensors, each with a row range.
+type RowSources = Vec<(String, std::ops::Range<usize>)>;
 
 struct Gguf {
     path: PathBuf,
@@ -107,15 +123,68 @@ impl Gguf {
             .collect()
     }
 
-    fn tensor(&self, name: &str) -> Result<Tensor> {
+    fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
         let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let q = self
-            .content
+        self.content
             .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| self.bad(format!("tensor {name:?}: {e}")))?;
-        q.dequantize(&Device::Cpu)
+            .map_err(|e| self.bad(format!("tensor {name:?}: {e}")))
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.qtensor(name)?
+            .dequantize(&Device::Cpu)
             .map_err(|e| self.bad(format!("tensor {name:?} could not be dequantized ({e})")))
     }
+
+    /// A tensor's ggml type and (rows, cols), from the index.
+    fn info(&self, name: &str) -> Result<(QuantKind, usize, usize)> {
+        let t = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.bad(format!("tensor {name:?} is missing")))?;
+        let (rows, cols) = match t.shape.dims() {
+            [r, c] => (*r, *c),
+            d => return Err(self.bad(format!("tensor {name:?} has shape {d:?}, not a matrix"))),
+        };
+        Ok((QuantKind(t.ggml_dtype), rows, cols))
+    }
+
+    /// The stored blocks of `sources` stacked by rows, Q/K rows unpermuted where `unpermute`
+    /// gives the head count; `None` if any source is not block-quantized (kept dense then).
+    fn quantized_rows(
+        &self,
+        lit: &str,
+        sources: &RowSources,
+        unpermute_heads: &[Option<usize>],
+    ) -> Result<QuantWeight> {
+        let mut parts = Vec::with_capacity(sources.len());
+        for ((name, rows), heads) in sources.iter().zip(unpermute_heads) {
+            let mut q = QuantWeight::from_qtensor(name, self.qtensor(name)?)?;
+            if rows.start != 0 || rows.end != q.rows() {
+                q = q.narrow_rows(rows.start, rows.len())?;
+            }
+            if let Some(n_head) = heads {
+                q = q.permute_rows(&unpermute_order(q.rows(), *n_head))?;
+            }
+            parts.push(q);
+        }
+        QuantWeight::stack(lit, parts)
+    }
+}
+
+/// The row order [`unpermute`] produces: row i of the result is row `order[i]` of the input.
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hs = rows / n_head;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..hs / 2 {
+                order.push(h * hs + 2 * i + j);
+            }
+        }
+    }
+    order
 }
 
 /// Reverses llama.cpp's rotary row permutation of a (n_head * head_size, in) weight.
@@ -555,14 +624,54 @@ pub fn import_tokenizer(gguf: &Path, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The GGUF rows a lit linear weight is made of, and the head counts of parts whose rows
+/// llama.cpp permuted; `None` for a tensor that is not a linear weight.
+fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Vec<Option<usize>>)> {
+    if !LINEAR_SUFFIXES.iter().any(|s| lit.ends_with(s)) {
+        return None;
+    }
+    let block = lit
+        .strip_prefix("transformer.h.")
+        .and_then(|r| r.split_once('.'));
+    let whole = |g: String| (g, 0..usize::MAX);
+    if let (Arch::Phi3, Some((i, module))) = (arch, block) {
+        let inter = cfg.intermediate_size;
+        let up = format!("blk.{i}.ffn_up.weight");
+        match module {
+            "attn.qkv.weight" => {
+                return Some((vec![whole(format!("blk.{i}.attn_qkv.weight"))], vec![None]))
+            }
+            "mlp.fc_1.weight" => return Some((vec![(up, 0..inter)], vec![None])),
+            "mlp.fc_2.weight" => return Some((vec![(up, inter..2 * inter)], vec![None])),
+            _ => {}
+        }
+    }
+    if let Some((i, "attn.qkv.weight")) = block {
+        let (q, k) = if arch.permuted() {
+            (Some(cfg.n_head), Some(cfg.n_query_groups))
+        } else {
+            (None, None)
+        };
+        let src = ["q", "k", "v"]
+            .iter()
+            .map(|x| whole(format!("blk.{i}.attn_{x}.weight")))
+            .collect();
+        return Some((src, vec![q, k, None]));
+    }
+    Some((vec![whole(gguf_name(lit)?)], vec![None]))
+}
+
 /// Imports `gguf` into `out_dir` (created if needed): lit_model.safetensors (in `dtype`,
 /// default f32), lit_config.json and the tokenizer files. `name` names the config; a preset of
-/// that name is used when its sizes and attention settings agree with the file.
+/// that name is used when its sizes and attention settings agree with the file. With
+/// `keep_quantized` every linear weight stored block-quantized in the file stays as its blocks
+/// (rows moved, never requantized); embeddings and norms are dequantized as always.
 pub fn import_gguf(
     gguf: &Path,
     out_dir: &Path,
     name: &str,
     dtype: Option<DType>,
+    keep_quantized: bool,
 ) -> Result<GgufReport> {
     let g = Gguf::open(gguf)?;
     let arch = arch_of(&g)?;
@@ -600,13 +709,65 @@ pub fn import_gguf(
 
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let dtype = dtype.unwrap_or(DType::F32);
-    let specs: Vec<TensorSpec> = lit_shapes(&cfg)
-        .into_iter()
-        .map(|(name, shape)| TensorSpec { name, shape, dtype })
-        .collect();
+    // Which linears stay quantized, with their parts (type, rows) and byte sizes: the header
+    // is written before any tensor.
+    let mut kept: HashMap<String, (RowSources, Vec<Option<usize>>)> = HashMap::new();
+    let mut stored_parts: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+    let mut specs = Vec::new();
+    for (lit, shape) in lit_shapes(&cfg) {
+        if keep_quantized {
+            if let Some((mut sources, heads)) = linear_sources(&lit, arch, &cfg) {
+                let mut parts = Vec::new();
+                let mut bytes = 0usize;
+                for (src, rows) in sources.iter_mut() {
+                    let (kind, r, cols) = g.info(src)?;
+                    if rows.end == usize::MAX {
+                        *rows = 0..r;
+                    }
+                    match kind.row_bytes(cols) {
+                        Some(rb) if kind.is_quantized() => {
+                            bytes += rb * rows.len();
+                            parts.push((kind.name().to_string(), rows.len()));
+                        }
+                        _ => {
+                            parts.clear();
+                            break;
+                        }
+                    }
+                }
+                if !parts.is_empty() {
+                    specs.push(TensorSpec {
+                        name: lit.clone(),
+                        shape: vec![bytes],
+                        dtype: DType::U8,
+                    });
+                    stored_parts.insert(lit.clone(), parts);
+                    kept.insert(lit, (sources, heads));
+                    continue;
+                }
+            }
+        }
+        specs.push(TensorSpec {
+            name: lit,
+            shape,
+            dtype,
+        });
+    }
     let ck = crate::CheckpointDir::new(out_dir);
-    let metadata = crate::CheckpointDir::marker(&cfg.repo_id());
+    let mut metadata = crate::CheckpointDir::marker(&cfg.repo_id());
+    if !stored_parts.is_empty() {
+        metadata.insert(
+            QUANTIZED_KEY.to_string(),
+            serde_json::to_string(&stored_parts).expect("strings and numbers"),
+        );
+    }
     let bytes = write_safetensors_streaming(&ck.weights_path(), &specs, &metadata, |s| {
+        if let Some((sources, heads)) = kept.get(&s.name) {
+            let q = g.quantized_rows(&s.name, sources, heads)?;
+            let bytes: Vec<u8> = q.raw_parts()?.into_iter().flat_map(|(_, _, b)| b).collect();
+            let n = bytes.len();
+            return Ok(Tensor::from_vec(bytes, n, &Device::Cpu)?);
+        }
         let block = s.name.strip_prefix("transformer.h.");
         // Phi-3's fused tensors: q, k, v rows, and the MLP's gate rows then up rows.
         if let (Arch::Phi3, Some(i)) = (arch, block.and_then(|r| r.split_once('.'))) {
@@ -662,6 +823,7 @@ pub fn import_gguf(
         config: cfg,
         bytes,
         quant_types,
+        kept_quantized: stored_parts.len(),
     })
 }
 

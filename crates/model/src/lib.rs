@@ -24,6 +24,7 @@ pub mod lora;
 pub mod mask;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod recompute;
 pub mod rng;
 #[cfg(test)]
@@ -37,7 +38,7 @@ pub use config::{Config, MlpKind, NormKind};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lora::{no_grad, DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
-pub use model::{Block, Gpt};
+pub use model::{Block, Gpt, LoadOptions, QuantSummary};
 pub use rng::Rng;
 pub use tokenizer::{StreamDecoder, Tokenizer};
 pub use weights::Weights;

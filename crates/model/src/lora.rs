@@ -8,12 +8,14 @@
 //! (x @ [A_1; A_2]^T) @ B_block^T, where B_block places each B_i at its rows and columns.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ops::{frozen_linear, frozen_linear_add, frozen_matmul, frozen_weight_grad};
+use crate::quant::QuantWeight;
 use crate::recompute::recompute;
 use crate::rng::Rng;
 
@@ -184,12 +186,96 @@ pub struct Adapter {
     pub b: Var,
 }
 
+/// A linear's frozen weight (out, in): a dense tensor, or quantized ggml blocks (QLoRA).
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QuantWeight>),
+}
+
+impl FrozenWeight {
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            FrozenWeight::Quantized(q) => (q.rows(), q.cols()),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            FrozenWeight::Dense(w) => w.device().clone(),
+            FrozenWeight::Quantized(q) => q.device(),
+        }
+    }
+
+    /// The dense tensor, `None` when quantized.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Some(w),
+            FrozenWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The quantized blocks, `None` when dense.
+    pub fn as_quantized(&self) -> Option<&Arc<QuantWeight>> {
+        match self {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quantized(q) => Some(q),
+        }
+    }
+
+    /// The matrix as a dense tensor: itself, or dequantized to `dtype` (merging, export).
+    pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.clone()),
+            FrozenWeight::Quantized(q) => q.dequantize(dtype),
+        }
+    }
+
+    /// x W^T + b with no graph (inside a hand-written op), in x's dtype.
+    pub(crate) fn forward_no_grad(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => frozen_forward(x, w, bias),
+            FrozenWeight::Quantized(q) => {
+                let y = q.matmul_no_grad(x).map_err(candle_err)?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// dY @ W, the input gradient.
+    pub(crate) fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => linear_input_grad(dy, w),
+            FrozenWeight::Quantized(q) => q.input_grad(dy).map_err(candle_err),
+        }
+    }
+}
+
+fn candle_err(e: Error) -> candle_core::Error {
+    match e {
+        Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
 /// A frozen linear layer, optionally with LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// Parameter-name prefix, e.g. `transformer.h.0.attn.qkv`.
     pub name: String,
-    pub weight: Tensor,
+    weight: FrozenWeight,
     pub bias: Option<Tensor>,
     adapters: Vec<Adapter>,
     scaling: f64,
@@ -199,6 +285,15 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// A frozen linear with no adapters. `weight` is (out, in).
     pub fn frozen(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> LoraLinear {
+        Self::with_weight(name, FrozenWeight::Dense(weight), bias)
+    }
+
+    /// A frozen linear over any weight (dense or quantized), with no adapters.
+    pub fn with_weight(
+        name: impl Into<String>,
+        weight: FrozenWeight,
+        bias: Option<Tensor>,
+    ) -> LoraLinear {
         LoraLinear {
             name: name.into(),
             weight,
@@ -209,12 +304,21 @@ impl LoraLinear {
         }
     }
 
+    pub fn weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+
+    /// The dense weight; `None` when quantized.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        self.weight.as_dense()
+    }
+
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().0
     }
 
     pub fn adapters(&self) -> &[Adapter] {
@@ -224,7 +328,7 @@ impl LoraLinear {
     /// Adapter parameters are f32 whatever the weight dtype (bf16/f16 models train f32
     /// adapters), except for f64 models, whose adapters are f64 too.
     fn adapter_dtype(&self) -> DType {
-        if self.weight.dtype() == DType::F64 {
+        if self.dense_weight().map(Tensor::dtype) == Some(DType::F64) {
             DType::F64
         } else {
             DType::F32
@@ -252,8 +356,8 @@ impl LoraLinear {
             .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
             .collect();
         let device = self.weight.device();
-        let a = Tensor::from_vec(a, (cfg.r, in_f), device)?;
-        let b = Tensor::zeros((rows.len(), cfg.r), DType::F32, device)?;
+        let a = Tensor::from_vec(a, (cfg.r, in_f), &device)?;
+        let b = Tensor::zeros((rows.len(), cfg.r), DType::F32, &device)?;
         self.set_adapter(target, rows, a, b, cfg)
     }
 
@@ -300,7 +404,7 @@ impl LoraLinear {
     /// B placed at its rows, one column block per adapter: (out, n_adapters * r).
     fn b_block(&self) -> Result<Tensor> {
         let out_f = self.out_features();
-        let device = self.weight.device();
+        let device = &self.weight.device();
         let cols = self
             .adapters
             .iter()
@@ -367,10 +471,14 @@ impl LoraLinear {
             &[x, &h, &b],
             |t| {
                 let delta = t[1].broadcast_matmul(&t[2].t()?)?;
-                match frozen_linear_add(&t[0], &w, bias.as_ref(), &delta)? {
+                let fused = match &w {
+                    FrozenWeight::Dense(w) => frozen_linear_add(&t[0], w, bias.as_ref(), &delta)?,
+                    FrozenWeight::Quantized(_) => None,
+                };
+                match fused {
                     Some(y) => Ok(y),
                     None => {
-                        let y = frozen_forward(&t[0], &w, bias.as_ref())?;
+                        let y = w.forward_no_grad(&t[0], bias.as_ref())?;
                         let delta = delta.to_dtype(y.dtype())?;
                         y + delta
                     }
@@ -380,7 +488,7 @@ impl LoraLinear {
                 let w = self.weight.clone();
                 move |t, dy| {
                     let (h, b) = (&t[1], &t[2]);
-                    let dx = linear_input_grad(dy, &w)?;
+                    let dx = w.input_grad(dy)?;
                     let dy = dy.to_dtype(h.dtype())?;
                     let dh = dy.broadcast_matmul(b)?;
                     let rows = dy.elem_count() / dy.dim(D::Minus1)?;
@@ -401,12 +509,21 @@ impl LoraLinear {
         x: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        if !self.adapters.is_empty() {
-            return Ok(None);
+        if let Some(y) = self.quantized_after(
+            "gelu-quantized-linear",
+            &[x],
+            residual,
+            |a| a[0].gelu_erf(),
+            |a, da| Ok(vec![crate::ops::gelu_erf_grad(&a[0], da)?]),
+        )? {
+            return Ok(Some(y));
         }
+        let Some(w) = self.frozen_dense() else {
+            return Ok(None);
+        };
         Ok(crate::ops::gelu_then_frozen_linear(
             x,
-            &self.weight,
+            w,
             self.bias.as_ref(),
             residual,
         )?)
@@ -419,28 +536,90 @@ impl LoraLinear {
         up: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        if !self.adapters.is_empty() {
-            return Ok(None);
+        if let Some(y) = self.quantized_after(
+            "swiglu-quantized-linear",
+            &[gate, up],
+            residual,
+            |a| a[0].silu()? * &a[1],
+            |a, da| {
+                let (dg, du) = crate::ops::swiglu_grad(&a[0], &a[1], da)?;
+                Ok(vec![dg, du])
+            },
+        )? {
+            return Ok(Some(y));
         }
+        let Some(w) = self.frozen_dense() else {
+            return Ok(None);
+        };
         Ok(crate::ops::swiglu_then_frozen_linear(
             gate,
             up,
-            &self.weight,
+            w,
             self.bias.as_ref(),
             residual,
         )?)
     }
 
-    /// The frozen weight and bias of a linear without adapters.
-    pub(crate) fn frozen_parts(&self) -> Option<(Tensor, Option<Tensor>)> {
+    /// The dense weight of a linear without adapters (what the fused kernels take).
+    fn frozen_dense(&self) -> Option<&Tensor> {
+        if self.adapters.is_empty() {
+            self.dense_weight()
+        } else {
+            None
+        }
+    }
+
+    /// The frozen weight (dense or quantized) and bias of a linear without adapters.
+    pub(crate) fn frozen_parts(&self) -> Option<(FrozenWeight, Option<Tensor>)> {
         self.adapters
             .is_empty()
             .then(|| (self.weight.clone(), self.bias.clone()))
     }
 
+    /// `residual + act(inputs) @ W^T + b` for a quantized weight without adapters, as one op
+    /// keeping only its inputs (the activation is recomputed in the backward pass); `None`
+    /// otherwise. `act` maps the detached inputs to the projection's input, `act_grad` maps
+    /// (inputs, d(projection input)) to the inputs' gradients.
+    fn quantized_after(
+        &self,
+        name: &'static str,
+        inputs: &[&Tensor],
+        residual: Option<&Tensor>,
+        act: fn(&[Tensor]) -> candle_core::Result<Tensor>,
+        act_grad: fn(&[Tensor], &Tensor) -> candle_core::Result<Vec<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        let (Some(q), true) = (self.weight.as_quantized(), self.adapters.is_empty()) else {
+            return Ok(None);
+        };
+        let n = inputs.len();
+        let all: Vec<&Tensor> = inputs.iter().copied().chain(residual).collect();
+        let (w, bias) = (self.weight.clone(), self.bias.clone());
+        let wq = FrozenWeight::Quantized(q.clone());
+        Ok(Some(recompute(
+            name,
+            &all,
+            |a| {
+                let y = w.forward_no_grad(&act(&a[..n])?, bias.as_ref())?;
+                a.get(n).map_or(Ok(y.clone()), |r| r + &y)
+            },
+            move |a, dy| {
+                let da = wq.input_grad(dy)?;
+                let mut g: Vec<Option<Tensor>> =
+                    act_grad(&a[..n], &da)?.into_iter().map(Some).collect();
+                if a.len() > n {
+                    g.push(Some(dy.clone()));
+                }
+                Ok(g)
+            },
+        )?))
+    }
+
     /// x W^T + b.
     fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(frozen_forward(x, &self.weight, self.bias.as_ref())?)
+        match &self.weight {
+            FrozenWeight::Dense(w) => Ok(frozen_forward(x, w, self.bias.as_ref())?),
+            FrozenWeight::Quantized(q) => q.linear(x, self.bias.as_ref()),
+        }
     }
 
     /// Every adapter together: A stacked (n_adapters * r, in), B placed at its rows
@@ -468,13 +647,26 @@ impl LoraLinear {
         ))
     }
 
-    /// Folds the adapters into the weight (computed in f32) and drops them.
-    pub fn merge(&mut self) -> Result<()> {
+    /// Folds the adapters into the weight (computed in f32) and drops them. A quantized
+    /// weight becomes dense, in `dense_dtype`.
+    pub fn merge(&mut self, dense_dtype: DType) -> Result<()> {
         if let Some(delta) = self.delta_weight()? {
-            let dtype = self.weight.dtype();
-            let w = (self.weight.to_dtype(delta.dtype())? + delta)?;
-            self.weight = w.to_dtype(dtype)?;
+            let (w, dtype) = match &self.weight {
+                FrozenWeight::Dense(w) => (w.clone(), w.dtype()),
+                FrozenWeight::Quantized(q) => (q.dequantize(DType::F32)?, dense_dtype),
+            };
+            let w = (w.to_dtype(delta.dtype())? + delta)?;
+            self.weight = FrozenWeight::Dense(w.to_dtype(dtype)?);
             self.adapters.clear();
+        }
+        Ok(())
+    }
+
+    /// Replaces a dense weight by its quantization to `kind` (adapters untouched).
+    pub fn quantize(&mut self, kind: crate::quant::QuantKind) -> Result<()> {
+        if let FrozenWeight::Dense(w) = &self.weight {
+            let q = QuantWeight::quantize(&format!("{}.weight", self.name), w, kind)?;
+            self.weight = FrozenWeight::Quantized(Arc::new(q));
         }
         Ok(())
     }
@@ -617,7 +809,7 @@ mod tests {
         let xd = x.as_tensor().mul(&mask).unwrap();
         let mut want = x
             .as_tensor()
-            .broadcast_matmul(&lin.weight.t().unwrap())
+            .broadcast_matmul(&lin.dense_weight().unwrap().t().unwrap())
             .unwrap()
             .broadcast_add(lin.bias.as_ref().unwrap())
             .unwrap();

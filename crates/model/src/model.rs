@@ -105,20 +105,22 @@ fn load_linear(
     in_f: usize,
     bias: bool,
 ) -> Result<LoraLinear> {
-    let weight = w.take(&format!("{name}.weight"), &[out_f, in_f])?;
+    let weight = w.take_linear(&format!("{name}.weight"), &[out_f, in_f])?;
     let b = if bias {
         Some(w.take(&format!("{name}.bias"), &[out_f])?)
     } else {
         None
     };
-    Ok(LoraLinear::frozen(name, weight, b))
+    Ok(LoraLinear::with_weight(name, weight, b))
 }
 
-fn linear_named(l: &LoraLinear, out: &mut Vec<(String, Tensor)>) {
-    out.push((format!("{}.weight", l.name), l.weight.clone()));
+/// A linear's tensors by checkpoint name; a quantized weight dequantized to `dtype`.
+fn linear_named(l: &LoraLinear, dtype: DType, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+    out.push((format!("{}.weight", l.name), l.weight().to_dense(dtype)?));
     if let Some(b) = &l.bias {
         out.push((format!("{}.bias", l.name), b.clone()));
     }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -394,6 +396,67 @@ pub fn lora_param_count(cfg: &Config, lora: &LoraConfig) -> usize {
 /// A LoRA target on a linear: parameter-name suffix and the output rows it updates.
 type AdapterSlot = (&'static str, std::ops::Range<usize>);
 
+/// What [`Gpt::quantization`] reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuantSummary {
+    pub quantized: usize,
+    pub dense: usize,
+    /// ggml type names with how many linears use each.
+    pub kinds: Vec<(String, usize)>,
+    pub bytes: usize,
+    /// The linears left dense.
+    pub dense_names: Vec<String>,
+}
+
+/// How [`Gpt::open`] reads a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    /// dtype of the dense linear and embedding weights.
+    pub weights: DType,
+    /// Mixed precision: norms, biases and activations in this dtype instead.
+    pub activations: Option<DType>,
+    /// Quantize dense linear weights to this ggml type as they are read.
+    pub quantize: Option<crate::quant::QuantKind>,
+}
+
+impl QuantSummary {
+    /// `dense`, or the types with their counts (`q4_k x 96 + q6_k x 24`): what an adapter
+    /// records of the base it was trained on.
+    pub fn label(&self) -> String {
+        if self.quantized == 0 {
+            return "dense".into();
+        }
+        let kinds: Vec<String> = self
+            .kinds
+            .iter()
+            .map(|(k, n)| format!("{k} x {n}"))
+            .collect();
+        let mut label = kinds.join(" + ");
+        if self.dense > 0 {
+            label.push_str(&format!(" + dense x {}", self.dense));
+        }
+        label
+    }
+
+    /// e.g. `q4_k x 120, q6_k x 24 (312.4 MiB)`; `None` when nothing is quantized.
+    pub fn describe(&self) -> Option<String> {
+        (self.quantized > 0).then(|| {
+            let kinds: Vec<String> = self
+                .kinds
+                .iter()
+                .map(|(k, n)| format!("{k} x {n}"))
+                .collect();
+            format!(
+                "{} of {} linears quantized: {} ({:.1} MiB)",
+                self.quantized,
+                self.quantized + self.dense,
+                kinds.join(", "),
+                self.bytes as f64 / (1 << 20) as f64
+            )
+        })
+    }
+}
+
 /// The whole model.
 #[derive(Debug, Clone)]
 pub struct Gpt {
@@ -424,10 +487,12 @@ impl Gpt {
         // Activations flow in the norms' dtype: the weights' dtype, except under mixed
         // precision, where matrices are stored narrower (see `Weights::with_mixed_dtype`).
         let dtype = ln_f.weight().map_or(wte.dtype(), Tensor::dtype);
-        let head_w = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-            wte.clone()
+        // A tied head shares the (dense) embedding; an untied one is a linear like the others
+        // (quantized when the file's is, or under `--quantize`).
+        let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
+            LoraLinear::frozen("lm_head", wte.clone(), None)
         } else {
-            w.take("lm_head.weight", &[v, d])?
+            load_linear(&mut w, "lm_head", v, d, false)?
         };
         w.finish()?;
         Ok(Gpt {
@@ -435,7 +500,7 @@ impl Gpt {
             wte,
             blocks,
             ln_f,
-            lm_head: LoraLinear::frozen("lm_head", head_w, None),
+            lm_head,
             rope: Rope::new(cfg, cfg.rope_base, cfg.rope_scaling.as_ref(), dtype, device)?,
             rope_local: cfg
                 .rope_local_base
@@ -451,6 +516,48 @@ impl Gpt {
     pub fn from_dir(dir: &std::path::Path, dtype: DType, device: &Device) -> Result<Gpt> {
         let (cfg, w) = Gpt::read_dir(dir, device)?;
         Gpt::load(&cfg, w.with_dtype(dtype), device)
+    }
+
+    /// Loads a checkpoint folder with `opts`: weights' dtype, mixed precision's activation
+    /// dtype, and `--quantize` (dense linear weights quantized as they are read, so loading
+    /// never holds the dense model). Stored quantized weights load as they are.
+    pub fn open(dir: &std::path::Path, opts: &LoadOptions, device: &Device) -> Result<Gpt> {
+        let (cfg, w) = Gpt::read_dir(dir, device)?;
+        let w = match opts.activations {
+            Some(a) if a != opts.weights => w.with_mixed_dtype(opts.weights, a),
+            _ => w.with_dtype(opts.weights),
+        };
+        Gpt::load(&cfg, w.with_quantize(opts.quantize), device)
+    }
+
+    /// Which linears hold quantized weights: (quantized, dense, types by count, bytes of
+    /// the quantized blocks). A head tied to the embedding is not counted.
+    pub fn quantization(&self) -> QuantSummary {
+        let mut s = QuantSummary::default();
+        let tied = self.config.tie_embeddings;
+        for l in self.linears() {
+            if tied && l.name == "lm_head" && l.dense_weight().is_some() {
+                continue;
+            }
+            match l.weight().as_quantized() {
+                Some(q) => {
+                    s.quantized += 1;
+                    s.bytes += q.storage_bytes();
+                    for k in q.kinds() {
+                        match s.kinds.iter_mut().find(|(n, _)| n == k.name()) {
+                            Some((_, c)) => *c += 1,
+                            None => s.kinds.push((k.name().to_string(), 1)),
+                        }
+                    }
+                }
+                None => {
+                    s.dense += 1;
+                    s.dense_names.push(l.name.clone());
+                }
+            }
+        }
+        s.kinds.sort();
+        s
     }
 
     /// Like `from_dir`, with mixed precision: linear and embedding weights in `weights` (bf16,
@@ -785,11 +892,13 @@ impl Gpt {
         self.lora_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Folds every adapter into its weight. A merged head no longer shares the embedding.
+    /// Folds every adapter into its weight. A merged head no longer shares the embedding; a
+    /// merged quantized weight becomes dense in the embedding's dtype.
     pub fn merge_lora(&mut self) -> Result<()> {
         let head_adapted = !self.lm_head.adapters().is_empty();
+        let dense = self.weight_dtype();
         for (linear, _) in self.targets_mut() {
-            linear.merge()?;
+            linear.merge(dense)?;
         }
         if head_adapted {
             self.config.tie_embeddings = false;
@@ -798,14 +907,16 @@ impl Gpt {
         Ok(())
     }
 
-    /// The base weights by checkpoint name (what `lit_model.safetensors` holds).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// The base weights by checkpoint name (what `lit_model.safetensors` holds), quantized
+    /// weights dequantized to the embedding's dtype.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let dt = self.weight_dtype();
         let mut out = vec![("transformer.wte.weight".to_string(), self.wte.clone())];
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             block.norm_1.named(&format!("{p}.norm_1"), &mut out);
-            linear_named(&block.attn.qkv, &mut out);
-            linear_named(&block.attn.proj, &mut out);
+            linear_named(&block.attn.qkv, dt, &mut out)?;
+            linear_named(&block.attn.proj, dt, &mut out)?;
             if let Some((_, q, k)) = &block.attn.qk_norm {
                 q.named(&format!("{p}.attn.norm_q"), &mut out);
                 k.named(&format!("{p}.attn.norm_k"), &mut out);
@@ -817,7 +928,7 @@ impl Gpt {
                 n.named(&format!("{p}.norm_2"), &mut out);
             }
             for l in block.mlp.linears() {
-                linear_named(l, &mut out);
+                linear_named(l, dt, &mut out)?;
             }
             if let Some(n) = &block.post_mlp_norm {
                 n.named(&format!("{p}.post_mlp_norm"), &mut out);
@@ -825,9 +936,9 @@ impl Gpt {
         }
         self.ln_f.named("transformer.ln_f", &mut out);
         if !self.config.tie_embeddings {
-            linear_named(&self.lm_head, &mut out);
+            linear_named(&self.lm_head, dt, &mut out)?;
         }
-        out
+        Ok(out)
     }
 
     /// The current LoRA tensors by checkpoint name.

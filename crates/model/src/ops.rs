@@ -223,7 +223,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// dY * gelu'(x), gelu'(x) = Φ(x) + x φ(x), in f32 (f64 for f64). candle's own GELU
 /// backward rounds 1/sqrt(2π) to six digits.
-fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+pub(crate) fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let out = by_rows(&[x, dy], x.dtype(), ROW_BLOCK, |t| {
         let x = t[0].to_dtype(compute_dtype(t[0].dtype()))?;
         let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
@@ -238,7 +238,7 @@ fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 
 /// (dY * d/dgate, dY * d/dup) of silu(gate) * up, in f32 (f64 for f64):
 /// silu'(g) = σ(g) (1 + g (1 - σ(g))).
-fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let mut out = by_rows(&[gate, up, dy], gate.dtype(), ROW_BLOCK, |t| {
         let cd = compute_dtype(t[0].dtype());
         let (g, u, dy) = (t[0].to_dtype(cd)?, t[1].to_dtype(cd)?, t[2].to_dtype(cd)?);

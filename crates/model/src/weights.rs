@@ -1,5 +1,11 @@
 //! `Weights`: named tensors on their way into a model, checked by name and shape, and the
 //! `lit_model.safetensors` reader and writer.
+//!
+//! A quantized linear weight (QLoRA: `--keep-quantized` imports) is stored as one `U8`
+//! tensor holding its ggml blocks, row block after row block, under the weight's own name;
+//! the header's `__metadata__` entry [`QUANTIZED_KEY`] maps each such name to its parts,
+//! `[[type, rows], ...]` (e.g. `[["q5_0", 576], ["q8_0", 192]]`), the width coming from the
+//! config. Any other `U8` tensor is refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,6 +13,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::lora::FrozenWeight;
+use crate::quant::{QuantKind, QuantWeight, RawPart};
+
+/// The `__metadata__` key listing quantized weights and their parts.
+pub const QUANTIZED_KEY: &str = "loratune.quantized";
+
+/// A quantized weight's parts as stored: (type name, rows).
+pub type StoredParts = Vec<(String, usize)>;
 
 /// A bag of named tensors that the model takes from; anything left over is reported.
 #[derive(Debug, Default)]
@@ -18,6 +32,10 @@ pub struct Weights {
     dtype: Option<DType>,
     /// Mixed precision: 1-D tensors (norm weights, biases) take this dtype instead.
     vector_dtype: Option<DType>,
+    /// `--quantize`: dense linear weights are quantized to this type as they are taken.
+    quantize: Option<QuantKind>,
+    /// Linear weights `quantize` had to leave dense (row length not a whole number of blocks).
+    kept_dense: Vec<String>,
 }
 
 /// A safetensors file's index: where each tensor's bytes are.
@@ -26,6 +44,8 @@ struct LazyFile {
     file: std::fs::File,
     device: Device,
     entries: HashMap<String, Entry>,
+    /// Quantized weights' parts, by tensor name (from the header's metadata).
+    quantized: HashMap<String, StoredParts>,
 }
 
 #[derive(Debug)]
@@ -60,6 +80,20 @@ impl LazyFile {
         let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
             .map_err(|e| bad(format!("not a safetensors file (header: {e})")))?;
         let data_start = 8 + header_len;
+        let quantized: HashMap<String, StoredParts> = match header
+            .get("__metadata__")
+            .and_then(|m| m.get(QUANTIZED_KEY))
+        {
+            None => HashMap::new(),
+            Some(v) => v
+                .as_str()
+                .and_then(|s| serde_json::from_str(s).ok())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "metadata {QUANTIZED_KEY:?} is not a JSON map of tensor names to                          [[type, rows], ...]"
+                    ))
+                })?,
+        };
         let mut entries = HashMap::new();
         for (name, v) in header {
             if name == "__metadata__" {
@@ -72,9 +106,11 @@ impl LazyFile {
                 "BF16" => DType::BF16,
                 "F16" => DType::F16,
                 "F64" => DType::F64,
+                "U8" if quantized.contains_key(&name) => DType::U8,
                 other => {
                     return Err(bad(format!(
-                        "tensor {name:?} has dtype {other}; weights must be F32, BF16, F16 or F64"
+                        "tensor {name:?} has dtype {other}; weights must be F32, BF16, F16 or F64 \
+                         (or U8 blocks listed in {QUANTIZED_KEY:?})"
                     )))
                 }
             };
@@ -99,11 +135,84 @@ impl LazyFile {
                 },
             );
         }
+        if let Some(name) = quantized.keys().find(|n| !entries.contains_key(*n)) {
+            return Err(bad(format!(
+                "metadata {QUANTIZED_KEY:?} lists {name:?}, which is not in the file"
+            )));
+        }
         Ok(LazyFile {
             file,
             device: device.clone(),
             entries,
+            quantized,
         })
+    }
+
+    /// A quantized entry's bytes as a weight of `shape` (out, in), checked against its parts.
+    fn read_quantized(
+        &self,
+        path: &Path,
+        name: &str,
+        e: &Entry,
+        shape: &[usize],
+    ) -> Result<QuantWeight> {
+        use std::os::unix::fs::FileExt;
+        let bad = |reason: String| Error::BadCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name:?}: {reason}"),
+        };
+        let &[rows, cols] = shape else {
+            return Err(bad(format!(
+                "a quantized tensor must be a matrix, expected {shape:?}"
+            )));
+        };
+        let stored = &self.quantized[name];
+        let mut kinds = Vec::with_capacity(stored.len());
+        for (kind, r) in stored {
+            let k = QuantKind::parse(kind)
+                .filter(|k| k.is_quantized())
+                .ok_or_else(|| bad(format!("unknown quantization type {kind:?}")))?;
+            kinds.push((k, *r));
+        }
+        if kinds.iter().map(|(_, r)| r).sum::<usize>() != rows {
+            return Err(bad(format!(
+                "its parts hold {} rows, the config expects {rows}",
+                kinds.iter().map(|(_, r)| r).sum::<usize>()
+            )));
+        }
+        let mut bytes = vec![0u8; e.shape.iter().product()];
+        self.file
+            .read_exact_at(&mut bytes, e.offset)
+            .map_err(|err| Error::io(path, err))?;
+        let mut parts = Vec::with_capacity(kinds.len());
+        let mut at = 0usize;
+        for (k, r) in kinds {
+            let rb = k
+                .row_bytes(cols)
+                .ok_or_else(|| bad(format!("rows of {cols} values are not whole {k} blocks")))?;
+            let end = at + rb * r;
+            if end > bytes.len() {
+                return Err(bad(format!(
+                    "{} bytes do not hold its parts {:?} of {cols} values",
+                    bytes.len(),
+                    stored
+                )));
+            }
+            parts.push(RawPart {
+                kind: k,
+                rows: r,
+                bytes: &bytes[at..end],
+            });
+            at = end;
+        }
+        if at != bytes.len() {
+            return Err(bad(format!(
+                "{} bytes, its parts {:?} of {cols} values take {at}",
+                bytes.len(),
+                stored
+            )));
+        }
+        QuantWeight::from_raw(name, cols, &parts, &self.device).map_err(|e| bad(e.to_string()))
     }
 
     /// Reads one tensor straight into its buffer (no intermediate copy of the file).
@@ -155,6 +264,8 @@ impl Weights {
             source: None,
             dtype: None,
             vector_dtype: None,
+            quantize: None,
+            kept_dense: Vec::new(),
         }
     }
 
@@ -188,7 +299,20 @@ impl Weights {
             source: Some(path.to_path_buf()),
             dtype: None,
             vector_dtype: None,
+            quantize: None,
+            kept_dense: Vec::new(),
         })
+    }
+
+    /// Quantizes dense linear weights to `kind` as [`Weights::take_linear`] takes them.
+    pub fn with_quantize(mut self, kind: Option<QuantKind>) -> Weights {
+        self.quantize = kind;
+        self
+    }
+
+    /// Whether the file holds quantized weights.
+    pub fn holds_quantized(&self) -> bool {
+        self.file.as_ref().is_some_and(|f| !f.quantized.is_empty())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -197,6 +321,47 @@ impl Weights {
                 .file
                 .as_ref()
                 .is_some_and(|f| f.entries.contains_key(name))
+    }
+
+    /// Linear weights `--quantize` left dense so far, each with the reason.
+    pub fn kept_dense(&self) -> &[String] {
+        &self.kept_dense
+    }
+
+    /// Removes and returns the linear weight `name` of `shape` (out, in): its stored blocks
+    /// when quantized, else the dense tensor, quantized now under `with_quantize` when its
+    /// rows are whole blocks (else kept dense and listed in [`Weights::kept_dense`]).
+    pub fn take_linear(&mut self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        if let Some(file) = self.file.as_mut() {
+            if file.quantized.contains_key(name) {
+                let e = file
+                    .entries
+                    .remove(name)
+                    .ok_or_else(|| Error::MissingTensor {
+                        name: name.to_string(),
+                        source_file: self.source.clone(),
+                    })?;
+                let path = self.source.clone().unwrap_or_default();
+                let q = file.read_quantized(&path, name, &e, shape)?;
+                return Ok(FrozenWeight::Quantized(std::sync::Arc::new(q)));
+            }
+        }
+        let t = self.take(name, shape)?;
+        match self.quantize {
+            Some(kind) if kind.row_bytes(shape[1]).is_some() => {
+                let q = QuantWeight::quantize(name, &t, kind)?;
+                Ok(FrozenWeight::Quantized(std::sync::Arc::new(q)))
+            }
+            Some(kind) => {
+                self.kept_dense.push(format!(
+                    "{name}: rows of {} values are not whole {kind} blocks of {}",
+                    shape[1],
+                    kind.block_size()
+                ));
+                Ok(FrozenWeight::Dense(t))
+            }
+            None => Ok(FrozenWeight::Dense(t)),
+        }
     }
 
     /// Removes and returns `name`, checking its shape.
@@ -209,6 +374,15 @@ impl Weights {
             Some(t) => t,
             None => {
                 let file = self.file.as_mut().ok_or_else(missing)?;
+                if let Some(parts) = file.quantized.get(name) {
+                    return Err(Error::BadCheckpoint {
+                        path: self.source.clone().unwrap_or_default(),
+                        reason: format!(
+                            "tensor {name:?} is stored quantized ({parts:?}); only linear \
+                             weights may be"
+                        ),
+                    });
+                }
                 let e = file.entries.remove(name).ok_or_else(missing)?;
                 if e.shape != shape {
                     return Err(Error::ShapeMismatch {

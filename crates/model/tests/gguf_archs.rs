@@ -41,6 +41,7 @@ fn import(name: &str) -> (Config, Config, PathBuf) {
         &out,
         name,
         None,
+        false,
     )
     .unwrap();
     let cfg = Config::from_json_file(&out.join("lit_config.json")).unwrap();
@@ -186,4 +187,106 @@ fn gemma_gguf_files_import_the_checkpoint_with_llama_cpp_rules() {
     assert_eq!(cfg.tie_embeddings, hf_cfg.tie_embeddings);
     assert_eq!(hf_cfg.sliding_window_layers, vec![0, 1]);
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// Writes a copy of `src` whose linear weights are block-quantized (q8_0, the value rows
+/// q4_0 so that the fused qkv mixes types), as llama.cpp's quantizer would.
+fn quantized_copy(src: &std::path::Path, dst: &std::path::Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let mut f = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut tensors = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+        let linear = [
+            "attn_q.",
+            "attn_k.",
+            "attn_v.",
+            "attn_output.",
+            "ffn_",
+            "output.weight",
+        ]
+        .iter()
+        .any(|p| name.contains(p))
+            && info.shape.rank() == 2
+            && !name.contains("norm");
+        let q = if linear {
+            let kind = if name.contains("attn_v.") {
+                GgmlDType::Q4_0
+            } else {
+                GgmlDType::Q8_0
+            };
+            QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), kind).unwrap()
+        } else {
+            q
+        };
+        tensors.push((name.clone(), q));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+}
+
+/// `--keep-quantized` on a quantized Llama file (q/k rows permuted by llama.cpp, q/k/v of two
+/// types fused into qkv): every linear stays quantized, and each holds exactly the weights the
+/// dense import dequantizes (rows moved, never requantized); embeddings and norms are dense;
+/// the model's logits track the dense import's.
+#[test]
+fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
+    use loratune_model::Weights;
+    let dir = std::env::temp_dir().join(format!("loratune-gguf-keepq-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiny-llama-q.gguf");
+    quantized_copy(&fixtures().join("gguf/tiny-llama.gguf"), &file);
+    let (dense_dir, quant_dir) = (dir.join("dense"), dir.join("quant"));
+    let r = import_gguf(&file, &dense_dir, "tiny-llama", None, false).unwrap();
+    assert_eq!(r.kept_quantized, 0);
+    let r = import_gguf(&file, &quant_dir, "tiny-llama", None, true).unwrap();
+    let cfg = r.config.clone();
+    let linears = cfg.n_layer * 5 + usize::from(!cfg.tie_embeddings);
+    assert_eq!(r.kept_quantized, linears);
+
+    let quant = Gpt::from_dir(&quant_dir, DType::F32, &Device::Cpu).unwrap();
+    let dense = Gpt::from_dir(&dense_dir, DType::F32, &Device::Cpu).unwrap();
+    let q = quant.quantization();
+    assert_eq!(q.quantized, linears, "{q:?}");
+    assert!(q.kinds.iter().any(|(k, _)| k == "q4_0"), "{q:?}");
+    let qkv = quant.blocks[0].attn.qkv.weight().as_quantized().unwrap();
+    assert_eq!(qkv.describe().matches('+').count(), 2, "{}", qkv.describe());
+    let ours: std::collections::HashMap<String, Tensor> =
+        quant.named_weights().unwrap().into_iter().collect();
+    for (name, want) in dense.named_weights().unwrap() {
+        assert_eq!(max_diff(&ours[&name], &want), 0.0, "{name}");
+    }
+    // Weights::take refuses a quantized tensor where a dense one is expected.
+    let mut w =
+        Weights::from_safetensors(&quant_dir.join("lit_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(w.holds_quantized());
+    let e = w
+        .take(
+            "transformer.h.0.attn.proj.weight",
+            &[cfg.n_embd, cfg.n_embd],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stored quantized"), "{e}");
+
+    let idx = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
+    let (lq, ld) = (quant.forward(&idx).unwrap(), dense.forward(&idx).unwrap());
+    let scale = ld
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = max_diff(&lq, &ld) / scale;
+    assert!(d < 0.05, "logits differ by {d} of their scale");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -169,10 +169,11 @@ pub fn head_loss(
     }
     let device = h.device();
     let rows_t = Tensor::from_slice(&rows, n, device)?;
-    if !model.lm_head.adapters().is_empty() {
-        return adapted_head_loss(model, h, &rows_t, &targets, grad_scale);
-    }
-    let w = &model.lm_head.weight;
+    // An adapted or quantized head goes through its own forward and backward, chunked.
+    let w = match model.lm_head.dense_weight() {
+        Some(w) if model.lm_head.adapters().is_empty() => w,
+        _ => return adapted_head_loss(model, h, &rows_t, &targets, grad_scale),
+    };
     let softcap = model.config.final_logit_softcapping;
     let hv = h.detach().reshape((b * t, c))?.index_select(&rows_t, 0)?;
     let mut loss_sum = 0.0f64;

@@ -274,6 +274,7 @@ impl Trainer {
         )
         .with_run_id(&self.state.run_id)
         .with_prompt(self.prompt.0.clone(), self.prompt.1.clone())
+        .with_base_quantization(self.model.quantization().label())
     }
 
     /// Records how the training data was rendered (a prompt style's name or "template", and
@@ -312,6 +313,14 @@ impl Trainer {
                     .unwrap_or(&loaded.meta.base_sha256),
                 self.base.0,
                 self.base.1.get(..12).unwrap_or(&self.base.1)
+            )));
+        }
+        let here = self.model.quantization().label();
+        if loaded.meta.trained_quantization() != here {
+            return Err(refuse(format!(
+                "it was trained on {} linear weights, this run has {here} (pass the same \
+                 --quantize)",
+                loaded.meta.trained_quantization()
             )));
         }
         for (name, var) in self.opt.params() {

@@ -45,6 +45,9 @@ struct Args {
     seed: u64,
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// Quantize the checkpoint's linear weights to this ggml type as they are loaded.
+    #[arg(long, value_parser = crate::parse_quantize)]
+    quantize: Option<loratune_model::quant::QuantKind>,
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Use the adapter even if it was trained on other base weights (a warning instead of an
@@ -69,6 +72,7 @@ fn chat(args: Args) -> Result<()> {
         seed: args.seed,
         num_samples: 1,
         precision: args.precision,
+        quantize: args.quantize,
         device: args.device.clone(),
         prompt_style: args.prompt_style,
         system: None,

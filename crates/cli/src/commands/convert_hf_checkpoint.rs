@@ -35,6 +35,11 @@ struct Args {
     /// architecture, quantized or not) into --checkpoint-dir instead of reading Hugging Face files there.
     #[arg(long)]
     gguf: Option<PathBuf>,
+    /// With --gguf: keep every linear weight the file stores block-quantized (q4_k, q8_0, ...)
+    /// as its blocks, for QLoRA finetuning on the file as downloaded; embeddings and norms are
+    /// dequantized. The checkpoint records which tensors hold which types.
+    #[arg(long, requires = "gguf")]
+    keep_quantized: bool,
 }
 
 pub fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -54,8 +59,14 @@ fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
     };
-    let report = loratune_model::gguf::import_gguf(gguf, &args.checkpoint_dir, &name, dtype(args))
-        .with_context(|| format!("importing {}", gguf.display()))?;
+    let report = loratune_model::gguf::import_gguf(
+        gguf,
+        &args.checkpoint_dir,
+        &name,
+        dtype(args),
+        args.keep_quantized,
+    )
+    .with_context(|| format!("importing {}", gguf.display()))?;
     let cfg = &report.config;
     outln!(
         "imported {} tensors ({}) from {} into {} ({:.1} MiB) in {}",
@@ -66,6 +77,13 @@ fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
         report.bytes as f64 / (1 << 20) as f64,
         crate::elapsed(t)
     );
+    if args.keep_quantized {
+        outln!(
+            "kept {} linear weights quantized as stored (the others are not block-quantized in \
+             the file)",
+            report.kept_quantized
+        );
+    }
     outln!(
         "config: {}: {} layers, n_embd {}, {} heads / {} query groups, vocab {}; tokenizer.json rebuilt from the GGUF vocabulary",
         cfg.repo_id(),

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loratune_data::chat::ChatFormat;
 use loratune_data::dataset::DatasetDir;
 use loratune_model::generate::{generate, Sampling};
+use loratune_model::quant::QuantKind;
 use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, Tokenizer};
 use loratune_train::optim::LrSchedule;
 use loratune_train::outdir::{OutDir, Start};
@@ -40,6 +41,12 @@ struct Args {
     /// or 16-mixed; default bf16-true on CUDA, 32-true on CPU.
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// QLoRA on a full-precision checkpoint: quantize its linear weights to this ggml type as
+    /// they are loaded (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k ... q6_k); a checkpoint imported
+    /// with --keep-quantized is quantized already.
+    #[arg(long, value_parser = crate::parse_quantize)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quantize: Option<QuantKind>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -343,7 +350,7 @@ fn finetune(args: Args) -> Result<ExitCode> {
 
     let weights = loratune_model::CheckpointDir::new(&args.checkpoint_dir).weights_path();
     let mut model = precision
-        .load_model(&args.checkpoint_dir, &device)
+        .load_model(&args.checkpoint_dir, &device, args.quantize)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     let base_sha = loratune_model::io::sha256_file(&weights)?;
     let max_seq_length = args
@@ -485,6 +492,7 @@ fn finetune(args: Args) -> Result<ExitCode> {
         "base_model": base.0,
         "base_sha256": base.1,
         "trainable_params": trainable_params,
+        "base_quantization": trainer.model.quantization().label(),
         "run_id": trainer.run_id(),
     });
     loratune_model::io::write_atomic(
@@ -493,6 +501,9 @@ fn finetune(args: Args) -> Result<ExitCode> {
     )?;
 
     let total = trainer.cfg.total_steps();
+    if let Some(q) = trainer.model.quantization().describe() {
+        errln!("base weights: {q}");
+    }
     errln!(
         "training {} LoRA parameters of {} ({}), {} steps of {} x {} samples, precision {}",
         trainer.model.num_trainable(),

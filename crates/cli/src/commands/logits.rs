@@ -68,7 +68,7 @@ fn logits(args: &Args) -> Result<()> {
         bail!("no tokens to run");
     }
     let mut model = precision
-        .load_model(&args.checkpoint_dir, &device)
+        .load_model(&args.checkpoint_dir, &device, None)
         .with_context(|| format!("loading {}", args.checkpoint_dir.display()))?;
     if let Some(path) = &args.lora_path {
         crate::generation::merge_adapter(&mut model, path, &args.checkpoint_dir, args.force)?;

@@ -76,8 +76,11 @@ fn merge(args: &Args) -> Result<()> {
         &args.checkpoint_dir,
         args.force,
     )?;
+    if let Some(q) = model.quantization().describe() {
+        outln!("base {q}; the merged checkpoint holds them dequantized ({dtype:?})");
+    }
     let weights: Vec<(String, candle_core::Tensor)> = model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
         .collect::<candle_core::Result<_>>()?;

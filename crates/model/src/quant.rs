@@ -1,0 +1,717 @@
+//! Quantized frozen weights: a linear's (out, in) matrix held as ggml blocks (q8_0, q4_0,
+//! q4_k, ... exactly as llama.cpp stores them), multiplied without being dequantized, with an
+//! input gradient that dequantizes a bounded block of rows at a time.
+//!
+//! candle's `QMatMul::forward` is `apply_op1_no_bwd`: a quantized weight in a training graph
+//! stops every gradient below it without an error. [`QuantWeight::linear`] attaches the
+//! backward itself (`recompute`): dX = dY @ W, computed on the CPU from chunks of at most
+//! [`DEQUANT_CHUNK_ELEMS`] dequantized values; no weight gradient is ever formed.
+//!
+//! A weight is one or more row blocks ("parts"), each of one ggml type: llama.cpp's files
+//! quantize q, k and v separately (often with different types), and the lit layout fuses them
+//! into one qkv matrix. Rows are independent in every ggml type, so stacking parts, or
+//! permuting rows, moves bytes and never requantizes.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::recompute::recompute;
+
+/// The most dequantized values the CPU holds at once for one product (4 MiB of f32).
+pub const DEQUANT_CHUNK_ELEMS: usize = 1 << 20;
+
+/// Up to this many rows of x, products run through ggml's quantized kernels (decoding).
+pub const KERNEL_MAX_ROWS: usize = 8;
+
+/// A ggml block type, by the names llama.cpp and `--quantize` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantKind(pub GgmlDType);
+
+/// The types `--quantize` can produce (candle quantizes to each on the CPU).
+pub const QUANTIZE_KINDS: &[&str] = &[
+    "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+];
+
+impl QuantKind {
+    /// Parses a ggml type name (`q4_k`, `Q4_K`, `q8_0`, ... and the stored block types f16,
+    /// bf16, f32 that GGUF files also hold).
+    pub fn parse(name: &str) -> Option<QuantKind> {
+        let t = match name.to_ascii_lowercase().as_str() {
+            "f32" => GgmlDType::F32,
+            "f16" => GgmlDType::F16,
+            "bf16" => GgmlDType::BF16,
+            "q4_0" => GgmlDType::Q4_0,
+            "q4_1" => GgmlDType::Q4_1,
+            "q5_0" => GgmlDType::Q5_0,
+            "q5_1" => GgmlDType::Q5_1,
+            "q8_0" => GgmlDType::Q8_0,
+            "q8_1" => GgmlDType::Q8_1,
+            "q2_k" => GgmlDType::Q2K,
+            "q3_k" => GgmlDType::Q3K,
+            "q4_k" => GgmlDType::Q4K,
+            "q5_k" => GgmlDType::Q5K,
+            "q6_k" => GgmlDType::Q6K,
+            "q8_k" => GgmlDType::Q8K,
+            _ => return None,
+        };
+        Some(QuantKind(t))
+    }
+
+    /// A type `--quantize` accepts, or an error listing them.
+    pub fn parse_target(name: &str) -> Result<QuantKind> {
+        match Self::parse(name) {
+            Some(k) if QUANTIZE_KINDS.contains(&k.name()) => Ok(k),
+            _ => Err(Error::Input(format!(
+                "unknown quantization {name:?}; expected one of {}",
+                QUANTIZE_KINDS.join(", ")
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            GgmlDType::F32 => "f32",
+            GgmlDType::F16 => "f16",
+            GgmlDType::BF16 => "bf16",
+            GgmlDType::Q4_0 => "q4_0",
+            GgmlDType::Q4_1 => "q4_1",
+            GgmlDType::Q5_0 => "q5_0",
+            GgmlDType::Q5_1 => "q5_1",
+            GgmlDType::Q8_0 => "q8_0",
+            GgmlDType::Q8_1 => "q8_1",
+            GgmlDType::Q2K => "q2_k",
+            GgmlDType::Q3K => "q3_k",
+            GgmlDType::Q4K => "q4_k",
+            GgmlDType::Q5K => "q5_k",
+            GgmlDType::Q6K => "q6_k",
+            GgmlDType::Q8K => "q8_k",
+        }
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        self.0.block_size()
+    }
+
+    /// Bytes of one row of `cols` values; `None` when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        cols.is_multiple_of(self.block_size())
+            .then(|| cols / self.block_size() * self.0.type_size())
+    }
+
+    /// Whether this is a block-quantized type (not f32/f16/bf16 stored as such).
+    pub fn is_quantized(self) -> bool {
+        !matches!(self.0, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    }
+}
+
+impl serde::Serialize for QuantKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for QuantKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        QuantKind::parse_target(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for QuantKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One row block of a quantized weight.
+#[derive(Clone)]
+struct Part {
+    kind: QuantKind,
+    rows: usize,
+    q: Arc<QTensor>,
+}
+
+/// A frozen (out, in) weight as quantized row blocks, stacked in order.
+#[derive(Clone)]
+pub struct QuantWeight {
+    parts: Vec<Part>,
+    cols: usize,
+}
+
+impl std::fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantWeight({}x{} {})",
+            self.rows(),
+            self.cols,
+            self.describe()
+        )
+    }
+}
+
+/// Raw bytes of one part as stored on disk: its type, its rows and `rows * row_bytes` bytes.
+pub struct RawPart<'a> {
+    pub kind: QuantKind,
+    pub rows: usize,
+    pub bytes: &'a [u8],
+}
+
+impl QuantWeight {
+    /// Quantizes a dense (out, in) weight to `kind`. `name` only names the tensor in errors.
+    pub fn quantize(name: &str, w: &Tensor, kind: QuantKind) -> Result<QuantWeight> {
+        let (rows, cols) = w.dims2()?;
+        if kind.row_bytes(cols).is_none() {
+            return Err(Error::Input(format!(
+                "tensor {name:?}: rows of {cols} values are not a whole number of {kind} blocks \
+                 ({} values each)",
+                kind.block_size()
+            )));
+        }
+        let dense = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let q = QTensor::quantize(&dense, kind.0)?;
+        let q = move_to(q, w.device())?;
+        Ok(QuantWeight {
+            parts: vec![Part {
+                kind,
+                rows,
+                q: Arc::new(q),
+            }],
+            cols,
+        })
+    }
+
+    /// A weight from a QTensor read from a GGUF file (rows, cols).
+    pub fn from_qtensor(name: &str, q: QTensor) -> Result<QuantWeight> {
+        let (rows, cols) = q.shape().dims2().map_err(|_| {
+            Error::Input(format!(
+                "tensor {name:?}: a quantized weight must be a matrix"
+            ))
+        })?;
+        let kind = QuantKind(q.dtype());
+        if !kind.is_quantized() {
+            return Err(Error::Input(format!(
+                "tensor {name:?} is {kind}, not block-quantized"
+            )));
+        }
+        Ok(QuantWeight {
+            parts: vec![Part {
+                kind,
+                rows,
+                q: Arc::new(q),
+            }],
+            cols,
+        })
+    }
+
+    /// A weight from stored parts (checked: each part's bytes hold its rows of `cols` values).
+    pub fn from_raw(
+        name: &str,
+        cols: usize,
+        parts: &[RawPart],
+        device: &Device,
+    ) -> Result<QuantWeight> {
+        let mut out = Vec::with_capacity(parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            let rb = p.kind.row_bytes(cols).ok_or_else(|| {
+                Error::Input(format!(
+                    "tensor {name:?} part {i}: rows of {cols} values are not whole {} blocks",
+                    p.kind
+                ))
+            })?;
+            if p.bytes.len() != rb * p.rows {
+                return Err(Error::Input(format!(
+                    "tensor {name:?} part {i}: {} bytes, expected {} for {} rows of {cols} {} \
+                     values",
+                    p.bytes.len(),
+                    rb * p.rows,
+                    p.rows,
+                    p.kind
+                )));
+            }
+            out.push(Part {
+                kind: p.kind,
+                rows: p.rows,
+                q: Arc::new(qtensor_from_bytes(p.kind, p.bytes, p.rows, cols, device)?),
+            });
+        }
+        if out.is_empty() {
+            return Err(Error::Input(format!("tensor {name:?}: no rows")));
+        }
+        QuantWeight { parts: out, cols }.coalesced()
+    }
+
+    /// Adjacent parts of one type joined into one (one matmul instead of several).
+    fn coalesced(self) -> Result<QuantWeight> {
+        if self.parts.len() < 2 || self.parts.iter().any(|p| p.kind != self.parts[0].kind) {
+            return Ok(self);
+        }
+        let device = self.parts[0].q.device();
+        let mut bytes = Vec::new();
+        for p in &self.parts {
+            bytes.extend_from_slice(&p.q.data()?);
+        }
+        let rows = self.rows();
+        let kind = self.parts[0].kind;
+        let q = qtensor_from_bytes(kind, &bytes, rows, self.cols, &device)?;
+        Ok(QuantWeight {
+            parts: vec![Part {
+                kind,
+                rows,
+                q: Arc::new(q),
+            }],
+            cols: self.cols,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.rows).sum()
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn device(&self) -> Device {
+        self.parts[0].q.device()
+    }
+
+    /// Bytes the blocks take.
+    pub fn storage_bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.q.storage_size_in_bytes()).sum()
+    }
+
+    /// The parts' types and rows, e.g. `q4_k` or `q5_0:576+q5_0:192+q8_0:192`.
+    pub fn describe(&self) -> String {
+        if self.parts.len() == 1 {
+            return self.parts[0].kind.to_string();
+        }
+        self.parts
+            .iter()
+            .map(|p| format!("{}:{}", p.kind, p.rows))
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    /// Each part's type, rows and raw bytes (what a checkpoint stores).
+    pub fn raw_parts(&self) -> Result<Vec<(QuantKind, usize, Vec<u8>)>> {
+        self.parts
+            .iter()
+            .map(|p| Ok((p.kind, p.rows, p.q.data()?.into_owned())))
+            .collect()
+    }
+
+    /// The parts' types in row order, adjacent repeats merged.
+    pub fn kinds(&self) -> Vec<QuantKind> {
+        let mut k: Vec<QuantKind> = self.parts.iter().map(|p| p.kind).collect();
+        k.dedup();
+        k
+    }
+
+    /// The whole matrix in `dtype` (merging, export): the one place it is materialised.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let device = self.device();
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| Ok(p.q.dequantize(&device)?.to_dtype(dtype)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Rows `start..start + len` of the matrix, dequantized to f32 (both within one part).
+    fn dequantize_rows(part: &Part, cols: usize, start: usize, len: usize) -> Result<Tensor> {
+        let device = part.q.device();
+        if start == 0 && len == part.rows {
+            return Ok(part.q.dequantize(&device)?);
+        }
+        let rb = part.kind.row_bytes(cols).unwrap_or(0);
+        let data = part.q.data()?;
+        let q = qtensor_from_bytes(
+            part.kind,
+            &data[start * rb..(start + len) * rb],
+            len,
+            cols,
+            &Device::Cpu,
+        )?;
+        Ok(q.dequantize(&device)?)
+    }
+
+    /// x @ W^T with no graph, in x's dtype. Up to [`KERNEL_MAX_ROWS`] rows (decoding) go
+    /// through ggml's quantized kernels, which also round x to 8-bit blocks; more rows
+    /// (prefill, training) multiply f32 rows of W dequantized a chunk at a time, exactly as
+    /// the dequantized model would, at f32 GEMM speed (several of candle's kernels, q4_1's
+    /// among them, have no SIMD path).
+    pub fn matmul_no_grad(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        let m = x32.elem_count() / self.cols.max(1);
+        if m > KERNEL_MAX_ROWS {
+            return Ok(self.matmul_dequantized(&x32)?.to_dtype(dtype)?);
+        }
+        let outs = self
+            .parts
+            .iter()
+            .map(|p| x32.apply_op1_no_bwd(p.q.as_ref()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = if outs.len() == 1 {
+            outs.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(&outs, D::Minus1)?
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+
+    /// x @ W^T for f32 x through chunks of dequantized rows of W (output columns).
+    fn matmul_dequantized(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let m = x.elem_count() / self.cols.max(1);
+        let x2 = x.reshape((m, self.cols))?;
+        let chunk_rows = self.chunk_rows();
+        let mut outs = Vec::new();
+        for p in &self.parts {
+            let mut start = 0;
+            while start < p.rows {
+                let len = chunk_rows.min(p.rows - start);
+                let w = Self::dequantize_rows(p, self.cols, start, len)?;
+                outs.push(x2.matmul(&w.t()?)?);
+                start += len;
+            }
+        }
+        let y = if outs.len() == 1 {
+            outs.pop().expect("one chunk")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        *dims.last_mut().expect("rank >= 1") = self.rows();
+        Ok(y.reshape(dims)?)
+    }
+
+    /// Rows of W dequantized at once: bounded on the CPU, a whole part elsewhere.
+    fn chunk_rows(&self) -> usize {
+        if self.device().is_cpu() {
+            (DEQUANT_CHUNK_ELEMS / self.cols.max(1)).max(1)
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// dY @ W, the input gradient, in dY's dtype. On the CPU rows are dequantized in chunks of
+    /// at most [`DEQUANT_CHUNK_ELEMS`] values; on other devices one part at a time.
+    pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let dtype = dy.dtype();
+        let n = dy.dim(D::Minus1)?;
+        if n != self.rows() {
+            return Err(Error::Input(format!(
+                "quantized linear backward: gradient {:?} for a weight of {} rows",
+                dy.dims(),
+                self.rows()
+            )));
+        }
+        let mut dims = dy.dims().to_vec();
+        let m = dy.elem_count() / n.max(1);
+        let dy2 = dy.to_dtype(DType::F32)?.reshape((m, n))?;
+        let chunk_rows = self.chunk_rows();
+        let mut acc: Option<Tensor> = None;
+        let mut row0 = 0;
+        for p in &self.parts {
+            let mut start = 0;
+            while start < p.rows {
+                let len = chunk_rows.min(p.rows - start);
+                let w = Self::dequantize_rows(p, self.cols, start, len)?;
+                let term = dy2.narrow(1, row0 + start, len)?.matmul(&w)?;
+                acc = Some(match acc {
+                    None => term,
+                    Some(a) => (a + term)?,
+                });
+                start += len;
+            }
+            row0 += p.rows;
+        }
+        let dx = acc.expect("at least one part");
+        *dims.last_mut().expect("rank >= 1") = self.cols;
+        Ok(dx.reshape(dims)?.to_dtype(dtype)?)
+    }
+
+    /// x @ W^T + bias, differentiable in x (and the bias, when it is on a graph); the backward
+    /// pass forms dX only.
+    pub fn linear(self: &Arc<Self>, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let this = Arc::clone(self);
+        let y = recompute(
+            "quantized-linear",
+            &[x],
+            |t| {
+                self.matmul_no_grad(&t[0])
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            },
+            move |_, dy| {
+                let dx = this
+                    .input_grad(dy)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Ok(vec![Some(dx)])
+            },
+        )?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+
+    /// The same weight with its rows reordered: row i of the result is row `order[i]`.
+    /// Moves bytes only (rows are independent in every ggml type). Parts must be uniform.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<QuantWeight> {
+        if self.parts.len() != 1 || order.len() != self.rows() {
+            return Err(Error::Input(
+                "row permutation of a multi-part quantized weight".into(),
+            ));
+        }
+        let p = &self.parts[0];
+        let rb = p.kind.row_bytes(self.cols).unwrap_or(0);
+        let data = p.q.data()?;
+        let mut bytes = Vec::with_capacity(data.len());
+        for &r in order {
+            bytes.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+        }
+        let q = qtensor_from_bytes(p.kind, &bytes, p.rows, self.cols, &p.q.device())?;
+        Ok(QuantWeight {
+            parts: vec![Part {
+                kind: p.kind,
+                rows: p.rows,
+                q: Arc::new(q),
+            }],
+            cols: self.cols,
+        })
+    }
+
+    /// Several weights of the same width stacked by rows (q, k, v into qkv).
+    pub fn stack(name: &str, ws: Vec<QuantWeight>) -> Result<QuantWeight> {
+        let cols = ws.first().map(|w| w.cols).unwrap_or(0);
+        if ws.iter().any(|w| w.cols != cols) {
+            return Err(Error::Input(format!(
+                "tensor {name:?}: stacked parts have different widths"
+            )));
+        }
+        let parts = ws.into_iter().flat_map(|w| w.parts).collect();
+        QuantWeight { parts, cols }.coalesced()
+    }
+
+    /// Rows `start..start + len` as a weight of their own (a part boundary or inside a part).
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<QuantWeight> {
+        let mut parts = Vec::new();
+        let mut row0 = 0;
+        for p in &self.parts {
+            let (lo, hi) = (start.max(row0), (start + len).min(row0 + p.rows));
+            if lo < hi {
+                let rb = p.kind.row_bytes(self.cols).unwrap_or(0);
+                let data = p.q.data()?;
+                let bytes = &data[(lo - row0) * rb..(hi - row0) * rb];
+                parts.push(Part {
+                    kind: p.kind,
+                    rows: hi - lo,
+                    q: Arc::new(qtensor_from_bytes(
+                        p.kind,
+                        bytes,
+                        hi - lo,
+                        self.cols,
+                        &p.q.device(),
+                    )?),
+                });
+            }
+            row0 += p.rows;
+        }
+        if parts.is_empty() {
+            return Err(Error::Input("empty row range of a quantized weight".into()));
+        }
+        Ok(QuantWeight {
+            parts,
+            cols: self.cols,
+        })
+    }
+}
+
+/// A QTensor of `rows` x `cols` from raw block bytes. candle reinterprets the bytes as blocks
+/// and asserts their alignment, so they are first copied into an 8-byte-aligned buffer.
+fn qtensor_from_bytes(
+    kind: QuantKind,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<QTensor> {
+    let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: a u64 buffer viewed as at least `bytes.len()` initialised bytes.
+    let view = unsafe {
+        std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, aligned.len() * 8)
+    };
+    view[..bytes.len()].copy_from_slice(bytes);
+    let storage = QStorage::from_data(Cow::Borrowed(&view[..bytes.len()]), device, kind.0)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+fn move_to(q: QTensor, device: &Device) -> Result<QTensor> {
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let kind = QuantKind(q.dtype());
+    let (rows, cols) = q.shape().dims2()?;
+    qtensor_from_bytes(kind, &q.data()?, rows, cols, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_diff, randn_dtype};
+    use candle_core::Var;
+
+    fn kind(n: &str) -> QuantKind {
+        QuantKind::parse(n).unwrap()
+    }
+
+    /// The forward pass equals the dequantized matrix's product (the kernels quantize x to
+    /// q8 blocks, so within that rounding), for every type and a multi-part weight.
+    #[test]
+    fn forward_matches_the_dequantized_product() {
+        // 3 rows: ggml's kernels; 40 rows: dequantized chunks.
+        for rows in [3, 40] {
+            forward_matches_for(&randn_dtype(&[1, rows, 256], 1, DType::F32));
+        }
+    }
+
+    fn forward_matches_for(x: &Tensor) {
+        for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"] {
+            let w = randn_dtype(&[48, 256], 2, DType::F32);
+            let q = QuantWeight::quantize("w", &w, kind(k)).unwrap();
+            let deq = q.dequantize(DType::F32).unwrap();
+            // Quantization error itself is bounded (4-bit types lose most).
+            let qerr = max_diff(&deq, &w);
+            assert!(qerr < 0.6, "{k}: quantization error {qerr}");
+            let y = q.matmul_no_grad(x).unwrap();
+            let want = x.broadcast_matmul(&deq.t().unwrap()).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&y, &want) / scale as f64;
+            let tol = if x.dim(1).unwrap() > KERNEL_MAX_ROWS {
+                1e-5
+            } else {
+                2e-2
+            };
+            assert!(d < tol, "{k}: relative difference {d}");
+        }
+    }
+
+    /// The backward pass is exactly dY @ W_dequantized (chunked or not), and gradients reach
+    /// x through a multi-part weight (fused qkv of mixed types) and a bias.
+    #[test]
+    fn backward_is_dy_times_the_dequantized_weight() {
+        let parts = [
+            QuantWeight::quantize("q", &randn_dtype(&[40, 64], 3, DType::F32), kind("q4_0"))
+                .unwrap(),
+            QuantWeight::quantize("k", &randn_dtype(&[8, 64], 4, DType::F32), kind("q8_0"))
+                .unwrap(),
+            QuantWeight::quantize("v", &randn_dtype(&[8, 64], 5, DType::F32), kind("q4_0"))
+                .unwrap(),
+        ];
+        let q = Arc::new(QuantWeight::stack("qkv", parts.to_vec()).unwrap());
+        assert_eq!(q.describe(), "q4_0:40+q8_0:8+q4_0:8");
+        assert_eq!(q.rows(), 56);
+        let deq = q.dequantize(DType::F32).unwrap();
+        let x = Var::from_tensor(&randn_dtype(&[3, 4, 64], 6, DType::F32)).unwrap();
+        let bias = randn_dtype(&[56], 7, DType::F32);
+        let r = randn_dtype(&[3, 4, 56], 8, DType::F32);
+        let y = q.linear(x.as_tensor(), Some(&bias)).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap();
+        let want = r.broadcast_matmul(&deq).unwrap();
+        assert!(max_diff(dx, &want) < 1e-4, "{}", max_diff(dx, &want));
+        // Chunked: tiny chunks give the same sums.
+        let dx2 = QuantWeight::input_grad(&q, &r).unwrap();
+        assert!(max_diff(&dx2, &want) < 1e-4);
+    }
+
+    /// Rows of a k-quant wider than one chunk: the chunked input gradient covers every row.
+    #[test]
+    fn chunked_input_grad_covers_every_row() {
+        let cols = 4096;
+        let rows = DEQUANT_CHUNK_ELEMS / cols * 2 + 3; // three chunks, the last short
+        let w = randn_dtype(&[rows, cols], 9, DType::F32);
+        let q = QuantWeight::quantize("w", &w, kind("q4_k")).unwrap();
+        let dy = randn_dtype(&[2, rows], 10, DType::F32);
+        let dx = q.input_grad(&dy).unwrap();
+        let want = dy.matmul(&q.dequantize(DType::F32).unwrap()).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(max_diff(&dx, &want) / scale < 1e-5);
+    }
+
+    #[test]
+    fn bad_shapes_and_names_are_refused() {
+        let w = randn_dtype(&[4, 100], 1, DType::F32);
+        let e = QuantWeight::quantize("blk.w", &w, kind("q4_k"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blk.w") && e.contains("256"), "{e}");
+        let e = QuantKind::parse_target("q3_x").unwrap_err().to_string();
+        assert!(e.contains("q3_x") && e.contains("q4_k"), "{e}");
+        assert!(QuantKind::parse_target("f16").is_err());
+        let e = QuantWeight::from_raw(
+            "t",
+            64,
+            &[RawPart {
+                kind: kind("q8_0"),
+                rows: 2,
+                bytes: &[0u8; 10],
+            }],
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"t\"") && e.contains("10 bytes"), "{e}");
+    }
+
+    #[test]
+    fn raw_round_trip_permute_and_narrow_move_rows() {
+        let w = randn_dtype(&[6, 32], 11, DType::F32);
+        let q = QuantWeight::quantize("w", &w, kind("q8_0")).unwrap();
+        let raw = q.raw_parts().unwrap();
+        let parts: Vec<RawPart> = raw
+            .iter()
+            .map(|(k, r, b)| RawPart {
+                kind: *k,
+                rows: *r,
+                bytes: b,
+            })
+            .collect();
+        let back = QuantWeight::from_raw("w", 32, &parts, &Device::Cpu).unwrap();
+        let deq = q.dequantize(DType::F32).unwrap();
+        assert_eq!(max_diff(&back.dequantize(DType::F32).unwrap(), &deq), 0.0);
+        let order = [5, 4, 3, 2, 1, 0];
+        let p = q
+            .permute_rows(&order)
+            .unwrap()
+            .dequantize(DType::F32)
+            .unwrap();
+        for (i, &r) in order.iter().enumerate() {
+            assert_eq!(
+                max_diff(&p.narrow(0, i, 1).unwrap(), &deq.narrow(0, r, 1).unwrap()),
+                0.0
+            );
+        }
+        let n = q.narrow_rows(2, 3).unwrap().dequantize(DType::F32).unwrap();
+        assert_eq!(max_diff(&n, &deq.narrow(0, 2, 3).unwrap()), 0.0);
+    }
+}

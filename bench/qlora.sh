@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# QLoRA against loratune's own dense runs on this CPU (issue 18): the real Q4 GGUF files
+# imported three ways, then 30 training steps on the same batches each:
+#   32-true      the file dequantized to f32 (the reference for losses)
+#   bf16-mixed   the same weights in bf16, f32 activations (the reference for speed and RSS)
+#   q-kept       `convert-hf-checkpoint --keep-quantized --dtype bfloat16`: the linears stay
+#                the file's Q4_1/Q4_K/Q6_K/... blocks, the embedding bf16, activations f32
+#   q8_0         `--quantize q8_0` on the f32 checkpoint (quantized while loading)
+# Data: LLaMA-Factory's alpaca_en_demo.json (999 records, scripts/fetch_assets.sh) in the
+# model's chat template, max length 256, 32 held out; LoRA r 8 / alpha 16 / dropout 0.05 on
+# query + value, lr 3e-4 constant after 2 warm-up steps, one AdamW step per micro-batch, 2
+# threads, validation on 16 batches at step 0 and step 30. Prints one table.
+#
+#   bench/qlora.sh [smollm2-135m qwen2.5-0.5b]      (MB=micro-batch size, default 4)
+#
+# Run it on an idle machine.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-$(mktemp -d /tmp/loratune-qlora.XXXXXX)}
+MODELS=${*:-smollm2-135m}
+MB=${MB:-4}
+STEPS=${STEPS:-30}
+LT=$ROOT/target/release/loratune
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+eval "$("$ROOT/scripts/fetch_assets.sh")"
+export RAYON_NUM_THREADS=2
+say() { echo "[qlora] $*" >&2; }
+
+for m in $MODELS; do
+    case $m in
+    smollm2-135m) gguf=$LORATUNE_SMOLLM2_GGUF ;;
+    qwen2.5-0.5b) gguf=$LORATUNE_QWEN25_GGUF ;;
+    *) echo "unknown model $m" >&2; exit 2 ;;
+    esac
+    d=$WORK/$m; rm -rf "$d"; mkdir -p "$d"
+    "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/f32" --model-name "$m" > /dev/null
+    "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/q" --model-name "$m" \
+        --keep-quantized --dtype bfloat16 > "$d/q.convert.txt"
+    "$LT" prepare-alpaca --checkpoint-dir "$d/f32" --data-file "$LORATUNE_ALPACA_DEMO" \
+        --destination-path "$d/ds" --max-seq-length 256 --test-split-size 32 > /dev/null 2>&1
+    for run in 32-true bf16-mixed q-kept q8_0; do
+        ck=$d/f32; extra=(--precision 32-true)
+        case $run in
+        bf16-mixed) extra=(--precision bf16-mixed) ;;
+        q-kept) ck=$d/q ;;
+        q8_0) extra+=(--quantize q8_0) ;;
+        esac
+        say "$m $run"
+        "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$d/ds" --out-dir "$d/out-$run" \
+            "${extra[@]}" --micro-batch-size "$MB" --batch-size "$MB" --max-iters "$STEPS" \
+            --learning-rate 3e-4 --warmup-steps 2 --lr-schedule constant \
+            --eval-interval "$STEPS" --eval-iters 16 --save-interval 1000 --log-interval 1 \
+            --seed 42 --quiet --overwrite > "$d/out-$run.log" 2>&1
+    done
+    python3 - "$d" "$m" "$MB" <<'PY'
+import json, os, sys
+d, m, mb = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(run):
+    rows = [json.loads(l) for l in open(f"{d}/out-{run}/metrics.jsonl")]
+    steps = [r for r in rows if r.get("tokens_per_s")]
+    timed = steps[2:]
+    tok = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    return dict(tok=tok, rss=max(r["peak_rss_mib"] for r in rows), val0=val[0], val=val[-1],
+                loss=[r["loss"] for r in steps], tokens=[r["tokens"] for r in steps])
+runs = {r: load(r) for r in ["32-true", "bf16-mixed", "q-kept", "q8_0"]}
+ref, fast = runs["32-true"], runs["bf16-mixed"]
+size = lambda p: os.path.getsize(p) / 2**20
+print(f"\n{m}, micro-batch {mb}, {len(ref['loss'])} steps; checkpoint "
+      f"{size(d + '/f32/lit_model.safetensors'):.0f} MiB f32, "
+      f"{size(d + '/q/lit_model.safetensors'):.0f} MiB kept quantized")
+print("| run | tokens/s | x bf16-mixed | peak RSS MiB | x bf16-mixed | val loss 0 -> 30 | vs 32-true | max step-loss diff vs 32-true |")
+print("|---|---|---|---|---|---|---|---|")
+for name, r in runs.items():
+    same = r["tokens"] == ref["tokens"]
+    diff = max(abs(a - b) / b for a, b in zip(r["loss"], ref["loss"]))
+    print(f"| {name} | {r['tok']:.0f} | {r['tok'] / fast['tok']:.2f} | {r['rss']:.0f} | "
+          f"{r['rss'] / fast['rss']:.2f} | {r['val0']:.4f} -> {r['val']:.4f} | "
+          f"{(r['val'] - ref['val']) / ref['val'] * 100:+.2f} % | "
+          f"{diff * 100:.2f} %{'' if same else ' (other batches!)'} |")
+PY
+done

@@ -21,6 +21,7 @@ const CHAT: &str = env!("CARGO_BIN_EXE_chat");
 const PREPARE: &str = env!("CARGO_BIN_EXE_prepare-alpaca");
 const FINETUNE: &str = env!("CARGO_BIN_EXE_finetune-lora");
 const GENERATE_LORA: &str = env!("CARGO_BIN_EXE_generate-lora");
+const EXPORT: &str = env!("CARGO_BIN_EXE_export");
 
 fn tiny_gguf() -> PathBuf {
     fixtures().join("gguf/tiny-llama.gguf")
@@ -71,6 +72,272 @@ fn tiny_gguf_imports_to_transformers_logits() {
         orig.encode(text, false, false).unwrap()
     );
     assert_eq!(ours.eos_id, Some(0));
+}
+
+/// `export --format gguf` is the inverse of the import: the tiny Llama file imported, exported
+/// in f32 and imported again gives the same tensors, config and tokenizer; in q8_0, logits
+/// within 8-bit rounding. `--format gguf-lora` writes the adapter so that llama.cpp's rule,
+/// W + alpha / r * B A on each named tensor, gives exactly the merged export's tensors
+/// (names, q/k row permutation and scale all agree). Unsupported layouts, a folder holding
+/// files and --dtype q8_0 outside gguf are refused in one line.
+#[test]
+fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
+    use candle_core::quantized::gguf_file;
+    let root = scratch("gguf-export");
+    let ck = root.join("ck");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            &path(&tiny_gguf()),
+            "--checkpoint-dir",
+            &path(&ck),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let export = |fmt: &str, out: &std::path::Path, extra: &[&str]| {
+        let mut a = vec![
+            "--format".to_string(),
+            fmt.to_string(),
+            "--checkpoint-dir".into(),
+            path(&ck),
+            "--out-dir".into(),
+            path(out),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(EXPORT, &a)
+    };
+    let f32_dir = root.join("f32");
+    let r = export("gguf", &f32_dir, &["--dtype", "f32"]);
+    assert!(
+        r.ok && r.stdout.contains("llama architecture"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    let back = root.join("back");
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            &path(&f32_dir.join("model.gguf")),
+            "--checkpoint-dir",
+            &path(&back),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let load = |d: &std::path::Path| {
+        candle_core::safetensors::load(d.join("lit_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (load(&ck), load(&back));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let d: f32 = (t - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name} changed in the round trip");
+    }
+    let cfg = |d: &std::path::Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("lit_config.json")).unwrap())
+                .unwrap();
+        v["name"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(cfg(&ck), cfg(&back));
+    let (t1, t2) = (
+        Tokenizer::from_dir(&ck).unwrap(),
+        Tokenizer::from_dir(&back).unwrap(),
+    );
+    let text = "Below is an instruction. def f(x): return x * 2  # done";
+    assert_eq!(
+        t1.encode(text, false, false).unwrap(),
+        t2.encode(text, false, false).unwrap()
+    );
+    assert_eq!((t1.bos_id, t1.eos_id), (t2.bos_id, t2.eos_id));
+
+    let q8 = root.join("q8");
+    assert!(export("gguf", &q8, &["--dtype", "q8_0"]).ok);
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            &path(&q8.join("model.gguf")),
+            "--checkpoint-dir",
+            &path(&root.join("q8ck")),
+        ],
+    );
+    assert!(r.ok && r.stdout.contains("Q8_0"), "{}", r.stdout);
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu).unwrap();
+    let logits = |d: &std::path::Path| {
+        Gpt::from_dir(d, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&ids)
+            .unwrap()
+    };
+    let (l0, l8) = (logits(&ck), logits(&root.join("q8ck")));
+    let d: f32 = (&l0 - &l8)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = l0.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(
+        d < 0.03 * scale,
+        "q8_0 export moved logits by {d} (scale {scale})"
+    );
+
+    // A trained adapter: gguf-lora against the merged export.
+    let data = root.join("data.json");
+    let recs: Vec<String> = (0..12)
+        .map(|i| format!(r#"{{"instruction": "Say {i}.", "input": "", "output": "{i} {i}"}}"#))
+        .collect();
+    std::fs::write(&data, format!("[{}]", recs.join(","))).unwrap();
+    let ds = root.join("ds");
+    let r = run(
+        PREPARE,
+        &[
+            "--checkpoint-dir",
+            &path(&ck),
+            "--data-file",
+            &path(&data),
+            "--destination-path",
+            &path(&ds),
+            "--test-split-size",
+            "2",
+            "--prompt-style",
+            "plain",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let out = root.join("out");
+    let r = run(
+        FINETUNE,
+        &[
+            "--checkpoint-dir",
+            &path(&ck),
+            "--data-dir",
+            &path(&ds),
+            "--out-dir",
+            &path(&out),
+            "--max-iters",
+            "3",
+            "--micro-batch-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "0.01",
+            "--eval-iters",
+            "1",
+            "--lora-key",
+            "--lora-mlp",
+            "--quiet",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let adapter = path(&out.join("lit_model_lora_finetuned.safetensors"));
+    let (merged, lora) = (root.join("merged"), root.join("lora"));
+    assert!(
+        export(
+            "gguf",
+            &merged,
+            &["--dtype", "f32", "--lora-path", &adapter]
+        )
+        .ok
+    );
+    let r = export("gguf-lora", &lora, &["--lora-path", &adapter]);
+    assert!(r.ok, "{}", r.stderr);
+    let read = |p: std::path::PathBuf| {
+        let mut f = std::fs::File::open(&p).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+        let t: std::collections::HashMap<String, candle_core::Tensor> = names
+            .into_iter()
+            .map(|n| {
+                let q = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
+                (n, q.dequantize(&Device::Cpu).unwrap())
+            })
+            .collect();
+        (c.metadata, t)
+    };
+    let (_, base) = read(f32_dir.join("model.gguf"));
+    let (_, want) = read(merged.join("model.gguf"));
+    let (meta, ab) = read(lora.join("lora.gguf"));
+    assert_eq!(meta["general.type"].to_string().unwrap(), "adapter");
+    assert_eq!(meta["adapter.type"].to_string().unwrap(), "lora");
+    let alpha = meta["adapter.lora.alpha"].to_f32().unwrap() as f64;
+    let adapted: Vec<&String> = ab.keys().filter(|k| k.ends_with(".lora_a")).collect();
+    // q, k, v, gate, up, down in each of the 2 layers.
+    assert_eq!(adapted.len(), 12, "{adapted:?}");
+    for a_name in adapted {
+        let w = a_name.trim_end_matches(".lora_a");
+        let (a, b) = (&ab[a_name], &ab[&format!("{w}.lora_b")]);
+        let r = a.dim(0).unwrap() as f64;
+        let got = (&base[w] + (b.matmul(a).unwrap() * (alpha / r)).unwrap()).unwrap();
+        let d: f32 = (&got - &want[w])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let moved: f32 = (&want[w] - &base[w])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(moved > 1e-4, "{w}: the adapter did not change it");
+        assert!(
+            d < 1e-5,
+            "{w}: base + lora differs from the merged export by {d}"
+        );
+    }
+
+    // Refusals, one line each.
+    let r = export("gguf", &merged, &[]);
+    assert!(!r.ok && r.stderr.contains("already holds"), "{}", r.stderr);
+    let r = export("hf", &root.join("hfq8"), &["--dtype", "q8_0"]);
+    assert!(
+        !r.ok && r.stderr.contains("q8_0 applies to --format gguf only"),
+        "{}",
+        r.stderr
+    );
+    let neox = root.join("neox");
+    copy_dir(&hf_fixture("neox_parallel_rot025"), &neox);
+    assert!(run(CONVERT, &["--checkpoint-dir", &path(&neox)]).ok);
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf",
+            "--checkpoint-dir",
+            &path(&neox),
+            "--out-dir",
+            &path(&root.join("neox-gguf")),
+        ],
+    );
+    assert!(
+        !r.ok && r.stderr.contains("cannot be exported to GGUF") && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    assert!(!root.join("neox-gguf/model.gguf").exists());
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -326,6 +593,75 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
     );
     assert!(r.ok && !r.stderr.contains("warning"), "{}", r.stderr);
     assert!(r.stdout.contains("Paris"), "answer: {}", r.stdout);
+
+    // The finetuned model handed to llama.cpp: merged GGUF (q8_0) and the adapter GGUF.
+    let adapter = out.join("lit_model_lora_finetuned.safetensors");
+    let gg = root.join("gguf");
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf",
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--dtype",
+            "q8_0",
+            "--out-dir",
+            gg.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf-lora",
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--out-dir",
+            root.join("gguf-lora").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        r.ok && r.stdout.contains("120 tensors"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    let back = root.join("back");
+    let r = run(
+        CONVERT,
+        &[
+            "--gguf",
+            gg.join("model.gguf").to_str().unwrap(),
+            "--checkpoint-dir",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let r = run(
+        GENERATE,
+        &[
+            "--checkpoint-dir",
+            back.to_str().unwrap(),
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("Paris"),
+        "answer from the exported GGUF: {}",
+        r.stdout
+    );
     std::fs::remove_dir_all(root).unwrap();
 }
 

@@ -17,6 +17,7 @@ pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod hf_config;
 pub mod io;
 pub mod kv_cache;

@@ -237,7 +237,7 @@ impl FrozenWeight {
     }
 
     /// x W^T + b with no graph (inside a hand-written op), in x's dtype.
-    pub(crate) fn forward_no_grad(
+    pub fn forward_no_grad(
         &self,
         x: &Tensor,
         bias: Option<&Tensor>,
@@ -254,8 +254,8 @@ impl FrozenWeight {
         }
     }
 
-    /// dY @ W, the input gradient.
-    pub(crate) fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+    /// dY @ W, the input gradient (no graph).
+    pub fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             FrozenWeight::Dense(w) => linear_input_grad(dy, w),
             FrozenWeight::Quantized(q) => q.input_grad(dy).map_err(candle_err),

@@ -173,8 +173,7 @@ impl QuantWeight {
                 kind.block_size()
             )));
         }
-        let dense = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let q = QTensor::quantize(&dense, kind.0)?;
+        let q = QTensor::quantize(&crate::gguf_export::own_f32(w)?, kind.0)?;
         let q = move_to(q, w.device())?;
         Ok(QuantWeight {
             parts: vec![Part {

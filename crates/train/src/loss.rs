@@ -8,6 +8,8 @@
 //! gradients too and goes through autograd instead, still chunked.
 
 use candle_core::{DType, Device, Tensor, D};
+use loratune_model::lora::FrozenWeight;
+use loratune_model::quant::QuantWeight;
 use loratune_model::Gpt;
 
 use crate::error::Result;
@@ -169,10 +171,16 @@ pub fn head_loss(
     }
     let device = h.device();
     let rows_t = Tensor::from_slice(&rows, n, device)?;
-    // An adapted or quantized head goes through its own forward and backward, chunked.
-    let w = match model.lm_head.dense_weight() {
-        Some(w) if model.lm_head.adapters().is_empty() => w,
-        _ => return adapted_head_loss(model, h, &rows_t, &targets, grad_scale),
+    // An adapted head goes through its own forward and backward, chunked.
+    if !model.lm_head.adapters().is_empty() {
+        return adapted_head_loss(model, h, &rows_t, &targets, grad_scale);
+    }
+    let head = model.lm_head.weight();
+    let w = match head {
+        FrozenWeight::Dense(w) => w,
+        FrozenWeight::Quantized(q) => {
+            return quantized_head_loss(model, q, h, &rows_t, &targets, grad_scale)
+        }
     };
     let softcap = model.config.final_logit_softcapping;
     let hv = h.detach().reshape((b * t, c))?.index_select(&rows_t, 0)?;
@@ -231,6 +239,75 @@ pub fn head_loss(
             let dhv = Tensor::cat(&dh_chunks, 0)?;
             let dh = Tensor::zeros((b * t, c), dhv.dtype(), device)?
                 .index_add(&rows_t, &dhv, 0)?
+                .reshape((b, t, c))?;
+            Some((h * dh.to_dtype(h.dtype())?)?.sum_all()?)
+        }
+    };
+    Ok(HeadLoss {
+        loss_sum,
+        n_targets: n,
+        surrogate,
+    })
+}
+
+/// [`head_loss`] for a quantized lm_head: per chunk of rows the logits come from the
+/// quantized product (no graph), the cross-entropy turns them into their gradient in place
+/// (CPU f32) and dh = dlogits W comes from the weight's chunked input gradient.
+fn quantized_head_loss(
+    model: &Gpt,
+    q: &QuantWeight,
+    h: &Tensor,
+    rows_t: &Tensor,
+    targets: &[u32],
+    grad_scale: Option<f64>,
+) -> Result<HeadLoss> {
+    let (b, t, c) = h.dims3()?;
+    let device = h.device();
+    let softcap = model.config.final_logit_softcapping;
+    let hv = h
+        .detach()
+        .reshape((b * t, c))?
+        .index_select(rows_t, 0)?
+        .to_dtype(DType::F32)?;
+    let n = targets.len();
+    let vocab = q.rows();
+    let mut loss_sum = 0.0f64;
+    let mut dh_chunks = Vec::new();
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let len = CHUNK_ROWS.min(n - start);
+        let tg = &targets[start..start + len];
+        let logits = q.matmul_no_grad(&hv.narrow(0, start, len)?)?;
+        let (sum, grad) = if device.is_cpu() {
+            let mut data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            let sum = fused_cross_entropy_cpu(&mut data, vocab, tg, grad_scale, softcap);
+            let grad = match grad_scale {
+                Some(_) => Some(Tensor::from_vec(data, (len, vocab), device)?),
+                None => None,
+            };
+            (sum, grad)
+        } else {
+            let tg = Tensor::from_slice(tg, (len, 1), device)?;
+            match softcap {
+                None => cross_entropy_ops(&logits, &tg, grad_scale)?,
+                Some(cap) => {
+                    let capped = model.cap_logits(&logits)?;
+                    let (sum, grad) = cross_entropy_ops(&capped, &tg, grad_scale)?;
+                    let slope = (1.0 - (&capped / cap)?.sqr()?)?;
+                    (sum, grad.map(|g| g * slope).transpose()?)
+                }
+            }
+        };
+        loss_sum += sum;
+        if let Some(d) = grad {
+            dh_chunks.push(q.input_grad(&d)?);
+        }
+    }
+    let surrogate = match grad_scale {
+        None => None,
+        Some(_) => {
+            let dhv = Tensor::cat(&dh_chunks, 0)?;
+            let dh = Tensor::zeros((b * t, c), dhv.dtype(), device)?
+                .index_add(rows_t, &dhv, 0)?
                 .reshape((b, t, c))?;
             Some((h * dh.to_dtype(h.dtype())?)?.sum_all()?)
         }

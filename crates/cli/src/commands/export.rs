@@ -1,5 +1,6 @@
 //! export: a checkpoint (optionally with a LoRA adapter) as a Hugging Face model folder that
-//! transformers loads, or an adapter as a PEFT adapter folder for the HF base model.
+//! transformers loads or a llama.cpp GGUF model, or an adapter as a PEFT adapter folder for
+//! the HF base model or a llama.cpp LoRA adapter GGUF.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use candle_core::DType;
 use clap::Parser;
 use loratune_model::adapter::load_adapter;
 use loratune_model::export::{export_hf, export_peft};
+use loratune_model::gguf_export::{export_gguf, export_gguf_lora, GgufType};
 use loratune_model::weights::stored_dtype;
 use loratune_model::{Gpt, Tokenizer, Weights};
 
@@ -19,13 +21,24 @@ enum Format {
     Hf,
     /// adapter_model.safetensors + adapter_config.json (PEFT LoRA, unmerged).
     Peft,
+    /// model.gguf for llama.cpp / Ollama (adapters merged in; tokenizer and chat template
+    /// embedded).
+    Gguf,
+    /// lora.gguf: the adapter alone as a llama.cpp LoRA adapter (`llama-cli --lora`).
+    GgufLora,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum WeightDtype {
+    #[value(alias = "f32")]
     Float32,
+    #[value(alias = "bf16")]
     Bfloat16,
+    #[value(alias = "f16")]
     Float16,
+    /// llama.cpp's 8-bit blocks (--format gguf only).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// Export for the Hugging Face ecosystem: `--format hf` writes a model folder that
@@ -45,7 +58,8 @@ struct Args {
     lora_path: Option<PathBuf>,
     #[arg(long)]
     out_dir: PathBuf,
-    /// Weight dtype of --format hf (default: the checkpoint's).
+    /// Weight dtype of --format hf (default: the checkpoint's) or gguf (f32, f16, bf16 or
+    /// q8_0; default f16).
     #[arg(long, value_enum)]
     dtype: Option<WeightDtype>,
     /// Replace the files of an earlier export in --out-dir.
@@ -78,6 +92,8 @@ fn export(args: &Args) -> Result<()> {
             .chain(TOKENIZER_FILES)
             .collect(),
         Format::Peft => vec!["adapter_model.safetensors", "adapter_config.json"],
+        Format::Gguf => vec!["model.gguf"],
+        Format::GgufLora => vec!["lora.gguf"],
     };
     crate::check_out_dir(
         &args.out_dir,
@@ -85,11 +101,28 @@ fn export(args: &Args) -> Result<()> {
         &outputs,
         args.overwrite,
     )?;
-    if args.dtype.is_some() && args.format == Format::Peft {
-        bail!("--dtype applies to --format hf only (PEFT adapters are written in f32)");
+    if matches!(args.format, Format::Gguf | Format::GgufLora) && !args.overwrite {
+        // One file out: a folder already holding other files is most likely the wrong one.
+        if let Some(other) = std::fs::read_dir(&args.out_dir)
+            .ok()
+            .and_then(|mut d| d.find_map(|e| e.ok()))
+        {
+            bail!(
+                "--out-dir {} already holds files ({} ...); a GGUF export goes to a new or \
+                 empty folder, or pass --overwrite",
+                args.out_dir.display(),
+                other.file_name().to_string_lossy()
+            );
+        }
     }
-    if args.format == Format::Peft && args.lora_path.is_none() {
-        bail!("--format peft needs --lora-path (the adapter to export)");
+    if args.dtype.is_some() && matches!(args.format, Format::Peft | Format::GgufLora) {
+        bail!("--dtype applies to --format hf and gguf only (adapters are written in f32)");
+    }
+    if args.dtype == Some(WeightDtype::Q8_0) && args.format != Format::Gguf {
+        bail!("--dtype q8_0 applies to --format gguf only");
+    }
+    if matches!(args.format, Format::Peft | Format::GgufLora) && args.lora_path.is_none() {
+        bail!("--format peft and gguf-lora need --lora-path (the adapter to export)");
     }
     let stored = stored_dtype(&loratune_model::CheckpointDir::new(ck).weights_path())?;
     // Merge (and re-lay) in f32; write the requested dtype.
@@ -105,6 +138,7 @@ fn export(args: &Args) -> Result<()> {
                 Some(WeightDtype::Float32) => DType::F32,
                 Some(WeightDtype::Bfloat16) => DType::BF16,
                 Some(WeightDtype::Float16) => DType::F16,
+                Some(WeightDtype::Q8_0) => unreachable!("refused above"),
                 None => stored,
             };
             let tok = Tokenizer::from_dir(ck).ok();
@@ -130,6 +164,54 @@ fn export(args: &Args) -> Result<()> {
                 if copied.is_empty() { "" } else { " + " },
                 copied.join(" + "),
                 crate::elapsed(t0)
+            );
+        }
+        Format::Gguf => {
+            if let Some(path) = &args.lora_path {
+                crate::generation::merge_adapter(&mut model, path, ck, args.force)?;
+            }
+            let ty = match args.dtype {
+                Some(WeightDtype::Float32) => GgufType::F32,
+                Some(WeightDtype::Bfloat16) => GgufType::Bf16,
+                Some(WeightDtype::Float16) | None => GgufType::F16,
+                Some(WeightDtype::Q8_0) => GgufType::Q8_0,
+            };
+            loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
+            crate::clean_stale_temps(&args.out_dir);
+            let out = args.out_dir.join("model.gguf");
+            let r = export_gguf(&model, ck, &out, ty)
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            outln!(
+                "wrote {} ({} architecture, {} tensors, {:.1} MB, {ty:?}) in {}",
+                out.display(),
+                r.arch,
+                r.n_tensors,
+                r.bytes as f64 / 1e6,
+                crate::elapsed(t0)
+            );
+        }
+        Format::GgufLora => {
+            let Some(path) = &args.lora_path else {
+                bail!("--format gguf-lora needs --lora-path (the adapter to export)");
+            };
+            let (meta, tensors) = load_adapter(path, &device)?;
+            crate::generation::check_adapter_base(&model, &meta, path, ck, args.force)?;
+            model
+                .load_lora(&meta.lora, Weights::new(tensors))
+                .with_context(|| format!("loading the adapter {}", path.display()))?;
+            loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
+            crate::clean_stale_temps(&args.out_dir);
+            let out = args.out_dir.join("lora.gguf");
+            let r = export_gguf_lora(&model, &out)
+                .with_context(|| format!("exporting to {}", out.display()))?;
+            outln!(
+                "wrote {} ({} architecture, {} tensors) in {}; use it with the base model's \
+                 GGUF (`export --format gguf` of {})",
+                out.display(),
+                r.arch,
+                r.n_tensors,
+                crate::elapsed(t0),
+                ck.display()
             );
         }
         Format::Peft => {

@@ -4,7 +4,8 @@
 #   32-true      the file dequantized to f32 (the reference for losses)
 #   bf16-mixed   the same weights in bf16, f32 activations (the reference for speed and RSS)
 #   q-kept       `convert-hf-checkpoint --keep-quantized --dtype bfloat16`: the linears stay
-#                the file's Q4_1/Q4_K/Q6_K/... blocks, the embedding bf16, activations f32
+#                the file's Q4_1/Q4_K/Q6_K/... blocks, trained with --precision bf16-mixed
+#                (the embedding stays bf16; activations, norms and adapters f32)
 #   q8_0         `--quantize q8_0` on the f32 checkpoint (quantized while loading)
 # Data: LLaMA-Factory's alpaca_en_demo.json (999 records, scripts/fetch_assets.sh) in the
 # model's chat template, max length 256, 32 held out; LoRA r 8 / alpha 16 / dropout 0.05 on
@@ -13,6 +14,8 @@
 #
 #   bench/qlora.sh [smollm2-135m qwen2.5-0.5b]      (MB=micro-batch size, default 4)
 #
+# RUNS="q-kept q8_0" re-runs only those rows; REUSE=1 keeps WORK's imports and dataset.
+#
 # Run it on an idle machine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +23,7 @@ WORK=${WORK:-$(mktemp -d /tmp/loratune-qlora.XXXXXX)}
 MODELS=${*:-smollm2-135m}
 MB=${MB:-4}
 STEPS=${STEPS:-30}
+RUNS=${RUNS:-32-true bf16-mixed q-kept q8_0}
 LT=$ROOT/target/release/loratune
 cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
 eval "$("$ROOT/scripts/fetch_assets.sh")"
@@ -32,17 +36,20 @@ for m in $MODELS; do
     qwen2.5-0.5b) gguf=$LORATUNE_QWEN25_GGUF ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
     esac
-    d=$WORK/$m; rm -rf "$d"; mkdir -p "$d"
-    "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/f32" --model-name "$m" > /dev/null
-    "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/q" --model-name "$m" \
-        --keep-quantized --dtype bfloat16 > "$d/q.convert.txt"
-    "$LT" prepare-alpaca --checkpoint-dir "$d/f32" --data-file "$LORATUNE_ALPACA_DEMO" \
-        --destination-path "$d/ds" --max-seq-length 256 --test-split-size 32 > /dev/null 2>&1
-    for run in 32-true bf16-mixed q-kept q8_0; do
+    d=$WORK/$m
+    if [ "${REUSE:-0}" != 1 ] || [ ! -s "$d/ds/meta.json" ]; then
+        rm -rf "$d"; mkdir -p "$d"
+        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/f32" --model-name "$m" > /dev/null
+        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/q" --model-name "$m" \
+            --keep-quantized --dtype bfloat16 > "$d/q.convert.txt"
+        "$LT" prepare-alpaca --checkpoint-dir "$d/f32" --data-file "$LORATUNE_ALPACA_DEMO" \
+            --destination-path "$d/ds" --max-seq-length 256 --test-split-size 32 > /dev/null 2>&1
+    fi
+    for run in $RUNS; do
         ck=$d/f32; extra=(--precision 32-true)
         case $run in
         bf16-mixed) extra=(--precision bf16-mixed) ;;
-        q-kept) ck=$d/q ;;
+        q-kept) ck=$d/q; extra=(--precision bf16-mixed) ;;
         q8_0) extra+=(--quantize q8_0) ;;
         esac
         say "$m $run"
@@ -53,23 +60,24 @@ for m in $MODELS; do
             --seed 42 --quiet --overwrite > "$d/out-$run.log" 2>&1
     done
     python3 - "$d" "$m" "$MB" <<'PY'
-import json, os, sys
+import json, os, re, sys
 d, m, mb = sys.argv[1], sys.argv[2], sys.argv[3]
+runs_present = [r for r in ["32-true", "bf16-mixed", "q-kept", "q8_0", "q-kept-ckpt", "bf16-mixed-ckpt"] if os.path.exists(f"{d}/out-{r}/metrics.jsonl")]
 def load(run):
     rows = [json.loads(l) for l in open(f"{d}/out-{run}/metrics.jsonl")]
     steps = [r for r in rows if r.get("tokens_per_s")]
     timed = steps[2:]
     tok = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-    return dict(tok=tok, rss=max(r["peak_rss_mib"] for r in rows), val0=val[0], val=val[-1],
+    v = re.search(r"val loss (\S+) before, (\S+) after; peak RSS (\S+) MiB", open(f"{d}/out-{run}.log").read())
+    return dict(tok=tok, rss=float(v.group(3)), val0=float(v.group(1)), val=float(v.group(2)),
                 loss=[r["loss"] for r in steps], tokens=[r["tokens"] for r in steps])
-runs = {r: load(r) for r in ["32-true", "bf16-mixed", "q-kept", "q8_0"]}
+runs = {r: load(r) for r in runs_present}
 ref, fast = runs["32-true"], runs["bf16-mixed"]
 size = lambda p: os.path.getsize(p) / 2**20
 print(f"\n{m}, micro-batch {mb}, {len(ref['loss'])} steps; checkpoint "
       f"{size(d + '/f32/lit_model.safetensors'):.0f} MiB f32, "
       f"{size(d + '/q/lit_model.safetensors'):.0f} MiB kept quantized")
-print("| run | tokens/s | x bf16-mixed | peak RSS MiB | x bf16-mixed | val loss 0 -> 30 | vs 32-true | max step-loss diff vs 32-true |")
+print("| run | tokens/s | x bf16-mixed | peak RSS MiB | x bf16-mixed | val loss step 0 -> 30 | vs 32-true | max step-loss diff vs 32-true |")
 print("|---|---|---|---|---|---|---|---|")
 for name, r in runs.items():
     same = r["tokens"] == ref["tokens"]

@@ -10,7 +10,8 @@
 # 2. A StableLM-3B-shaped model with random weights (transformers init, bf16), converted by
 #    loratune; 50 finetune-lora steps, bf16-true, LoRA q,v r 8, micro-batch 4, on the real
 #    Alpaca-format demo set (999 records, real tokenizer), with tokens/s and peak GPU memory;
-#    then the same with --activation-checkpointing.
+#    then the same with --activation-checkpointing; then QLoRA: --quantize q4_k at
+#    micro-batch 1 (issue 18's goal: <= 5 GB peak; Lit-GPT's bnb.nf4 takes 6.35 GB).
 # 3. The same 50 steps with PEFT on PyTorch, on the same batches (bench/peft_train.py).
 # 4. Decode speed of generate on the 3B model.
 # Results: a table on stdout and $OUT/gpu-check.json (OUT defaults to /tmp/gpu-check).
@@ -141,6 +142,7 @@ PYEOF
 }
 finetune loratune
 finetune loratune-ckpt --activation-checkpointing
+finetune loratune-q4k --quantize q4_k --micro-batch-size 1 --batch-size 1
 
 say "PEFT: the same batches"
 PTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)

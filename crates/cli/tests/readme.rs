@@ -234,6 +234,9 @@ fn every_readme_command_runs() {
         "out/hf/config.json",
         "out/peft/adapter_model.safetensors",
         "out/peft/adapter_config.json",
+        "out/lora/chats/lit_model_lora_finetuned.safetensors",
+        "out/gguf/model.gguf",
+        "out/gguf-lora/lora.gguf",
     ] {
         assert!(
             root.join(f).is_file(),

@@ -122,7 +122,11 @@ fn export(args: &Args) -> Result<()> {
         bail!("--dtype q8_0 applies to --format gguf only");
     }
     if matches!(args.format, Format::Peft | Format::GgufLora) && args.lora_path.is_none() {
-        let f = if args.format == Format::Peft { "peft" } else { "gguf-lora" };
+        let f = if args.format == Format::Peft {
+            "peft"
+        } else {
+            "gguf-lora"
+        };
         bail!("--format {f} needs --lora-path (the adapter to export)");
     }
     let stored = stored_dtype(&loratune_model::CheckpointDir::new(ck).weights_path())?;

@@ -197,7 +197,7 @@ pub fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
 }
 
 /// The llama.cpp name a lit tensor comes from (qkv is assembled separately).
-fn gguf_name(lit: &str) -> Option<String> {
+pub(crate) fn gguf_name(lit: &str) -> Option<String> {
     let fixed = match lit {
         "transformer.wte.weight" => Some("token_embd.weight"),
         "transformer.ln_f.weight" => Some("output_norm.weight"),
@@ -431,9 +431,9 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
 }
 
 /// The split transformers' Qwen2 tokenizer applies before byte-level BPE.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The split of Llama 3's tokenizer (llama.cpp's `llama-bpe` pre-tokenizer).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A byte-level BPE model, its merges as the file gives them.
 fn byte_level_bpe(g: &Gguf, tokens: &[String]) -> Result<serde_json::Value> {

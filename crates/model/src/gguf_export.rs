@@ -18,6 +18,7 @@ use serde_json::Value as Json;
 
 use crate::config::{Config, MlpKind, NormKind};
 use crate::error::{Error, Result};
+use crate::gguf::{gguf_name, LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::hf_config::HfArch;
 use crate::model::Gpt;
 
@@ -151,32 +152,6 @@ fn split_qkv(cfg: &Config, t: &Tensor) -> Result<[Tensor; 3]> {
     ])
 }
 
-/// The llama.cpp name of a lit tensor that maps one to one.
-fn gguf_name(lit: &str) -> Option<String> {
-    let fixed = match lit {
-        "transformer.wte.weight" => Some("token_embd.weight"),
-        "transformer.ln_f.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (i, module) = lit.strip_prefix("transformer.h.")?.split_once('.')?;
-    let g = match module {
-        "norm_1.weight" => "attn_norm.weight",
-        "norm_2.weight" => "ffn_norm.weight",
-        "attn.norm_q.weight" => "attn_q_norm.weight",
-        "attn.norm_k.weight" => "attn_k_norm.weight",
-        "attn.proj.weight" => "attn_output.weight",
-        "mlp.fc_1.weight" => "ffn_gate.weight",
-        "mlp.fc_2.weight" => "ffn_up.weight",
-        "mlp.proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{i}.{g}"))
-}
-
 /// The vocabulary as llama.cpp's metadata: tokens, their types and merges, padded to the
 /// embedding's rows with `[PAD{i}]` (type unused), and the pre-tokenizer's llama.cpp name.
 struct Vocab {
@@ -188,8 +163,6 @@ struct Vocab {
 
 /// The llama.cpp name of a tokenizer.json pre-tokenizer.
 fn pre_name(pre: &Json) -> Option<&'static str> {
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let ty = |v: &Json| {
         v.get("type")
             .and_then(Json::as_str)
@@ -206,8 +179,8 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
                 }
                 [s, b] if ty(s) == "Split" && ty(b) == "ByteLevel" => {
                     match s.get("pattern")?.get("Regex")?.as_str()? {
-                        QWEN2 => Some("qwen2"),
-                        LLAMA3 => Some("llama-bpe"),
+                        r if r == QWEN2_SPLIT => Some("qwen2"),
+                        r if r == LLAMA3_SPLIT => Some("llama-bpe"),
                         _ => None,
                     }
                 }
@@ -392,14 +365,7 @@ fn write(path: &Path, meta: &[(String, Value)], tensors: &[(String, QTensor)]) -
 }
 
 fn qt(t: &Tensor, ty: GgmlDType) -> Result<QTensor> {
-    Ok(QTensor::quantize(&own_f32(t)?, ty)?)
-}
-
-/// An f32 CPU copy in a storage of its own: candle's quantizer reads the whole storage,
-/// ignoring a view's offset (a row block of qkv would quantize the wrong rows).
-pub(crate) fn own_f32(t: &Tensor) -> Result<Tensor> {
-    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(Tensor::from_vec(v, t.dims(), &candle_core::Device::Cpu)?)
+    Ok(QTensor::quantize(&crate::quant::own_f32(t)?, ty)?)
 }
 
 /// Writes `model` (no adapters: merge them first) as a llama.cpp GGUF model at `path`, its

@@ -173,7 +173,7 @@ impl QuantWeight {
                 kind.block_size()
             )));
         }
-        let q = QTensor::quantize(&crate::gguf_export::own_f32(w)?, kind.0)?;
+        let q = QTensor::quantize(&own_f32(w)?, kind.0)?;
         let q = move_to(q, w.device())?;
         Ok(QuantWeight {
             parts: vec![Part {
@@ -534,7 +534,8 @@ impl QuantWeight {
 }
 
 /// A QTensor of `rows` x `cols` from raw block bytes. candle reinterprets the bytes as blocks
-/// and asserts their alignment, so they are first copied into an 8-byte-aligned buffer.
+/// and asserts their alignment, so unaligned bytes (read from a file) are first copied into an
+/// 8-byte-aligned buffer; a row range of a loaded weight (the hot path) is aligned already.
 fn qtensor_from_bytes(
     kind: QuantKind,
     bytes: &[u8],
@@ -542,6 +543,10 @@ fn qtensor_from_bytes(
     cols: usize,
     device: &Device,
 ) -> Result<QTensor> {
+    if (bytes.as_ptr() as usize).is_multiple_of(8) {
+        let storage = QStorage::from_data(Cow::Borrowed(bytes), device, kind.0)?;
+        return Ok(QTensor::new(storage, (rows, cols))?);
+    }
     let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: a u64 buffer viewed as at least `bytes.len()` initialised bytes.
     let view = unsafe {
@@ -550,6 +555,13 @@ fn qtensor_from_bytes(
     view[..bytes.len()].copy_from_slice(bytes);
     let storage = QStorage::from_data(Cow::Borrowed(&view[..bytes.len()]), device, kind.0)?;
     Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// An f32 CPU copy in a storage of its own: candle's quantizer reads the whole storage,
+/// ignoring a view's offset (a row block of qkv would quantize the wrong rows).
+pub(crate) fn own_f32(t: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(Tensor::from_vec(v, t.dims(), &Device::Cpu)?)
 }
 
 fn move_to(q: QTensor, device: &Device) -> Result<QTensor> {

@@ -5,6 +5,8 @@
 #   ../shared/peer/setup.sh        # once: the PyTorch venv, random-init pythia-14m/-70m, data
 #   scripts/fetch_assets.sh        # once: the real SmolLM2-135M-Instruct / Qwen2.5 GGUFs
 #   bench/cpu.sh [pythia-14m pythia-70m smollm2-135m qwen2.5-0.5b]
+#   PEER=0 LT=/path/to/loratune bench/cpu.sh ...   # loratune's rows only, with a given binary
+#                                                   # (before/after comparisons of a change)
 #
 # Training: micro-batch 4, max length 256, prompts masked, LoRA r 8 / alpha 16 / dropout 0.05
 # on the attention (loratune: query + value, Lit-GPT's default; PEFT: the fused
@@ -26,7 +28,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
+PEER=${PEER:-1}
 PY=${PY:-$PEER_HOME/.venv/bin/python}
+[ "$PEER" = 0 ] && [ ! -x "$PY" ] && PY=python3
 WORK=${WORK:-$(mktemp -d /tmp/loratune-bench.XXXXXX)}
 MODELS=${*:-pythia-14m pythia-70m smollm2-135m}
 # A PyTorch run that takes longer than this is reported as not finished: bfloat16 on a CPU
@@ -35,9 +39,12 @@ MODELS=${*:-pythia-14m pythia-70m smollm2-135m}
 TORCH_TIMEOUT_F32=${TORCH_TIMEOUT_F32:-600}
 TORCH_TIMEOUT_BF16=${TORCH_TIMEOUT_BF16:-150}
 torch_timeout() { if [ "$1" = float32 ]; then echo "$TORCH_TIMEOUT_F32"; else echo "$TORCH_TIMEOUT_BF16"; fi; }
-LT=$ROOT/target/release/loratune
-[ -x "$PY" ] || { echo "no peer venv at $PEER_HOME: run ../shared/peer/setup.sh first" >&2; exit 1; }
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+[ -x "$PY" ] || [ "$PEER" = 0 ] || { echo "no peer venv at $PEER_HOME: run ../shared/peer/setup.sh first" >&2; exit 1; }
+if [ -z "${LT:-}" ]; then
+    LT=$ROOT/target/release/loratune
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+fi
+echo "[bench] binary: $LT" >&2
 export RAYON_NUM_THREADS=2
 DATA=$PEER_HOME/data/alpaca_like.json
 mkdir -p "$WORK"
@@ -89,6 +96,7 @@ PYEOF
 )"
     done
     for dt in float32 bfloat16; do
+        [ "$PEER" = 0 ] && continue
         say "$m: PEFT $dt"
         r=$(timeout "$(torch_timeout $dt)" "$PY" "$ROOT/bench/peft_train.py" --model "$hf" --data-dir "$ds" --steps 20 \
             --warmup-steps 2 --micro-batch-size 4 --max-seq-length 256 --dtype $dt --threads 2 2> /dev/null) || r=null
@@ -112,6 +120,7 @@ print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_token
                   "peak_rss_mb": float(m[4]) * 1.048576}) if m else "null")')"
     done
     for dt in float32 bfloat16; do
+        [ "$PEER" = 0 ] && continue
         say "$m: transformers generate $dt"
         r=$(timeout "$(torch_timeout $dt)" "$PY" "$ROOT/bench/hf_generate.py" --model "$hf" --prompt "$text" \
             --new-tokens 128 --dtype $dt --threads 2 2> /dev/null) || r=null

@@ -59,6 +59,9 @@ pub enum Error {
     #[error("invalid model input: {0}")]
     Input(String),
 
+    #[error("backward pass: {0}")]
+    Backward(String),
+
     #[error("invalid sampling setting: {0}")]
     Sampling(String),
 

@@ -2,8 +2,9 @@
 //! differentiable ops it trains through, its KV cache, and checkpoint I/O.
 //!
 //! Reading order: `config` (what a model is), `ops` (ops with gradients), `lora`
-//! (adapters), `attention`, `model` (`Gpt`, `Block`), `kv_cache`, `weights` and `convert`
-//! (checkpoints in and out).
+//! (adapters), `attention`, `model` (`Gpt`, `Block`), `loss` and `training` (the training
+//! forward and backward of a packed batch), `kv_cache`, `weights` and `convert` (checkpoints
+//! in and out).
 
 pub mod adapter;
 pub mod attention;
@@ -22,6 +23,7 @@ pub mod hf_config;
 pub mod io;
 pub mod kv_cache;
 pub mod lora;
+pub mod loss;
 pub mod mask;
 pub mod model;
 pub mod ops;
@@ -31,6 +33,7 @@ pub mod rng;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
+pub mod training;
 pub mod weights;
 
 pub use attention::CausalSelfAttention;
@@ -42,4 +45,5 @@ pub use lora::{no_grad, DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
 pub use model::{Block, Gpt, LoadOptions, QuantSummary};
 pub use rng::Rng;
 pub use tokenizer::{StreamDecoder, Tokenizer};
+pub use training::{BatchLoss, Gradients, PackedBatch, TrainOptions};
 pub use weights::Weights;

@@ -462,9 +462,9 @@ impl QuantSummary {
 pub struct Gpt {
     pub config: Config,
     pub wte: Tensor,
-    pub blocks: Vec<Block>,
-    pub ln_f: Norm,
-    pub lm_head: LoraLinear,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) ln_f: Norm,
+    pub(crate) lm_head: LoraLinear,
     rope: Rope,
     /// The rotary tables of the sliding-window layers when their base differs (Gemma 3).
     rope_local: Option<Rope>,
@@ -657,7 +657,7 @@ impl Gpt {
 
     /// Embeddings of a packed batch, (1, N, n_embd), after checking that the lengths add up
     /// to the ids and that each fits the block size.
-    pub fn embed_packed(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    pub(crate) fn embed_packed(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let n = ids.dim(0)?;
         if lengths.iter().sum::<usize>() != n || lengths.contains(&0) {
             return Err(Error::Input(format!(
@@ -746,7 +746,7 @@ impl Gpt {
     /// Runs block `i` alone on the training path (positions from 0, causal; `x` packed as
     /// in `forward_hidden_packed` when `lengths` is given): what activation checkpointing
     /// recomputes during the backward pass.
-    pub fn forward_block(
+    pub(crate) fn forward_block(
         &self,
         i: usize,
         x: &Tensor,
@@ -872,6 +872,11 @@ impl Gpt {
         }
         out.push(&self.lm_head);
         out
+    }
+
+    /// The linear whose parameter-name prefix is `name` (e.g. `transformer.h.0.attn.qkv`).
+    pub fn linear(&self, name: &str) -> Option<&LoraLinear> {
+        self.linears().into_iter().find(|l| l.name == name)
     }
 
     /// The trainable parameters, by checkpoint name, in a stable order.

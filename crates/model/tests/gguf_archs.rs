@@ -257,7 +257,12 @@ fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
     let q = quant.quantization();
     assert_eq!(q.quantized, linears, "{q:?}");
     assert!(q.kinds.iter().any(|(k, _)| k == "q4_0"), "{q:?}");
-    let qkv = quant.blocks[0].attn.qkv.weight().as_quantized().unwrap();
+    let qkv = quant
+        .linear("transformer.h.0.attn.qkv")
+        .unwrap()
+        .weight()
+        .as_quantized()
+        .unwrap();
     assert_eq!(qkv.describe().matches('+').count(), 2, "{}", qkv.describe());
     let ours: std::collections::HashMap<String, Tensor> =
         quant.named_weights().unwrap().into_iter().collect();

@@ -10,7 +10,6 @@ use candle_core::{DType, Device, Tensor};
 use loratune_data::batch::{collate, Sampler};
 use loratune_data::Dataset;
 use loratune_model::{DropoutCtx, Gpt, LoraConfig, Rng};
-use loratune_train::loss::head_loss;
 use loratune_train::optim::{AdamW, AdamWConfig};
 
 fn main() {
@@ -50,15 +49,9 @@ fn main() {
         let t1 = Instant::now();
         hwm[0] = peak_rss_mib();
         let n = b.labels.iter().filter(|&&l| l != -100).count();
-        let out = head_loss(
-            &model,
-            &h,
-            &b.labels,
-            &b.lengths,
-            -100,
-            Some(1.0 / n as f64),
-        )
-        .unwrap();
+        let out = model
+            .head_loss(&h, &b.labels, &b.lengths, -100, Some(1.0 / n as f64))
+            .unwrap();
         let t2 = Instant::now();
         hwm[1] = peak_rss_mib();
         let g = out.surrogate.unwrap().backward().unwrap();

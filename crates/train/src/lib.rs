@@ -1,10 +1,9 @@
-//! loratune's training crate: the loss (`loss`), AdamW and the learning-rate schedule
-//! (`optim`), the loop (`trainer`), checkpoints that resume exactly (`checkpoint`) and
+//! loratune's training crate: AdamW and the learning-rate schedule (`optim`), the loop
+//! (`trainer`: the model computes each micro-batch's loss and gradients), checkpoints that resume exactly (`checkpoint`) and
 //! metrics (`metrics`), and the output folder they live in (`outdir`).
 
 pub mod checkpoint;
 pub mod error;
-pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod outdir;

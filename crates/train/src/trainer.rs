@@ -9,12 +9,11 @@ use candle_core::Tensor;
 use loratune_data::batch::{collate, Batch, Sampler};
 use loratune_data::Dataset;
 use loratune_model::adapter::AdapterMeta;
-use loratune_model::{DropoutCtx, Gpt, LoraConfig, Rng};
+use loratune_model::{Gpt, Gradients, LoraConfig, PackedBatch, Rng, TrainOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
 use crate::error::{Error, Result};
-use crate::loss::{head_loss, target_rows, HeadLoss};
 use crate::metrics::{self, MetricsLog, Record};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, LrSchedule};
 
@@ -373,8 +372,8 @@ impl Trainer {
             &self.model,
             &vars,
             &batches,
-            &GradOptions {
-                ignore: self.cfg.ignore_index,
+            &TrainOptions {
+                ignore_index: self.cfg.ignore_index,
                 activation_checkpointing: self.cfg.activation_checkpointing,
             },
             &mut self.rng,
@@ -509,16 +508,6 @@ impl Trainer {
     }
 }
 
-/// How `accumulate_gradients` computes.
-#[derive(Debug, Clone, Copy)]
-pub struct GradOptions {
-    /// Label value that marks a position with no target.
-    pub ignore: i32,
-    /// Recompute the first N blocks during the backward pass instead of keeping their
-    /// activations (see `TrainConfig::activation_checkpointing`).
-    pub activation_checkpointing: Option<usize>,
-}
-
 /// Gradients (one per var, in order) of the mean next-token loss over every target token of
 /// `batches`, and that loss. Micro-batches are run one at a time; because the mean is over
 /// all their tokens together, k micro-batches give the same gradient as one batch of all of
@@ -527,137 +516,31 @@ pub fn accumulate_gradients(
     model: &Gpt,
     vars: &[(String, candle_core::Var)],
     batches: &[Batch],
-    opts: &GradOptions,
+    opts: &TrainOptions,
     rng: &mut Rng,
 ) -> Result<(Vec<Tensor>, f64)> {
-    let ignore = opts.ignore;
     let n_targets: usize = batches
         .iter()
-        .map(|b| target_rows(&b.labels, &b.lengths, ignore).0.len())
+        .map(|b| packed(b).n_targets(opts.ignore_index))
         .sum();
     let scale = 1.0 / n_targets.max(1) as f64;
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut grads = Gradients::new(vars);
     let mut loss_sum = 0.0;
     for b in batches {
-        let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
-        if let Some(n) = opts.activation_checkpointing.filter(|&n| n > 0) {
-            let n = n.min(model.blocks.len());
-            loss_sum +=
-                checkpointed_backward(model, vars, &idx, b, n, ignore, scale, rng, &mut grads)?;
-            continue;
-        }
-        let h = model.forward_hidden_packed(
-            &idx,
-            &b.lengths,
-            Some(&mut DropoutCtx { rng: &mut *rng }),
-        )?;
-        let out = head_loss(model, &h, &b.labels, &b.lengths, ignore, Some(scale))?;
-        loss_sum += out.loss_sum;
-        if let Some(surrogate) = out.surrogate {
-            add_grads(&mut grads, vars, &surrogate.backward()?)?;
-        }
+        loss_sum += model
+            .loss_and_backward(&packed(b), opts, scale, rng, &mut grads)?
+            .loss_sum;
     }
-    let grads = grads
-        .into_iter()
-        .zip(vars)
-        .map(|(g, (_, v))| match g {
-            Some(g) => Ok(g),
-            None => Ok(v.zeros_like()?),
-        })
-        .collect::<Result<_>>()?;
-    Ok((grads, loss_sum * scale))
+    Ok((grads.into_tensors()?, loss_sum * scale))
 }
 
-fn add_grads(
-    acc: &mut [Option<Tensor>],
-    vars: &[(String, candle_core::Var)],
-    g: &candle_core::backprop::GradStore,
-) -> Result<()> {
-    for (slot, (_, var)) in acc.iter_mut().zip(vars) {
-        if let Some(gv) = g.get(var.as_tensor()) {
-            *slot = Some(match slot.take() {
-                Some(acc) => (acc + gv)?,
-                None => gv.clone(),
-            });
-        }
+/// The model's view of a collated batch.
+fn packed(b: &Batch) -> PackedBatch<'_> {
+    PackedBatch {
+        input_ids: &b.input_ids,
+        labels: &b.labels,
+        lengths: &b.lengths,
     }
-    Ok(())
-}
-
-/// One micro-batch with activation checkpointing of the first `n_ckpt` blocks. Forward: each
-/// of those runs on a detached input and only that input is kept (the block's graph is
-/// dropped with its output); the blocks above run as usual from a variable. Backward: the
-/// loss is backpropagated through the upper blocks to that variable; then from block
-/// `n_ckpt - 1` down to block 0, the block is recomputed with its input as a variable, with
-/// the dropout RNG replayed from where the forward pass drew, and `sum(y * dL/dy)` is
-/// backpropagated, giving the block's adapter gradients and dL/d(input) for the block below.
-/// Returns the micro-batch's loss sum.
-#[allow(clippy::too_many_arguments)]
-fn checkpointed_backward(
-    model: &Gpt,
-    vars: &[(String, candle_core::Var)],
-    idx: &Tensor,
-    b: &Batch,
-    n_ckpt: usize,
-    ignore: i32,
-    scale: f64,
-    rng: &mut Rng,
-    grads: &mut [Option<Tensor>],
-) -> Result<f64> {
-    let n_layer = model.blocks.len();
-    let lengths = Some(b.lengths.as_slice());
-    let mut inputs = Vec::with_capacity(n_ckpt);
-    let mut rng_states = Vec::with_capacity(n_ckpt);
-    let mut x = model.embed_packed(idx, &b.lengths)?.detach();
-    for i in 0..n_ckpt {
-        rng_states.push(rng.state());
-        let y = model.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
-        inputs.push(std::mem::replace(&mut x, y.detach()));
-    }
-    let top = candle_core::Var::from_tensor(&x)?;
-    drop(x);
-    let mut x = top.as_tensor().clone();
-    for i in n_ckpt..n_layer {
-        x = model.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
-    }
-    let h = model.ln_f.forward(&x)?;
-    drop(x);
-    let out = head_loss(model, &h, &b.labels, &b.lengths, ignore, Some(scale))?;
-    drop(h);
-    let Some(surrogate) = out.surrogate else {
-        return Ok(out.loss_sum);
-    };
-    let g = surrogate.backward()?;
-    drop(surrogate);
-    add_grads(grads, vars, &g)?;
-    let mut dy = g
-        .get(top.as_tensor())
-        .ok_or_else(|| {
-            Error::Invalid("no gradient reached the checkpointed blocks' output".into())
-        })?
-        .clone();
-    drop(g);
-    for i in (0..n_ckpt).rev() {
-        let Some(x_i) = inputs.pop() else { break };
-        let xin = candle_core::Var::from_tensor(&x_i)?;
-        drop(x_i);
-        let mut replay = Rng::from_state(rng_states[i]);
-        let y = model.forward_block(
-            i,
-            xin.as_tensor(),
-            lengths,
-            Some(&mut DropoutCtx { rng: &mut replay }),
-        )?;
-        let g = (y * &dy)?.sum_all()?.backward()?;
-        add_grads(grads, vars, &g)?;
-        if i > 0 {
-            dy = g
-                .get(xin.as_tensor())
-                .ok_or_else(|| Error::Invalid(format!("no gradient reached block {i}'s input")))?
-                .clone();
-        }
-    }
-    Ok(out.loss_sum)
 }
 
 /// Validation loss of a model without a trainer (for "before training" numbers).
@@ -673,12 +556,7 @@ pub fn dataset_loss(
     for start in (0..n).step_by(mb) {
         let samples: Vec<_> = (start..(start + mb).min(n)).map(|i| ds.get(i)).collect();
         let b = collate(&samples, cfg.ignore_index, cfg.max_seq_length);
-        let idx = Tensor::from_slice(&b.input_ids, b.input_ids.len(), model.device())?;
-        // Evaluation: no graph (and no activations kept for a backward pass).
-        let out = loratune_model::no_grad(|| -> Result<HeadLoss> {
-            let h = model.forward_hidden_packed(&idx, &b.lengths, None)?;
-            head_loss(model, &h, &b.labels, &b.lengths, cfg.ignore_index, None)
-        })?;
+        let out = model.loss(&packed(&b), cfg.ignore_index)?;
         sum += out.loss_sum;
         count += out.n_targets;
     }

@@ -8,11 +8,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use loratune_data::batch::{collate, Batch};
 use loratune_data::Sample;
 use loratune_model::convert::load_hf_dir;
-use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng};
-use loratune_train::trainer::{accumulate_gradients, GradOptions};
+use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng, TrainOptions};
+use loratune_train::trainer::accumulate_gradients;
 
-const PLAIN: GradOptions = GradOptions {
-    ignore: -100,
+const PLAIN: TrainOptions = TrainOptions {
+    ignore_index: -100,
     activation_checkpointing: None,
 };
 
@@ -257,7 +257,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
             let (g1, l1) = accumulate_gradients(&m, &vars, &batches, &PLAIN, &mut r1).unwrap();
             // Every block checkpointed, and only the first (the rest run as usual).
             for n in [usize::MAX, 1] {
-                let ckpt = GradOptions {
+                let ckpt = TrainOptions {
                     activation_checkpointing: Some(n),
                     ..PLAIN
                 };

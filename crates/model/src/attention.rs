@@ -1,205 +1,27 @@
 //! `CausalSelfAttention`: fused qkv projection ([Q | K | V] rows), optional RMSNorm of queries
-//! and keys, rotary embedding (with frequency scaling), causal attention for MHA, GQA and MQA
-//! under the layer's score rules (sliding window, soft-capping: `mask.rs`), output projection;
-//! plus the rotary tables it reads.
+//! and keys, rotary embedding (`rope.rs`), causal attention for MHA, GQA and MQA under the
+//! layer's score rules (sliding window, soft-capping: `mask.rs`), output projection. Which
+//! attention runs is decided here: the packed CPU kernel (`attn_kernel.rs`) for training and
+//! prefill from position 0 on the CPU, the recomputed tensor path below for training
+//! elsewhere, and `attend` (tensor ops, KV cache) for the rest.
 //!
 //! Grouped heads are handled without copying K and V per query head: the query heads that
 //! share a key/value head are adjacent, so Q (B, H, T, hs) is viewed as
 //! (B, G, H/G * T, hs) and multiplied against K (B, G, T, hs) directly.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::attn_kernel::{packed_attention, PackedAttention};
-use crate::config::{Config, QkNorm, RopeScaling};
+use crate::config::{Config, QkNorm};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraLinear};
+use crate::mask::masked_softmax;
 use crate::mask::ScoreRules;
 use crate::model::Norm;
-use crate::ops::{apply_rope, frozen_linear_add, masked_softmax};
+use crate::ops::frozen_linear_add;
 use crate::recompute::recompute;
-
-/// Positions whose cos/sin rows are computed when the model loads; rows beyond (long
-/// contexts, up to the block size) are computed when asked for, so a model's memory does not
-/// grow with a block size it never uses.
-const ROPE_PRECOMPUTED: usize = 8192;
-
-/// Rotary cos/sin tables, (positions, rope_n_elem / 2), for one set of frequencies.
-#[derive(Debug, Clone)]
-struct Table {
-    inv_freq: Vec<f32>,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-/// A layer type's rotary tables: the frequencies, and with LongRoPE the long ones that a call
-/// reaching past `limit` positions uses.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    table: Table,
-    long: Option<(Table, usize)>,
-    /// Multiplies cos and sin (LongRoPE's attention factor; 1 otherwise).
-    scale: f32,
-}
-
-/// Inverse frequencies of `n_elem` rotary channels with base `base`, scaled as `scaling` says
-/// (transformers' `_compute_*_parameters`; LongRoPE's short factors).
-pub fn inv_freq(n_elem: usize, base: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
-    let plain = inv_freq_plain(n_elem, base);
-    match scaling {
-        None => plain.collect(),
-        Some(RopeScaling::Linear { factor }) => plain.map(|f| f / factor).collect(),
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
-            let old = *original_max_position_embeddings as f64;
-            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
-            plain
-                .map(|f| {
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen < high_wavelen {
-                        f
-                    } else if wavelen > low_wavelen {
-                        f / factor
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect()
-        }
-        Some(RopeScaling::Longrope { short_factor, .. }) => {
-            plain.zip(short_factor).map(|(f, s)| f / s).collect()
-        }
-    }
-}
-
-impl Rope {
-    /// Tables with rotary base `base` and frequency `scaling` (a model's global layers, or
-    /// its local ones).
-    pub fn new(
-        cfg: &Config,
-        base: f64,
-        scaling: Option<&RopeScaling>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Rope> {
-        // Angles in f32, as transformers computes them.
-        let to_f32 = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
-        let rows = cfg.block_size.min(ROPE_PRECOMPUTED);
-        let (long, scale) = match scaling {
-            Some(RopeScaling::Longrope {
-                long_factor,
-                attention_factor,
-                original_max_position_embeddings,
-                ..
-            }) => {
-                let plain = inv_freq_plain(cfg.rope_n_elem(), base);
-                let long = to_f32(plain.zip(long_factor).map(|(f, l)| f / l).collect());
-                let scale = *attention_factor as f32;
-                let table = Table::new(long, scale, rows, dtype, device)?;
-                (Some((table, *original_max_position_embeddings)), scale)
-            }
-            _ => (None, 1.0),
-        };
-        let inv_freq = to_f32(inv_freq(cfg.rope_n_elem(), base, scaling));
-        // The short table is only ever read below the switch.
-        let short_rows = long.as_ref().map_or(rows, |(_, limit)| rows.min(*limit));
-        Ok(Rope {
-            table: Table::new(inv_freq, scale, short_rows, dtype, device)?,
-            long,
-            scale,
-        })
-    }
-
-    /// f32 cos/sin rows (times `scale`) for positions `offset .. offset + len`, on the CPU.
-    fn rows(
-        inv_freq: &[f32],
-        scale: f32,
-        offset: usize,
-        len: usize,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for t in offset..offset + len {
-            for f in inv_freq {
-                let angle = t as f32 * f;
-                cos.push(angle.cos() * scale);
-                sin.push(angle.sin() * scale);
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
-            Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
-        ))
-    }
-
-    /// The table for a call whose positions end at `end`: with LongRoPE, a call reaching past
-    /// the original context uses the long frequencies for all its positions (keys cached by
-    /// earlier calls keep theirs, as in transformers).
-    fn table(&self, end: usize) -> &Table {
-        match &self.long {
-            Some((long, limit)) if end > *limit => long,
-            _ => &self.table,
-        }
-    }
-
-    /// Tables for positions `offset .. offset + len`, for a call whose positions end there.
-    fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let table = self.table(offset + len);
-        if offset + len <= table.cos.dim(0)? {
-            return Ok((
-                table.cos.narrow(0, offset, len)?,
-                table.sin.narrow(0, offset, len)?,
-            ));
-        }
-        let (cos, sin) = Self::rows(&table.inv_freq, self.scale, offset, len)?;
-        let (device, dtype) = (table.cos.device(), table.cos.dtype());
-        Ok((
-            cos.to_device(device)?.to_dtype(dtype)?,
-            sin.to_device(device)?.to_dtype(dtype)?,
-        ))
-    }
-
-    /// Tables covering at least positions `0 .. len`, for a call whose longest sequence
-    /// has `len` positions.
-    fn covering(&self, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let table = self.table(len);
-        if len <= table.cos.dim(0)? {
-            Ok((table.cos.clone(), table.sin.clone()))
-        } else {
-            self.at(0, len)
-        }
-    }
-}
-
-impl Table {
-    /// The first `rows` positions' cos/sin (times `scale`) in `dtype` on `device`.
-    fn new(
-        inv_freq: Vec<f32>,
-        scale: f32,
-        rows: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Table> {
-        let (cos, sin) = Rope::rows(&inv_freq, scale, 0, rows)?;
-        Ok(Table {
-            cos: cos.to_device(device)?.to_dtype(dtype)?,
-            sin: sin.to_device(device)?.to_dtype(dtype)?,
-            inv_freq,
-        })
-    }
-}
-
-/// Unscaled inverse frequencies, 1 / base^(2i / n_elem).
-fn inv_freq_plain(n_elem: usize, base: f64) -> impl Iterator<Item = f64> {
-    (0..n_elem / 2).map(move |i| 1.0 / base.powf((2 * i) as f64 / n_elem as f64))
-}
+use crate::rope::{apply_rope, Rope};
 
 #[derive(Debug, Clone)]
 pub struct CausalSelfAttention {
@@ -280,7 +102,7 @@ impl CausalSelfAttention {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let qkv = self.norm_qk(&self.qkv.forward(x, dropout.as_deref_mut())?)?;
-        if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(&rope.table.cos)) {
+        if cache.is_none() && offset == 0 && crate::fused::applies(&qkv, Some(rope.cos_table())) {
             // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
             let (b, t, _) = qkv.dims3()?;
             let lengths = seqs.map_or_else(|| vec![t; b], <[usize]>::to_vec);
@@ -532,17 +354,10 @@ fn attend(
 
     let (cos, sin) = rope.at(offset, t)?;
     let scale = h.scale;
-    let (q, k) = if crate::fused::applies(&q, Some(&cos)) {
-        (
-            crate::fused::rope(&q, &cos, &sin, scale)?,
-            crate::fused::rope(&k, &cos, &sin, 1.0)?,
-        )
-    } else {
-        (
-            (apply_rope(&q, &cos, &sin)? * scale)?,
-            apply_rope(&k, &cos, &sin)?,
-        )
-    };
+    let (q, k) = (
+        (apply_rope(&q, &cos, &sin)? * scale)?,
+        apply_rope(&k, &cos, &sin)?,
+    );
     let (k, v) = match cache {
         Some(cache) => cache
             .append(&k, &v)
@@ -627,24 +442,7 @@ fn attend_backward(h: HeadLayout, qkv: &Tensor, dy: &Tensor, rope: &Rope) -> CRe
 mod tests {
     use super::*;
     use crate::test_util::{max_diff, randn};
-
-    /// Rows past the precomputed table are computed on demand, equal to what the table
-    /// would hold; a block size of a billion costs nothing until those positions are used.
-    #[test]
-    fn rope_rows_past_the_table_are_computed_on_demand() {
-        let mut cfg = Config::from_name("pythia-14m").unwrap();
-        cfg.block_size = 1_000_000_000;
-        let rope = Rope::new(&cfg, cfg.rope_base, None, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(rope.table.cos.dim(0).unwrap(), ROPE_PRECOMPUTED);
-        let (c, s) = rope.at(ROPE_PRECOMPUTED - 3, 6).unwrap();
-        let (c2, s2) = Rope::rows(&rope.table.inv_freq, 1.0, ROPE_PRECOMPUTED - 3, 6).unwrap();
-        assert_eq!(max_diff(&c, &c2), 0.0);
-        assert_eq!(max_diff(&s, &s2), 0.0);
-        let (c3, _) = rope.at(ROPE_PRECOMPUTED - 3, 3).unwrap();
-        assert_eq!(max_diff(&c3, &c.narrow(0, 0, 3).unwrap()), 0.0);
-        let (cov, _) = rope.covering(ROPE_PRECOMPUTED + 5).unwrap();
-        assert_eq!(cov.dim(0).unwrap(), ROPE_PRECOMPUTED + 5);
-    }
+    use candle_core::Device;
 
     /// A few groups at a time equals all at once, forward and backward, for MHA and GQA
     /// (chunks of one group and of two, the last one short).

@@ -19,6 +19,7 @@ use num_traits::Float;
 
 use crate::fused::{gemm, run_tasks, SendPtr};
 use crate::mask::ScoreRules;
+use crate::rope::rotate_row;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -63,19 +64,11 @@ impl<T: Float> Ctx<'_, T> {
     }
 
     /// Rotates `row` (one head, position `pos`) in place; `inverse` rotates back (the
-    /// backward pass). Channels past the rotary ones pass through.
+    /// backward pass).
     fn rope(&self, row: &mut [T], pos: usize, inverse: bool) {
         let half = self.half;
-        let (c, s) = (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
-        );
-        for j in 0..half {
-            let (x1, x2) = (row[j], row[j + half]);
-            let sj = if inverse { -s[j] } else { s[j] };
-            row[j] = x1 * c[j] - x2 * sj;
-            row[j + half] = x2 * c[j] + x1 * sj;
-        }
+        let at = pos * half..(pos + 1) * half;
+        rotate_row(row, &self.cos[at.clone()], &self.sin[at], inverse);
     }
 
     /// Rotated (and scaled by `mul`) rows `off..off + t` of the head starting at column
@@ -96,23 +89,10 @@ impl<T: Float> Ctx<'_, T> {
     }
 }
 
-/// Masked softmax of the (t x t) scores in place: row i sees keys `rules.first_key(i) ..= i`.
+/// Masked softmax of the (t x t) scores in place: row i is the query at position i.
 fn causal_softmax<T: Float>(s: &mut [T], t: usize, rules: ScoreRules) {
-    for i in 0..t {
-        let row = &mut s[i * t..(i + 1) * t];
-        let lo = rules.first_key(i);
-        let m = row[lo..=i].iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-        let mut sum = T::zero();
-        for x in &mut row[lo..=i] {
-            *x = (*x - m).exp();
-            sum = sum + *x;
-        }
-        let inv = T::one() / sum;
-        for x in &mut row[lo..=i] {
-            *x = *x * inv;
-        }
-        row[..lo].fill(T::zero());
-        row[i + 1..].fill(T::zero());
+    for (i, row) in s.chunks_mut(t).enumerate() {
+        rules.softmax_row(row, i);
     }
 }
 

@@ -30,6 +30,7 @@ pub mod ops;
 pub mod quant;
 pub mod recompute;
 pub mod rng;
+pub mod rope;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;

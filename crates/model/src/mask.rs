@@ -1,10 +1,13 @@
-//! What attention does to its scores between the dot product and the softmax: the causal
-//! mask, a sliding window (Mistral, Gemma's local layers) and soft-capping (Gemma 2). One
-//! definition, [`ScoreRules`]; every attention kernel (the CPU packed kernel, the tensor path,
-//! the cached decode) applies it through these functions, so a new rule is one change here
-//! plus its use in each kernel's loop.
+//! What attention does to its scores between the dot product and the values: soft-capping
+//! (Gemma 2), the causal mask, a sliding window (Mistral, Gemma's local layers), and the
+//! softmax under them. One definition, [`ScoreRules`], and one softmax per backend: a row on
+//! the CPU ([`ScoreRules::softmax_row`], the packed attention kernel and the inference
+//! scores op) and tensor ops ([`masked_softmax`], the tensor path on every device). A new
+//! score rule is a field here, its effect in these two functions and, if it has a slope,
+//! in the two backward passes (`attn_kernel.rs` and `attention.rs`'s `attend_backward`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
+use num_traits::Float;
 
 /// The rules of one layer's attention scores.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -96,11 +99,65 @@ impl ScoreRules {
     pub fn needs_mask(&self, t: usize, tk: usize) -> bool {
         t > 1 || self.window.is_some_and(|w| w < tk)
     }
+
+    /// Softmax in place of the (already capped) scores `row` of the query at position `pos`
+    /// over keys 0 .. row.len(): keys `first_key(pos) ..= pos` get the probabilities, the
+    /// others (future, or past the window) 0.
+    #[inline]
+    pub fn softmax_row<T: Float>(&self, row: &mut [T], pos: usize) {
+        let (lo, end) = (self.first_key(pos), (pos + 1).min(row.len()));
+        let m = row[lo..end]
+            .iter()
+            .fold(T::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = T::zero();
+        for x in &mut row[lo..end] {
+            *x = (*x - m).exp();
+            sum = sum + *x;
+        }
+        let inv = T::one() / sum;
+        for x in &mut row[lo..end] {
+            *x = *x * inv;
+        }
+        row[..lo].fill(T::zero());
+        row[end..].fill(T::zero());
+    }
+}
+
+/// Softmax of attention scores (.., T, Tk) under `rules` with tensor ops (differentiable, any
+/// device): soft-capped, and query row i, at position Tk - T + i, seeing keys
+/// `rules.first_key(pos) ..= pos` through an additive -inf mask.
+pub fn masked_softmax(att: &Tensor, rules: ScoreRules) -> candle_core::Result<Tensor> {
+    let att = rules.cap_tensor(att)?;
+    let (t, tk) = (att.dim(D::Minus2)?, att.dim(D::Minus1)?);
+    let att = if rules.needs_mask(t, tk) {
+        att.broadcast_add(&rules.additive_mask(t, tk, att.dtype(), att.device())?)?
+    } else {
+        att
+    };
+    crate::ops::softmax_last_dim(&att)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causal_mask_hides_exactly_the_future() {
+        // 3 new queries after 2 cached positions: query i sits at position 2 + i.
+        let m = ScoreRules::default()
+            .additive_mask(3, 5, DType::BF16, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in m.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let want = if j > 2 + i { f32::NEG_INFINITY } else { 0.0 };
+                assert_eq!(v, want, "({i}, {j})");
+            }
+        }
+    }
 
     #[test]
     fn the_mask_hides_the_future_and_what_is_past_the_window() {

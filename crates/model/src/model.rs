@@ -17,13 +17,14 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::attention::{CausalSelfAttention, Rope};
+use crate::attention::CausalSelfAttention;
 use crate::config::{Config, MlpKind, NormKind, QkNorm};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraConfig, LoraLinear};
 use crate::ops;
 use crate::rng::Rng;
+use crate::rope::Rope;
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]

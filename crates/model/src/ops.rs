@@ -14,7 +14,6 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
 };
 
-use crate::mask::ScoreRules;
 use crate::recompute::recompute;
 
 type Result<T> = candle_core::Result<T>;
@@ -188,23 +187,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&sum)?.to_dtype(dtype)
 }
 
-/// Softmax of attention scores (.., T, Tk) under `rules` (`mask.rs`): soft-capped, and query
-/// row i, at position Tk - T + i, seeing keys `rules.first_key(pos) ..= pos`. The mask is one
-/// fused pass on the CPU; elsewhere an additive -inf mask and `softmax_last_dim`.
-pub fn masked_softmax(att: &Tensor, rules: ScoreRules) -> Result<Tensor> {
-    let att = rules.cap_tensor(att)?;
-    if crate::fused::applies(&att, None) {
-        return crate::fused::causal_softmax(&att, rules.window);
-    }
-    let (t, tk) = (att.dim(D::Minus2)?, att.dim(D::Minus1)?);
-    let att = if rules.needs_mask(t, tk) {
-        att.broadcast_add(&rules.additive_mask(t, tk, att.dtype(), att.device())?)?
-    } else {
-        att
-    };
-    softmax_last_dim(&att)
-}
-
 /// GELU, exact erf form; the fused CPU kernel (parallel, own backward) where it applies.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if crate::fused::applies(x, None) {
@@ -315,39 +297,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         );
     }
     gate.silu()? * up
-}
-
-/// Rotary position embedding, GPT-NeoX "rotate half" form, on the first `cos.dim(1) * 2`
-/// channels of `x` (B, H, T, head_size); the remaining channels pass through (partial rotary).
-/// `cos`/`sin` are (T, n_elem / 2).
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let head_size = x.dim(D::Minus1)?;
-    let half = cos.dim(D::Minus1)?;
-    let n_elem = 2 * half;
-    if n_elem == 0 {
-        return Ok(x.clone());
-    }
-    let rot = if n_elem == head_size {
-        x.clone()
-    } else {
-        x.narrow(D::Minus1, 0, n_elem)?
-    };
-    let roped = if !x.track_op() && x.dtype() != DType::F64 {
-        candle_nn::rotary_emb::rope(&rot.contiguous()?, cos, sin)?
-    } else {
-        let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
-        let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-        let x1 = rot.narrow(D::Minus1, 0, half)?;
-        let x2 = rot.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        (rot.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
-    };
-    if n_elem == head_size {
-        Ok(roped)
-    } else {
-        let pass = x.narrow(D::Minus1, n_elem, head_size - n_elem)?;
-        Tensor::cat(&[&roped, &pass], D::Minus1)
-    }
 }
 
 /// `x @ w.T` for a frozen weight `w` (out, in): the backward pass yields dX = dY @ w only.
@@ -862,7 +811,7 @@ mod tests {
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         crate::test_util::randn_dtype(shape, seed, DType::F32)
     }
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     #[test]
     fn row_blocks_equal_the_whole() {
@@ -879,24 +828,6 @@ mod tests {
         assert_eq!(blocks[0].dims(), &[3, 5, 4]);
         assert_eq!(max_diff(&blocks[0], &whole[0]), 0.0);
         assert_eq!(max_diff(&blocks[1], &whole[1]), 0.0);
-    }
-
-    #[test]
-    fn causal_mask_hides_exactly_the_future() {
-        // 3 new queries after 2 cached positions: query i sits at position 2 + i.
-        let m = ScoreRules::default()
-            .additive_mask(3, 5, DType::BF16, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (i, row) in m.iter().enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                let want = if j > 2 + i { f32::NEG_INFINITY } else { 0.0 };
-                assert_eq!(v, want, "({i}, {j})");
-            }
-        }
     }
 
     #[test]
@@ -924,13 +855,6 @@ mod tests {
                 &softmax_last_dim(tracked).unwrap()
             ) < 1e-6
         );
-        for n_elem in [8, 4] {
-            let cos = randn(&[5, n_elem / 2], 4);
-            let sin = randn(&[5, n_elem / 2], 5);
-            let fused = apply_rope(&x, &cos, &sin).unwrap();
-            let comp = apply_rope(tracked, &cos, &sin).unwrap();
-            assert!(max_diff(&fused, &comp) < 1e-5, "rope {n_elem}");
-        }
     }
 
     /// f64 values and input gradients of two functions of the same inputs.

@@ -17,7 +17,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
-use crate::fused::{gemm, run_tasks, SendPtr};
+use crate::fused::{by_dtype, cpu_slice, gemm, run_tasks, SendPtr};
 use crate::mask::ScoreRules;
 use crate::rope::rotate_row;
 
@@ -294,13 +294,6 @@ fn backward<T: Float + Send + Sync + 'static>(cx: &Ctx<T>, lengths: &[usize], dy
     dqkv
 }
 
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("packed attention: input must be contiguous".into())
-    })?;
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
 impl PackedAttention {
     /// Checks the input's shape against the lengths and heads; returns N.
     fn check(&self, l: &Layout) -> Result<usize> {
@@ -336,9 +329,9 @@ impl PackedAttention {
     ) -> Result<Ctx<'a, T>> {
         let &(cs, cl, ss, sl) = tables;
         Ok(Ctx {
-            qkv: slice(s, l)?,
-            cos: slice(cs, cl)?,
-            sin: slice(ss, sl)?,
+            qkv: cpu_slice(s, l, "packed attention")?,
+            cos: cpu_slice(cs, cl, "packed attention")?,
+            sin: cpu_slice(ss, sl, "packed attention")?,
             half: cl.dims()[1],
             nh: self.n_head,
             ng: self.n_query_groups,
@@ -370,15 +363,11 @@ impl CustomOp1 for PackedAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = self.check(l)?;
         let out = self.with_tables(|tables| {
-            Ok(match s {
-                CpuStorage::F32(_) => {
-                    CpuStorage::F32(forward(&self.ctx(s, l, tables)?, &self.lengths, n))
-                }
-                CpuStorage::F64(_) => {
-                    CpuStorage::F64(forward(&self.ctx(s, l, tables)?, &self.lengths, n))
-                }
-                _ => candle_core::bail!("packed attention: f32 or f64 only"),
-            })
+            Ok(by_dtype!("packed attention", s, |T| forward::<T>(
+                &self.ctx(s, l, tables)?,
+                &self.lengths,
+                n
+            )))
         })?;
         let mut dims = l.dims().to_vec();
         *dims.last_mut().expect("checked") = self.n_head * self.head_size;
@@ -418,15 +407,11 @@ impl CustomOp2 for Backward {
             )
         }
         let out = p.with_tables(|tables| {
-            Ok(match (s, gs) {
-                (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                    CpuStorage::F32(backward(&p.ctx(s, l, tables)?, &p.lengths, slice(gs, gl)?))
-                }
-                (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                    CpuStorage::F64(backward(&p.ctx(s, l, tables)?, &p.lengths, slice(gs, gl)?))
-                }
-                _ => candle_core::bail!("packed attention: f32 or f64 only, one dtype"),
-            })
+            Ok(by_dtype!("packed attention", s, |T| backward::<T>(
+                &p.ctx(s, l, tables)?,
+                &p.lengths,
+                cpu_slice(gs, gl, "packed attention")?
+            )))
         })?;
         Ok((out, l.shape().clone()))
     }

@@ -16,29 +16,65 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 
 type Result<T> = candle_core::Result<T>;
 
-/// The float types the kernels run in.
-trait Real: Copy + Send + Sync + PartialOrd + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(x: f64) -> Self;
+/// The float types the kernels run in (f32, f64), with what the kernels compute in them
+/// (`to_f64` / `from_f64` come from candle's `WithDType`: plain casts).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Default
+    + candle_core::WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
+    /// The constant `x` in this type (`x as f32` for f32).
+    fn lit(self, x: f64) -> Self {
+        Self::from_f64(x)
+    }
+    fn exp(self) -> Self;
+    fn erf(self) -> Self;
 }
 
-impl Real for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(x: f64) -> f32 {
-        x as f32
-    }
+macro_rules! real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            fn exp(self) -> $t {
+                <$t>::exp(self)
+            }
+            fn erf(self) -> $t {
+                $erf(self)
+            }
+        }
+    };
 }
+real!(f32, libm::erff);
+real!(f64, libm::erf);
 
-impl Real for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(x: f64) -> f64 {
-        x
-    }
+/// The one match on a CPU storage's dtype for the f32/f64 kernels: `$body` is compiled once
+/// per dtype with the type alias `$t` bound to it, and its `Vec` becomes storage of that
+/// dtype. Inputs are read with [`cpu_slice`]`::<$t>`, which refuses another dtype, so every
+/// input has the first one's.
+macro_rules! by_dtype {
+    ($name:expr, $first:expr, |$t:ident| $body:expr) => {
+        match $first {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $name),
+        }
+    };
 }
+pub(crate) use by_dtype;
 
 /// A raw pointer handed to the pool's threads, each writing its own disjoint region.
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
@@ -128,7 +164,9 @@ fn map_indexed<T: Copy + Send + Sync + Default>(
     out
 }
 
-fn slice<'a, T: candle_core::WithDType>(
+/// The contiguous elements of `s` under layout `l`, as `T` (an error names `what` when the
+/// layout is not contiguous or the storage holds another dtype).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
@@ -158,7 +196,7 @@ struct AttentionProbs {
 impl AttentionProbs {
     /// The capped scores `s` (rows of `tk`), softmaxed in place by rows under the rules; row
     /// r is the query at position tk - t + r % t.
-    fn probs<T: num_traits::Float + Send>(
+    fn probs<T: Real + num_traits::Float>(
         &self,
         s: &[T],
         tk: usize,
@@ -215,11 +253,14 @@ impl CustomOp2 for AttentionProbs {
         let (s, dims) = self.scores(sq, lq, sk, lk)?;
         let tk = dims.3;
         let r = self.rules;
-        let out = match &s {
-            CpuStorage::F32(x) => CpuStorage::F32(self.probs(x, tk, |v| r.cap(v as f64) as f32)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.probs(x, tk, |v| r.cap(v))),
-            _ => candle_core::bail!("attention-probs: f32 or f64 only"),
-        };
+        let all = Layout::contiguous(dims);
+        let out = by_dtype!("attention-probs", &s, |T| self.probs(
+            cpu_slice::<T>(&s, &all, "attention-probs")?,
+            tk,
+            |v| <T as candle_core::WithDType>::from_f64(
+                r.cap(<T as candle_core::WithDType>::to_f64(v))
+            )
+        ));
         Ok((out, Shape::from(dims)))
     }
 }
@@ -320,37 +361,19 @@ impl CustomOp3 for Norm {
                 l2.dims()
             )
         }
-        let out = match s1 {
-            CpuStorage::F32(_) => {
-                let b = if self.rms {
-                    None
-                } else {
-                    Some(slice::<f32>(s3, l3, "norm")?)
-                };
-                CpuStorage::F32(norm_fwd(
-                    slice::<f32>(s1, l1, "norm")?,
-                    slice::<f32>(s2, l2, "norm")?,
-                    b,
-                    d,
-                    *self,
-                ))
-            }
-            CpuStorage::F64(_) => {
-                let b = if self.rms {
-                    None
-                } else {
-                    Some(slice::<f64>(s3, l3, "norm")?)
-                };
-                CpuStorage::F64(norm_fwd(
-                    slice::<f64>(s1, l1, "norm")?,
-                    slice::<f64>(s2, l2, "norm")?,
-                    b,
-                    d,
-                    *self,
-                ))
-            }
-            _ => candle_core::bail!("{}: f32 or f64 only", self.name()),
-        };
+        let out = by_dtype!(self.name(), s1, |T| {
+            let b = match self.rms {
+                true => None,
+                false => Some(cpu_slice::<T>(s3, l3, "norm")?),
+            };
+            norm_fwd(
+                cpu_slice::<T>(s1, l1, "norm")?,
+                cpu_slice::<T>(s2, l2, "norm")?,
+                b,
+                d,
+                *self,
+            )
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -384,23 +407,13 @@ impl CustomOp3 for NormBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l1);
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(norm_bwd(
-                slice::<f32>(s1, l1, "norm-bwd")?,
-                slice::<f32>(s2, l2, "norm-bwd")?,
-                slice::<f32>(s3, l3, "norm-bwd")?,
-                d,
-                self.0,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(norm_bwd(
-                slice::<f64>(s1, l1, "norm-bwd")?,
-                slice::<f64>(s2, l2, "norm-bwd")?,
-                slice::<f64>(s3, l3, "norm-bwd")?,
-                d,
-                self.0,
-            )),
-            _ => candle_core::bail!("norm-bwd: f32 or f64 only"),
-        };
+        let out = by_dtype!("norm-bwd", s1, |T| norm_bwd(
+            cpu_slice::<T>(s1, l1, "norm-bwd")?,
+            cpu_slice::<T>(s2, l2, "norm-bwd")?,
+            cpu_slice::<T>(s3, l3, "norm-bwd")?,
+            d,
+            self.0,
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -426,27 +439,30 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
+fn gelu_fwd<T: Real>(x: &[T]) -> Vec<T> {
+    map_indexed(x.len(), |i| {
+        let v = x[i];
+        v.lit(0.5) * v * (v.lit(1.0) + (v * v.lit(FRAC_1_SQRT_2)).erf())
+    })
+}
+
+/// dx = dy (Φ(x) + x φ(x)).
+fn gelu_bwd<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    map_indexed(x.len(), |i| {
+        let v = x[i];
+        let cdf = v.lit(0.5) * (v.lit(1.0) + (v * v.lit(FRAC_1_SQRT_2)).erf());
+        let pdf = v.lit(FRAC_1_SQRT_2PI) * (v.lit(-0.5) * v * v).exp();
+        g[i] * (cdf + v * pdf)
+    })
+}
+
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "gelu-erf"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => {
-                let x = slice::<f32>(s, l, "gelu")?;
-                CpuStorage::F32(map_indexed(x.len(), |i| {
-                    0.5 * x[i] * (1.0 + libm::erff(x[i] * FRAC_1_SQRT_2 as f32))
-                }))
-            }
-            CpuStorage::F64(_) => {
-                let x = slice::<f64>(s, l, "gelu")?;
-                CpuStorage::F64(map_indexed(x.len(), |i| {
-                    0.5 * x[i] * (1.0 + libm::erf(x[i] * FRAC_1_SQRT_2))
-                }))
-            }
-            _ => candle_core::bail!("gelu-erf: f32 or f64 only"),
-        };
+        let out = by_dtype!("gelu-erf", s, |T| gelu_fwd(cpu_slice::<T>(s, l, "gelu")?));
         Ok((out, l.shape().clone()))
     }
 
@@ -470,31 +486,10 @@ impl CustomOp2 for GeluErfBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (x, g) = (
-                    slice::<f32>(s1, l1, "gelu-bwd")?,
-                    slice::<f32>(s2, l2, "gelu-bwd")?,
-                );
-                CpuStorage::F32(map_indexed(x.len(), |i| {
-                    let cdf = 0.5 * (1.0 + libm::erff(x[i] * FRAC_1_SQRT_2 as f32));
-                    let pdf = FRAC_1_SQRT_2PI as f32 * (-0.5 * x[i] * x[i]).exp();
-                    g[i] * (cdf + x[i] * pdf)
-                }))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (x, g) = (
-                    slice::<f64>(s1, l1, "gelu-bwd")?,
-                    slice::<f64>(s2, l2, "gelu-bwd")?,
-                );
-                CpuStorage::F64(map_indexed(x.len(), |i| {
-                    let cdf = 0.5 * (1.0 + libm::erf(x[i] * FRAC_1_SQRT_2));
-                    let pdf = FRAC_1_SQRT_2PI * (-0.5 * x[i] * x[i]).exp();
-                    g[i] * (cdf + x[i] * pdf)
-                }))
-            }
-            _ => candle_core::bail!("gelu-erf-bwd: f32 or f64 only, one dtype"),
-        };
+        let out = by_dtype!("gelu-erf-bwd", s1, |T| gelu_bwd(
+            cpu_slice::<T>(s1, l1, "gelu-bwd")?,
+            cpu_slice::<T>(s2, l2, "gelu-bwd")?,
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -510,32 +505,28 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// (candle's silu-then-mul also keeps silu(gate) and makes two passes each way).
 pub(crate) struct SwiGlu;
 
-macro_rules! swiglu_kernels {
-    ($t:ty, $fwd:ident, $bwd:ident) => {
-        fn $fwd(g: &[$t], u: &[$t]) -> Vec<$t> {
-            map_indexed(g.len(), |i| {
-                let s = 1.0 / (1.0 + (-g[i]).exp());
-                g[i] * s * u[i]
-            })
-        }
-
-        /// [d gate | d up], each g.len() long.
-        fn $bwd(g: &[$t], u: &[$t], dy: &[$t]) -> Vec<$t> {
-            let n = g.len();
-            map_indexed(2 * n, |j| {
-                let i = j % n;
-                let s = 1.0 / (1.0 + (-g[i]).exp());
-                if j < n {
-                    dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
-                } else {
-                    dy[i] * g[i] * s
-                }
-            })
-        }
-    };
+fn swiglu_fwd<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    map_indexed(g.len(), |i| {
+        let one = g[i].lit(1.0);
+        let s = one / (one + (-g[i]).exp());
+        g[i] * s * u[i]
+    })
 }
-swiglu_kernels!(f32, swiglu_f32, swiglu_bwd_f32);
-swiglu_kernels!(f64, swiglu_f64, swiglu_bwd_f64);
+
+/// [d gate | d up], each g.len() long.
+fn swiglu_bwd<T: Real>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    map_indexed(2 * n, |j| {
+        let i = j % n;
+        let one = g[i].lit(1.0);
+        let s = one / (one + (-g[i]).exp());
+        if j < n {
+            dy[i] * u[i] * s * (one + g[i] * (one - s))
+        } else {
+            dy[i] * g[i] * s
+        }
+    })
+}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -552,17 +543,10 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims())
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(swiglu_f32(
-                slice(s1, l1, "swiglu")?,
-                slice(s2, l2, "swiglu")?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(swiglu_f64(
-                slice(s1, l1, "swiglu")?,
-                slice(s2, l2, "swiglu")?,
-            )),
-            _ => candle_core::bail!("swiglu: f32 or f64 only, one dtype"),
-        };
+        let out = by_dtype!("swiglu", s1, |T| swiglu_fwd(
+            cpu_slice::<T>(s1, l1, "swiglu")?,
+            cpu_slice::<T>(s2, l2, "swiglu")?,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -595,23 +579,11 @@ impl CustomOp3 for SwiGluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(swiglu_bwd_f32(
-                    slice(s1, l1, "swiglu-bwd")?,
-                    slice(s2, l2, "swiglu-bwd")?,
-                    slice(s3, l3, "swiglu-bwd")?,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(swiglu_bwd_f64(
-                    slice(s1, l1, "swiglu-bwd")?,
-                    slice(s2, l2, "swiglu-bwd")?,
-                    slice(s3, l3, "swiglu-bwd")?,
-                ))
-            }
-            _ => candle_core::bail!("swiglu-bwd: f32 or f64 only, one dtype"),
-        };
+        let out = by_dtype!("swiglu-bwd", s1, |T| swiglu_bwd(
+            cpu_slice::<T>(s1, l1, "swiglu-bwd")?,
+            cpu_slice::<T>(s2, l2, "swiglu-bwd")?,
+            cpu_slice::<T>(s3, l3, "swiglu-bwd")?,
+        ));
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((out, Shape::from(dims)))
@@ -623,7 +595,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-// ---- rotary embedding -------------------------------------------------------------------
+// ---- which path runs ----------------------------------------------------------------------
 
 thread_local! {
     static TENSOR_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -9,6 +9,7 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::lora::{no_grad, DropoutCtx};
+use crate::loss::HeadLoss;
 use crate::model::Gpt;
 use crate::rng::Rng;
 
@@ -46,6 +47,15 @@ pub struct TrainOptions {
 pub struct BatchLoss {
     pub loss_sum: f64,
     pub n_targets: usize,
+}
+
+impl BatchLoss {
+    fn of(h: &HeadLoss) -> BatchLoss {
+        BatchLoss {
+            loss_sum: h.loss_sum,
+            n_targets: h.n_targets,
+        }
+    }
 }
 
 /// Gradients of a list of parameters summed over the backward passes of an optimizer step.
@@ -111,20 +121,12 @@ impl Gpt {
             batch.lengths,
             Some(&mut DropoutCtx { rng: &mut *rng }),
         )?;
-        let out = self.head_loss(
-            &h,
-            batch.labels,
-            batch.lengths,
-            opts.ignore_index,
-            Some(grad_scale),
-        )?;
+        let out = self.batch_head_loss(&h, batch, opts.ignore_index, Some(grad_scale))?;
+        let loss = BatchLoss::of(&out);
         if let Some(surrogate) = out.surrogate {
             grads.add(&surrogate.backward()?)?;
         }
-        Ok(BatchLoss {
-            loss_sum: out.loss_sum,
-            n_targets: out.n_targets,
-        })
+        Ok(loss)
     }
 
     /// The summed next-token loss of `batch` with no graph and no dropout (validation).
@@ -132,12 +134,19 @@ impl Gpt {
         let idx = self.batch_ids(batch)?;
         let out = no_grad(|| -> Result<_> {
             let h = self.forward_hidden_packed(&idx, batch.lengths, None)?;
-            self.head_loss(&h, batch.labels, batch.lengths, ignore_index, None)
+            self.batch_head_loss(&h, batch, ignore_index, None)
         })?;
-        Ok(BatchLoss {
-            loss_sum: out.loss_sum,
-            n_targets: out.n_targets,
-        })
+        Ok(BatchLoss::of(&out))
+    }
+
+    fn batch_head_loss(
+        &self,
+        h: &Tensor,
+        batch: &PackedBatch,
+        ignore_index: i32,
+        grad_scale: Option<f64>,
+    ) -> Result<HeadLoss> {
+        self.head_loss(h, batch.labels, batch.lengths, ignore_index, grad_scale)
     }
 
     fn batch_ids(&self, batch: &PackedBatch) -> Result<Tensor> {
@@ -191,18 +200,9 @@ impl Gpt {
         }
         let h = self.ln_f.forward(&x)?;
         drop(x);
-        let out = self.head_loss(
-            &h,
-            batch.labels,
-            batch.lengths,
-            opts.ignore_index,
-            Some(grad_scale),
-        )?;
+        let out = self.batch_head_loss(&h, batch, opts.ignore_index, Some(grad_scale))?;
         drop(h);
-        let loss = BatchLoss {
-            loss_sum: out.loss_sum,
-            n_targets: out.n_targets,
-        };
+        let loss = BatchLoss::of(&out);
         let Some(surrogate) = out.surrogate else {
             return Ok(loss);
         };

@@ -367,7 +367,7 @@ fn packed_batch_equals_each_sequence_alone() {
     }
 }
 
-/// The tensor path (what CUDA runs; `fused::tensor_path` turns the CPU kernels off) against
+/// The tensor path (what CUDA runs; `loratune_model::tensor_path` turns the CPU kernels off) against
 /// the CPU kernels in f64: hidden states and every adapter's gradient, for a packed batch with
 /// dropout and for a plain (B, T) batch, on every family, with every target and the default.
 #[test]
@@ -409,7 +409,7 @@ fn tensor_path_equals_cpu_kernels() {
         };
         for packed in [true, false] {
             let (h_cpu, g_cpu) = run(packed);
-            let (h_t, g_t) = loratune_model::fused::tensor_path(|| run(packed));
+            let (h_t, g_t) = loratune_model::tensor_path(|| run(packed));
             let d = max_abs_diff(&h_t, &h_cpu);
             assert!(d < 1e-10, "{name} packed={packed}: hidden {d}");
             for (vname, var) in model.lora_vars() {

@@ -44,6 +44,7 @@ if [ -z "${LT:-}" ]; then
     LT=$ROOT/target/release/loratune
     cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
 fi
+[ -x "$LT" ] || { echo "LT=$LT: no loratune binary there" >&2; exit 1; }
 echo "[bench] binary: $LT" >&2
 export RAYON_NUM_THREADS=2
 DATA=$PEER_HOME/data/alpaca_like.json

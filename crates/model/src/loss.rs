@@ -303,6 +303,7 @@ impl Gpt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_diff;
     use candle_core::Device;
 
     #[test]
@@ -343,27 +344,9 @@ mod tests {
         let got = fused_cross_entropy_cpu(&mut data, 50, &targets, Some(0.25), Some(2.5));
         assert!((got - sum_c).abs() < 1e-4, "{got} vs {sum_c}");
         let gc = Tensor::from_vec(data, (6, 50), &Device::Cpu).unwrap();
-        let dc: f32 = (gc - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let dc = max_diff(&gc, want);
         assert!(dc < 1e-6, "capped gradient differs by {dc}");
-        let d: f32 = (ga - gb.unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_diff(&ga, &gb.unwrap());
         assert!(d < 1e-6, "{d}");
     }
 

@@ -4,22 +4,27 @@
 #
 # 1. llama.cpp from the PyPI sdist llama-cpp-python==0.3.36 (SHA-256 pinned), built once into
 #    $LCP_HOME/venv (cmake from its PyPI wheel, the system C++ compiler).
-# 2. Per model (the real SmolLM2-135M-Instruct Q4_1 file: llama layout, permuted Q/K; and
-#    Qwen2.5-Coder-0.5B-Instruct Q4_K_M: qwen2, qkv biases), from scripts/fetch_assets.sh:
+# 2. Per model (the real SmolLM2-135M-Instruct Q4_1 file: llama layout, permuted Q/K;
+#    Qwen2.5-Coder-0.5B-Instruct Q4_K_M: qwen2, qkv biases; Gemma 3 270M Q4_K_M: gemma3,
+#    SentencePiece vocabulary, 1 + w norms, q/k norms, sliding window), from
+#    scripts/fetch_assets.sh:
 #    import (f32), a short LoRA run (3 steps, lr 1e-2, q/k/v + MLP adapters, so the update
 #    is far from zero), then `export --format gguf --dtype f32` of the base and of the merged
 #    model, and `export --format gguf-lora` of the adapter.
 # 3. On one prompt (tokenized by llama.cpp): every position's logits and a 16-token greedy
 #    continuation from loratune (`logits`, the adapter merged) against llama.cpp on the merged
 #    GGUF, and against llama.cpp on the base GGUF with the LoRA GGUF applied (f32 KV cache
-#    in llama.cpp, so both sides compute in f32). One JSON line per model.
+#    in llama.cpp, so both sides compute in f32). The prompt gets BOS where the model's
+#    vocabulary asks for it. And the vocabulary: llama.cpp tokenizes a set of texts (spaces,
+#    newlines, digits, code, accents, CJK, emoji, special tokens) the same with the exported
+#    GGUF as with the source file. One JSON line per model.
 #
-#   scripts/check_llamacpp.sh [smollm2 qwen2.5]
+#   scripts/check_llamacpp.sh [smollm2 qwen2.5 gemma3]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LCP_HOME=${LCP_HOME:-$HOME/.cache/loratune-llamacpp}
 WORK=${WORK:-$(mktemp -d /tmp/loratune-llamacpp.XXXXXX)}
-MODELS=${*:-smollm2 qwen2.5}
+MODELS=${*:-smollm2 qwen2.5 gemma3}
 SDIST_SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 PY=$LCP_HOME/venv/bin/python
 say() { echo "[llamacpp] $*" >&2; }
@@ -29,13 +34,18 @@ if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
     mkdir -p "$LCP_HOME/dl"
     python3 -m venv "$LCP_HOME/venv"
     "$PY" - "$LCP_HOME/dl" "$SDIST_SHA" <<'PY'
-import hashlib, json, os, sys, urllib.parse, urllib.request
+import hashlib, os, re, sys, urllib.parse, urllib.request
 dest, sha = sys.argv[1], sys.argv[2]
-path = os.path.join(dest, "llama_cpp_python-0.3.36.tar.gz")
+name = "llama_cpp_python-0.3.36.tar.gz"
+path = os.path.join(dest, name)
 if not os.path.exists(path):
-    base = "https://pypi.org/pypi/llama-cpp-python/0.3.36/json"
-    sd = [u for u in json.load(urllib.request.urlopen(base))["urls"] if u["packagetype"] == "sdist"][0]
-    data = urllib.request.urlopen(urllib.parse.urljoin(base, sd["url"])).read()
+    # The simple index (PEP 503): registry mirrors serve it where the JSON API may be absent.
+    base = "https://pypi.org/simple/llama-cpp-python/"
+    page = urllib.request.urlopen(base).read().decode()
+    href = re.search(r'href="([^"#]*/' + re.escape(name) + r')[#"]', page)
+    if not href:
+        sys.exit(f"{base}: no link to {name}")
+    data = urllib.request.urlopen(urllib.parse.urljoin(base, href.group(1))).read()
     if hashlib.sha256(data).hexdigest() != sha:
         sys.exit(f"llama-cpp-python sdist: SHA-256 {hashlib.sha256(data).hexdigest()}, expected {sha}")
     open(path + ".part", "wb").write(data)
@@ -56,6 +66,7 @@ for m in $MODELS; do
     case $m in
     smollm2) gguf=$LORATUNE_SMOLLM2_GGUF ;;
     qwen2.5) gguf=$LORATUNE_QWEN25_GGUF ;;
+    gemma3) gguf=$LORATUNE_GEMMA3_GGUF ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
     esac
     d=$WORK/$m; rm -rf "$d"; mkdir -p "$d"
@@ -72,13 +83,13 @@ for m in $MODELS; do
         --out-dir "$d/merged" > /dev/null
     "$LT" export --format gguf-lora --checkpoint-dir "$d/ck" --lora-path "$adapter" \
         --out-dir "$d/lora" > /dev/null
-    "$PY" - "$LT" "$d" "$adapter" "$m" <<'PY'
+    "$PY" - "$LT" "$d" "$adapter" "$m" "$gguf" <<'PY'
 import json, os, subprocess, sys, tempfile
 import numpy as np
 from llama_cpp import Llama
 from safetensors.numpy import load_file
 
-lt, d, adapter, name = sys.argv[1:5]
+lt, d, adapter, name, source = sys.argv[1:6]
 prompt = b"Below is an instruction that describes a task. Write a response.\n\nName three primary colors.\n\n"
 
 def ours(ids):
@@ -110,7 +121,13 @@ def greedy(step, ids, n=16):
     return ids[-n:]
 
 merged = cpp(f"{d}/merged/model.gguf")
-ids = merged.tokenize(prompt, add_bos=False, special=True)
+ids = merged.tokenize(prompt, add_bos=True, special=True)
+texts = ["Hello world", "  two  spaces,\ttab\n\nnewlines\n", "def f(x):\n    return x * 2  # done",
+         "12345 + 678 = 13023", "Ünïcödé café naïve", "日本語のテキスト", "emoji 🙂👍", "<start_of_turn>user\nHi<end_of_turn>",
+         "<|im_start|>user\nHi<|im_end|>", " leading space", "trailing space ", "a\r\nb"]
+src_vocab = Llama(model_path=source, vocab_only=True, verbose=False)
+vocab_same = all(src_vocab.tokenize(t.encode(), add_bos=True, special=True)
+                 == merged.tokenize(t.encode(), add_bos=True, special=True) for t in texts)
 ref = ours(ids)
 rows = {}
 for label, llm in [("merged GGUF", merged), ("base GGUF + LoRA GGUF", cpp(f"{d}/base/model.gguf", f"{d}/lora/lora.gguf"))]:
@@ -123,6 +140,6 @@ for label, llm in [("merged GGUF", merged), ("base GGUF + LoRA GGUF", cpp(f"{d}/
         "argmax_agree": float((ref[:, :v].argmax(-1) == got[:, :v].argmax(-1)).mean()),
         "greedy_same": greedy(lambda x: scores(llm, x), ids) == greedy(ours, ids),
     }
-print(json.dumps({"model": name, "tokens": len(ids), **rows}))
+print(json.dumps({"model": name, "tokens": len(ids), "tokenizes_like_source": vocab_same, **rows}))
 PY
 done

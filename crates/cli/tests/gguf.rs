@@ -317,6 +317,14 @@ fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
         "{}",
         r.stderr
     );
+    let r = export("hf", &root.join("hfrq"), &["--requantize"]);
+    assert!(
+        !r.ok
+            && r.stderr
+                .contains("--requantize applies to --format gguf only"),
+        "{}",
+        r.stderr
+    );
     let neox = root.join("neox");
     copy_dir(&hf_fixture("neox_parallel_rot025"), &neox);
     assert!(run(CONVERT, &["--checkpoint-dir", &path(&neox)]).ok);
@@ -337,6 +345,109 @@ fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
         r.stderr
     );
     assert!(!root.join("neox-gguf/model.gguf").exists());
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Gemma 2 and 3 (`gemma2`, `gemma3`: 1 + w norms, post-norms, q/k norms, soft-caps, sliding
+/// windows) export to the layout llama.cpp's converter wrote for the same fixtures, so a GGUF
+/// file imported, exported and imported again holds the same tensors and settings. The
+/// fixtures' vocabulary is byte-level BPE; Gemma's own SentencePiece one is checked against the
+/// real file in `real_gemma3_matches_transformers_and_continues_with_paris`.
+#[test]
+fn gemma_gguf_exports_round_trip() {
+    let root = scratch("gguf-gemma-export");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    for name in ["gemma2_softcap", "gemma3_local"] {
+        let (ck, out, back) = (
+            root.join(format!("{name}-ck")),
+            root.join(format!("{name}-gguf")),
+            root.join(format!("{name}-back")),
+        );
+        let src = fixtures().join(format!("gguf/{name}.gguf"));
+        let r = run(
+            CONVERT,
+            &["--gguf", &path(&src), "--checkpoint-dir", &path(&ck)],
+        );
+        assert!(r.ok, "{}", r.stderr);
+        let r = run(
+            EXPORT,
+            &[
+                "--format",
+                "gguf",
+                "--dtype",
+                "f32",
+                "--checkpoint-dir",
+                &path(&ck),
+                "--out-dir",
+                &path(&out),
+            ],
+        );
+        let arch = &name[..6];
+        assert!(
+            r.ok && r.stdout.contains(&format!("{arch} architecture")),
+            "{name}: {}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        let r = run(
+            CONVERT,
+            &[
+                "--gguf",
+                &path(&out.join("model.gguf")),
+                "--checkpoint-dir",
+                &path(&back),
+            ],
+        );
+        assert!(r.ok, "{}", r.stderr);
+        let load = |d: &std::path::Path| {
+            candle_core::safetensors::load(d.join("lit_model.safetensors"), &Device::Cpu).unwrap()
+        };
+        let (a, b) = (load(&ck), load(&back));
+        assert_eq!(a.len(), b.len(), "{name}: tensor count");
+        for (t, x) in &a {
+            let d: f32 = (x - &b[t])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            // The norms pass through 1 + w and back in f32.
+            assert!(d <= 1e-6, "{name}: {t} moved by {d} in the round trip");
+        }
+        let cfg = |d: &std::path::Path| {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("lit_config.json")).unwrap())
+                    .unwrap();
+            v["name"] = serde_json::Value::Null;
+            v
+        };
+        assert_eq!(cfg(&ck), cfg(&back), "{name}: settings");
+        let content = {
+            let mut f = std::fs::File::open(out.join("model.gguf")).unwrap();
+            candle_core::quantized::gguf_file::Content::read(&mut f).unwrap()
+        };
+        let norm = content
+            .tensor(
+                &mut std::fs::File::open(out.join("model.gguf")).unwrap(),
+                "blk.0.attn_norm.weight",
+                &Device::Cpu,
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let lit = &a["transformer.h.0.norm_1.weight"];
+        let d: f32 = ((lit + 1.0).unwrap() - norm)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d <= 1e-6, "{name}: attn_norm is not stored as 1 + w ({d})");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -613,6 +724,34 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
         ],
     );
     assert!(r.ok, "{}", r.stderr);
+    // The adapters (query, value) are merged into the fused qkv weights, which become dense
+    // (90 q8_0 tensors once split); the 120 linears they left alone are the file's own
+    // blocks, byte for byte.
+    assert!(
+        r.stdout
+            .contains("120 copied as the quantized base's blocks"),
+        "{}",
+        r.stdout
+    );
+    let tensor = |file: &std::path::Path, name: &str| {
+        let mut f = std::fs::File::open(file).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let q = c.tensor(&mut f, name, &Device::Cpu).unwrap();
+        (q.dtype(), q.data().unwrap().into_owned())
+    };
+    for name in [
+        "blk.0.ffn_gate.weight",
+        "blk.7.attn_output.weight",
+        "blk.29.ffn_down.weight",
+    ] {
+        let (a, b) = (
+            tensor(std::path::Path::new(&path), name),
+            tensor(&gg.join("model.gguf"), name),
+        );
+        assert!(a == b, "{name}: not the source file's blocks");
+    }
+    let (kind, _) = tensor(&gg.join("model.gguf"), "blk.0.attn_k.weight");
+    assert_eq!(kind, candle_core::quantized::GgmlDType::Q8_0);
     let r = run(
         EXPORT,
         &[
@@ -797,6 +936,73 @@ fn real_gemma3_matches_transformers_and_continues_with_paris() {
         format!("{}\n", g["text"].as_str().unwrap()),
         "transformers' continuation"
     );
+
+    // Exported back to GGUF (q8_0): the SentencePiece vocabulary is the file's own (tokens,
+    // types, and scores in the same order: llama.cpp merges by score), and every gemma3 and
+    // tokenizer setting of the source is there with its value.
+    let out = ck.parent().unwrap().join("gemma3-export");
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf",
+            "--dtype",
+            "q8_0",
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let read = |p: &std::path::Path| {
+        candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(p).unwrap())
+            .unwrap()
+    };
+    let (src, ours) = (
+        read(std::path::Path::new(
+            &std::env::var("LORATUNE_GEMMA3_GGUF").unwrap(),
+        )),
+        read(&out.join("model.gguf")),
+    );
+    for (k, v) in &src.metadata {
+        if k.starts_with("general.") || k == "tokenizer.ggml.add_sep_token" {
+            continue;
+        }
+        let w = ours
+            .metadata
+            .get(k)
+            .unwrap_or_else(|| panic!("exported GGUF lacks {k}"));
+        if k == "tokenizer.ggml.scores" {
+            let scores = |v: &candle_core::quantized::gguf_file::Value| -> Vec<f32> {
+                v.to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_f32().unwrap())
+                    .collect()
+            };
+            let (a, b) = (scores(v), scores(w));
+            let types: Vec<i32> = src.metadata["tokenizer.ggml.token_type"]
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_i32().unwrap())
+                .collect();
+            let normal: Vec<usize> = (0..a.len()).filter(|&i| types[i] == 1).collect();
+            for s in [&a, &b] {
+                assert!(
+                    normal.windows(2).all(|p| s[p[0]] > s[p[1]]),
+                    "normal tokens' scores fall with the id"
+                );
+            }
+            for i in (0..a.len()).filter(|&i| types[i] != 1) {
+                assert_eq!(a[i], b[i], "score of token {i}");
+            }
+            continue;
+        }
+        assert_eq!(format!("{v:?}"), format!("{w:?}"), "{k}");
+    }
+    assert_eq!(src.tensor_infos.len(), ours.tensor_infos.len());
 }
 
 #[test]

@@ -3,24 +3,30 @@
 //! (`general.type = adapter`, `blk.N.<tensor>.weight.lora_a / lora_b`, as llama.cpp's
 //! `convert_lora_to_gguf.py` writes it).
 //!
-//! Families: the `llama` layout (Llama, Mistral without a sliding window, SmolLM), `qwen2` and
-//! `qwen3`, with byte-level BPE vocabularies. What llama.cpp's converter changes is done here
-//! too: the fused qkv is split into `attn_q/k/v`, and for `llama` the query and key rows of every
-//! head are permuted into llama.cpp's interleaved rotary order (adapters: B's rows likewise).
-//! Anything else is refused, naming what llama.cpp would need.
+//! Families: the `llama` layout (Llama, Mistral without a sliding window, SmolLM), `qwen2`,
+//! `qwen3`, `gemma2` and `gemma3`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece
+//! (`llama`: a byte-fallback BPE tokenizer.json, Gemma's). What llama.cpp's converters change is
+//! done here too: the fused qkv is split into `attn_q/k/v`; for `llama` the query and key rows
+//! of every head are permuted into llama.cpp's interleaved rotary order (adapters: B's rows
+//! likewise); Gemma's RMSNorm weights are stored as 1 + w. Anything else is refused, naming
+//! what llama.cpp would need.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use serde_json::Value as Json;
 
-use crate::config::{Config, MlpKind, NormKind};
+use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{gguf_name, LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::hf_config::HfArch;
+use crate::lora::FrozenWeight;
 use crate::model::Gpt;
+use crate::quant::QuantWeight;
 
 /// The weight type of an exported model's matrices (`--dtype`); norms and biases stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +64,8 @@ pub struct GgufExport {
     pub arch: &'static str,
     pub n_tensors: usize,
     pub bytes: u64,
+    /// Tensors copied as a quantized base's blocks (not written in the export's type).
+    pub copied_blocks: usize,
 }
 
 /// The llama.cpp architecture of a config, or why there is none.
@@ -66,6 +74,8 @@ enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Arch {
@@ -74,14 +84,21 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         }
+    }
+
+    /// llama.cpp's Gemma architectures store every RMSNorm weight as 1 + w.
+    fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 }
 
 fn refuse(cfg: &Config, why: &str) -> Error {
     Error::Input(format!(
-        "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2 and qwen3 layouts \
-         with byte-level BPE vocabularies)",
+        "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2, qwen3, gemma2 and \
+         gemma3 layouts)",
         cfg.repo_id()
     ))
 }
@@ -92,6 +109,8 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         HfArch::Llama | HfArch::Mistral => Arch::Llama,
         HfArch::Qwen2 => Arch::Qwen2,
         HfArch::Qwen3 => Arch::Qwen3,
+        HfArch::Gemma2 => Arch::Gemma2,
+        HfArch::Gemma3 => Arch::Gemma3,
         other => {
             return Err(refuse(
                 cfg,
@@ -99,7 +118,14 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
             ))
         }
     };
-    if cfg.mlp != MlpKind::Llama || cfg.norm != NormKind::RmsNorm || cfg.norm_unit_offset {
+    if cfg.rotary_percentage != 1.0 || cfg.norm != NormKind::RmsNorm {
+        return Err(refuse(cfg, "partial rotary or a norm other than RMSNorm"));
+    }
+    if arch.gemma() {
+        check_gemma(cfg, arch)?;
+        return Ok(arch);
+    }
+    if cfg.mlp != MlpKind::Llama || cfg.norm_unit_offset {
         return Err(refuse(cfg, "it is not a Llama MLP with plain RMSNorm"));
     }
     if cfg.sliding_window.is_some() {
@@ -114,11 +140,14 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
             "it has rope scaling (llama.cpp needs rope_freqs factors)",
         ));
     }
-    if cfg.rotary_percentage != 1.0 || cfg.scale_embeddings || cfg.post_attention_norm {
-        return Err(refuse(
-            cfg,
-            "partial rotary, scaled embeddings or post-norms",
-        ));
+    if cfg.scale_embeddings || cfg.post_attention_norm || cfg.post_mlp_norm {
+        return Err(refuse(cfg, "scaled embeddings or post-norms"));
+    }
+    if cfg.attention_scores_scalar.is_some()
+        || cfg.attention_logit_softcapping.is_some()
+        || cfg.final_logit_softcapping.is_some()
+    {
+        return Err(refuse(cfg, "a query scale or logit soft-capping"));
     }
     if cfg.attn_bias && arch == Arch::Llama {
         return Err(refuse(cfg, "a llama layout with qkv biases"));
@@ -127,6 +156,89 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         return Err(refuse(cfg, "q/k norms outside qwen3"));
     }
     Ok(arch)
+}
+
+/// What llama.cpp's `gemma2` / `gemma3` graphs fix rather than read: the gated GELU MLP, 1 + w
+/// norms before and after attention and MLP, scaled embeddings, q/k norms in Gemma 3 only,
+/// queries scaled by 1/sqrt(head_size) (1/sqrt(n_embd / n_head) in the 27B models, 46 and 62
+/// layers), local layers every other one (Gemma 2) or five of six (Gemma 3), attention
+/// soft-capping in Gemma 2 only. A config that differs cannot be expressed.
+fn check_gemma(cfg: &Config, arch: Arch) -> Result<()> {
+    if cfg.mlp != MlpKind::Gemma
+        || !cfg.norm_unit_offset
+        || !cfg.scale_embeddings
+        || !cfg.pre_norm
+        || !cfg.post_attention_norm
+        || !cfg.post_mlp_norm
+    {
+        return Err(refuse(
+            cfg,
+            "a Gemma layout without Gemma's MLP, 1 + w norms, post-norms or scaled embeddings",
+        ));
+    }
+    if cfg.attn_bias || cfg.bias {
+        return Err(refuse(cfg, "a Gemma layout with biases"));
+    }
+    let qk = if arch == Arch::Gemma3 {
+        Some(QkNorm::PerHead)
+    } else {
+        None
+    };
+    if cfg.qk_norm != qk {
+        return Err(refuse(cfg, "q/k norms other than Gemma's"));
+    }
+    let big =
+        (arch == Arch::Gemma2 && cfg.n_layer == 46) || (arch == Arch::Gemma3 && cfg.n_layer == 62);
+    let scalar = if big {
+        cfg.n_embd / cfg.n_head
+    } else {
+        cfg.head_size
+    } as f64;
+    if cfg.attention_scores_scalar.unwrap_or(cfg.head_size as f64) != scalar {
+        return Err(refuse(
+            cfg,
+            &format!(
+                "queries are scaled by 1/sqrt({}), llama.cpp's {} graph by 1/sqrt({scalar})",
+                cfg.attention_scores_scalar.unwrap_or(cfg.head_size as f64),
+                arch.key()
+            ),
+        ));
+    }
+    let local: Vec<usize> = (0..cfg.n_layer)
+        .filter(|&i| match arch {
+            Arch::Gemma2 => i % 2 == 0,
+            _ => (i + 1) % 6 != 0,
+        })
+        .collect();
+    let ok = match (arch, cfg.sliding_window) {
+        (_, Some(_)) => cfg.sliding_window_layers == local,
+        (Arch::Gemma3, None) => true,
+        _ => false,
+    };
+    if !ok {
+        return Err(refuse(
+            cfg,
+            &format!(
+                "its sliding-window layers {:?} are not llama.cpp's {} pattern {local:?}",
+                cfg.sliding_window_layers,
+                arch.key()
+            ),
+        ));
+    }
+    if arch == Arch::Gemma3 && cfg.attention_logit_softcapping.is_some() {
+        return Err(refuse(cfg, "attention soft-capping in a gemma3 layout"));
+    }
+    match (&cfg.rope_scaling, arch) {
+        (None, _) | (Some(RopeScaling::Linear { .. }), Arch::Gemma3) => {}
+        _ => return Err(refuse(cfg, "rope scaling other than Gemma 3's linear")),
+    }
+    if arch == Arch::Gemma2 && cfg.rope_local_base.is_some_and(|b| b != cfg.rope_base) {
+        return Err(refuse(
+            cfg,
+            "a local rotary base in a gemma2 layout (llama.cpp uses the global one)",
+        ));
+    }
+    Ok(())
 }
 
 /// llama.cpp's rotary row order of a (n_head * head_size, in) matrix from the "rotate half"
@@ -152,14 +264,35 @@ fn split_qkv(cfg: &Config, t: &Tensor) -> Result<[Tensor; 3]> {
     ])
 }
 
-/// The vocabulary as llama.cpp's metadata: tokens, their types and merges, padded to the
-/// embedding's rows with `[PAD{i}]` (type unused), and the pre-tokenizer's llama.cpp name.
+/// The vocabulary as llama.cpp's metadata: tokens and their types (padded to the embedding's
+/// rows with `[PAD{i}]`, type unused), and what the tokenizer model needs besides.
 struct Vocab {
     tokens: Vec<String>,
     types: Vec<i32>,
-    merges: Vec<String>,
-    pre: &'static str,
+    model: VocabModel,
+    unk: Option<u32>,
 }
+
+enum VocabModel {
+    /// Byte-level BPE (`gpt2`): the merges and the pre-tokenizer's llama.cpp name.
+    Bpe {
+        merges: Vec<String>,
+        pre: &'static str,
+    },
+    /// SentencePiece (`llama`): one score per token, higher merged first.
+    Spm {
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+    },
+}
+
+/// llama.cpp's token types (`LLAMA_TOKEN_TYPE_*`).
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
 
 /// The llama.cpp name of a tokenizer.json pre-tokenizer.
 fn pre_name(pre: &Json) -> Option<&'static str> {
@@ -191,7 +324,22 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
     }
 }
 
-fn vocab(dir: &Path, rows: usize) -> Result<Vocab> {
+/// `<0xAB>`: a SentencePiece byte-fallback token.
+fn is_byte_token(t: &str) -> bool {
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && t[3..5].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The vocabulary of `dir`'s tokenizer.json. A byte-fallback BPE (how transformers writes a
+/// SentencePiece model, and what the GGUF import rebuilds from one) becomes a SentencePiece
+/// vocabulary: byte tokens typed as bytes, added tokens as control (special) or user-defined,
+/// and scores that rank merges by position as the import does (the normal tokens' scores are
+/// 0, -1, -2, ... in id order, as in Gemma's own files). Gemma's whitespace tokens, which the
+/// import respells as runs of `▁`, get their spaces back (user-defined, as llama.cpp's
+/// converter writes them).
+fn vocab(dir: &Path, rows: usize, arch: Arch) -> Result<Vocab> {
     let path = dir.join("tokenizer.json");
     let bad = |reason: String| Error::BadCheckpoint {
         path: path.clone(),
@@ -203,25 +351,20 @@ fn vocab(dir: &Path, rows: usize) -> Result<Vocab> {
         error: e,
     })?;
     let model = &j["model"];
-    if model["type"].as_str() != Some("BPE") || model["byte_fallback"].as_bool() == Some(true) {
-        return Err(bad(
-            "only byte-level BPE vocabularies are exported to GGUF (this one is SentencePiece-style \
-             or not BPE)"
-                .into(),
-        ));
+    if model["type"].as_str() != Some("BPE") {
+        return Err(bad(format!(
+            "only BPE vocabularies (byte-level or SentencePiece-style) are exported to GGUF; this \
+             one is {}",
+            model["type"]
+        )));
     }
-    let pre = pre_name(&j["pre_tokenizer"]).ok_or_else(|| {
-        bad(format!(
-            "its pre-tokenizer {} has no llama.cpp name (known: gpt-2, smollm, qwen2, llama-bpe)",
-            j["pre_tokenizer"]
-        ))
-    })?;
+    let spm = model["byte_fallback"].as_bool() == Some(true);
     let mut tokens: Vec<Option<String>> = Vec::new();
     let mut types: Vec<i32> = Vec::new();
     let mut put = |id: usize, t: &str, ty: i32| {
         if tokens.len() <= id {
             tokens.resize(id + 1, None);
-            types.resize(id + 1, 5);
+            types.resize(id + 1, UNUSED);
         }
         tokens[id] = Some(t.to_string());
         types[id] = ty;
@@ -230,16 +373,36 @@ fn vocab(dir: &Path, rows: usize) -> Result<Vocab> {
         let id = id
             .as_u64()
             .ok_or_else(|| bad(format!("vocab entry {t:?} has no id")))?;
-        put(id as usize, t, 1);
+        let ty = if spm && is_byte_token(t) {
+            BYTE
+        } else if spm && arch.gemma() && t.chars().count() > 1 && t.chars().all(|c| c == '\u{2581}')
+        {
+            put(id as usize, &" ".repeat(t.chars().count()), USER_DEFINED);
+            continue;
+        } else {
+            NORMAL
+        };
+        put(id as usize, t, ty);
+    }
+    let unk = model["unk_token"]
+        .as_str()
+        .and_then(|u| model["vocab"][u].as_u64())
+        .map(|u| u as u32);
+    if let Some(u) = unk {
+        put(
+            u as usize,
+            model["unk_token"].as_str().unwrap_or("<unk>"),
+            UNKNOWN,
+        );
     }
     for a in j["added_tokens"].as_array().into_iter().flatten() {
         let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
             continue;
         };
         let ty = if a["special"].as_bool() == Some(true) {
-            3
+            CONTROL
         } else {
-            4
+            USER_DEFINED
         };
         put(id as usize, t, ty);
     }
@@ -250,28 +413,58 @@ fn vocab(dir: &Path, rows: usize) -> Result<Vocab> {
         )));
     }
     tokens.resize(rows, None);
-    types.resize(rows, 5);
-    let tokens = tokens
+    types.resize(rows, UNUSED);
+    let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
         .collect();
-    let merges = model["merges"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| match m {
-            Json::String(s) => Some(s.clone()),
-            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad("a merge is neither \"a b\" nor [a, b]".into()))?;
+    let model = if spm {
+        let mut rank = 0.0f32;
+        let scores = types
+            .iter()
+            .map(|&ty| match ty {
+                NORMAL => {
+                    rank -= 1.0;
+                    rank + 1.0
+                }
+                BYTE => 0.0,
+                _ => -1000.0,
+            })
+            .collect();
+        // A normalizer that prepends `▁` is SentencePiece's add_dummy_prefix (Llama 2);
+        // Gemma's only replaces spaces.
+        let add_space_prefix = j["normalizer"].to_string().contains("\"Prepend\"");
+        VocabModel::Spm {
+            scores,
+            add_space_prefix,
+        }
+    } else {
+        let pre = pre_name(&j["pre_tokenizer"]).ok_or_else(|| {
+            bad(format!(
+                "its pre-tokenizer {} has no llama.cpp name (known: gpt-2, smollm, qwen2, \
+                 llama-bpe)",
+                j["pre_tokenizer"]
+            ))
+        })?;
+        let merges = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                Json::String(s) => Some(s.clone()),
+                Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("a merge is neither \"a b\" nor [a, b]".into()))?;
+        VocabModel::Bpe { merges, pre }
+    };
     Ok(Vocab {
         tokens,
         types,
-        merges,
-        pre,
+        model,
+        unk,
     })
 }
 
@@ -304,38 +497,73 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         out.push((k("attention.key_length"), u(cfg.head_size)));
         out.push((k("attention.value_length"), u(cfg.head_size)));
     }
+    if arch.gemma() {
+        let f = |x: f64| Value::F32(x as f32);
+        if let Some(w) = cfg.sliding_window {
+            out.push((k("attention.sliding_window"), u(w)));
+        }
+        if let Some(b) = cfg.rope_local_base.filter(|_| arch == Arch::Gemma3) {
+            out.push((k("rope.freq_base_swa"), f(b)));
+        }
+        if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+            out.push((k("rope.scaling.type"), Value::String("linear".into())));
+            out.push((k("rope.scaling.factor"), f(factor)));
+        }
+        if let Some(c) = cfg.attention_logit_softcapping {
+            out.push((k("attn_logit_softcapping"), f(c)));
+        }
+        if let Some(c) = cfg.final_logit_softcapping {
+            out.push((k("final_logit_softcapping"), f(c)));
+        }
+    }
     out
 }
 
 /// Tokenizer metadata: the vocabulary, special ids, BOS rule and chat template.
-fn tokenizer_meta(dir: &Path, rows: usize) -> Result<Vec<(String, Value)>> {
-    let v = vocab(dir, rows)?;
+fn tokenizer_meta(dir: &Path, rows: usize, arch: Arch) -> Result<Vec<(String, Value)>> {
+    let v = vocab(dir, rows, arch)?;
     let tok = crate::tokenizer::Tokenizer::from_dir(dir)?;
-    let mut out = vec![
-        (
-            "tokenizer.ggml.model".to_string(),
-            Value::String("gpt2".into()),
-        ),
-        (
-            "tokenizer.ggml.pre".to_string(),
-            Value::String(v.pre.into()),
-        ),
-        ("tokenizer.ggml.tokens".to_string(), strings(&v.tokens)),
-        (
-            "tokenizer.ggml.token_type".to_string(),
-            Value::Array(v.types.iter().map(|&t| Value::I32(t)).collect()),
-        ),
-        ("tokenizer.ggml.merges".to_string(), strings(&v.merges)),
-        (
-            "tokenizer.ggml.add_bos_token".to_string(),
-            Value::Bool(tok.add_bos),
-        ),
-    ];
-    if let Some(b) = tok.bos_id {
-        out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    let key = |k: &str| format!("tokenizer.ggml.{k}");
+    let mut out = Vec::new();
+    match &v.model {
+        VocabModel::Bpe { pre, .. } => {
+            out.push((key("model"), Value::String("gpt2".into())));
+            out.push((key("pre"), Value::String((*pre).into())));
+        }
+        VocabModel::Spm { .. } => {
+            out.push((key("model"), Value::String("llama".into())));
+            out.push((key("pre"), Value::String("default".into())));
+        }
     }
-    if let Some(e) = tok.eos_id {
-        out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    out.push((key("tokens"), strings(&v.tokens)));
+    match v.model {
+        VocabModel::Bpe { merges, .. } => out.push((key("merges"), strings(&merges))),
+        VocabModel::Spm {
+            scores,
+            add_space_prefix,
+        } => {
+            out.push((
+                key("scores"),
+                Value::Array(scores.into_iter().map(Value::F32).collect()),
+            ));
+            out.push((key("add_space_prefix"), Value::Bool(add_space_prefix)));
+        }
+    }
+    out.push((
+        key("token_type"),
+        Value::Array(v.types.iter().map(|&t| Value::I32(t)).collect()),
+    ));
+    out.push((key("add_bos_token"), Value::Bool(tok.add_bos)));
+    out.push((key("add_eos_token"), Value::Bool(false)));
+    for (k, id) in [
+        ("bos_token_id", tok.bos_id),
+        ("eos_token_id", tok.eos_id),
+        ("unknown_token_id", v.unk),
+        ("padding_token_id", tok.pad_id),
+    ] {
+        if let Some(id) = id {
+            out.push((key(k), Value::U32(id)));
+        }
     }
     if let Some(t) = &tok.chat_template {
         out.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
@@ -368,14 +596,56 @@ fn qt(t: &Tensor, ty: GgmlDType) -> Result<QTensor> {
     Ok(QTensor::quantize(&crate::quant::own_f32(t)?, ty)?)
 }
 
+/// The row order of llama.cpp's rotary permutation ([`permute`]): row i of the result is row
+/// `order[i]` of the "rotate half" layout.
+fn permute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hs = rows / n_head;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for i in 0..hs / 2 {
+            for j in 0..2 {
+                order.push(h * hs + j * hs / 2 + i);
+            }
+        }
+    }
+    order
+}
+
+/// A matrix of the export: dense (written in the export's type) or a quantized base's
+/// untouched blocks (copied as they are).
+enum Matrix {
+    Dense(Tensor),
+    Blocks(QuantWeight),
+}
+
+impl Matrix {
+    fn rows(&self, start: usize, len: usize) -> Result<Matrix> {
+        Ok(match self {
+            Matrix::Dense(t) => Matrix::Dense(t.narrow(0, start, len)?),
+            Matrix::Blocks(q) => Matrix::Blocks(q.narrow_rows(start, len)?),
+        })
+    }
+
+    fn permuted(self, n_head: usize) -> Result<Matrix> {
+        Ok(match self {
+            Matrix::Dense(t) => Matrix::Dense(permute(&t, n_head)?),
+            Matrix::Blocks(q) => Matrix::Blocks(q.permute_rows(&permute_order(q.rows(), n_head))?),
+        })
+    }
+}
+
 /// Writes `model` (no adapters: merge them first) as a llama.cpp GGUF model at `path`, its
 /// matrices in `ty` (norms and biases f32), with the tokenizer and chat template of
-/// `tokenizer_dir`. Matrices whose rows are not whole `ty` blocks are refused, naming them.
+/// `tokenizer_dir`. With `copy_blocks`, linear weights still held as a quantized base's
+/// blocks (`--keep-quantized`, `--quantize`; merging an adapter makes a weight dense) are
+/// copied as they are instead of being dequantized and written in `ty`. Matrices whose rows are
+/// not whole `ty` blocks are refused, naming them.
 pub fn export_gguf(
     model: &Gpt,
     tokenizer_dir: &Path,
     path: &Path,
     ty: GgufType,
+    copy_blocks: bool,
 ) -> Result<GgufExport> {
     let cfg = &model.config;
     if model.lora_config().is_some() {
@@ -394,8 +664,8 @@ pub fn export_gguf(
         ("general.quantization_version".to_string(), Value::U32(2)),
     ];
     meta.extend(hparams(cfg, arch));
-    meta.extend(tokenizer_meta(tokenizer_dir, cfg.padded_vocab_size)?);
-    let matrix = |name: &str, t: &Tensor| -> Result<QTensor> {
+    meta.extend(tokenizer_meta(tokenizer_dir, cfg.padded_vocab_size, arch)?);
+    let dense = |name: &str, t: &Tensor| -> Result<QTensor> {
         let cols = t.dims().last().copied().unwrap_or(0);
         if !cols.is_multiple_of(ty.ggml().block_size()) {
             return Err(Error::Input(format!(
@@ -405,21 +675,55 @@ pub fn export_gguf(
         }
         qt(t, ty.ggml())
     };
+    let copied = std::cell::Cell::new(0usize);
+    let matrix = |name: &str, m: Matrix| -> Result<QTensor> {
+        match m {
+            Matrix::Dense(t) => dense(name, &t),
+            Matrix::Blocks(q) => match q.to_qtensor()? {
+                Some(q) => {
+                    copied.set(copied.get() + 1);
+                    Ok(q)
+                }
+                None => dense(name, &q.dequantize(DType::F32)?),
+            },
+        }
+    };
+    // The linears still held as blocks, by weight name.
+    let blocks: HashMap<String, Arc<QuantWeight>> = if copy_blocks {
+        model
+            .linears()
+            .into_iter()
+            .filter_map(|l| match l.weight() {
+                FrozenWeight::Quantized(q) => Some((format!("{}.weight", l.name), q.clone())),
+                FrozenWeight::Dense(_) => None,
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in model.named_weights()? {
         let (name, t) = (name.as_str(), &t);
+        let m = match blocks.get(name) {
+            Some(q) => Matrix::Blocks(q.as_ref().clone()),
+            None => Matrix::Dense(t.clone()),
+        };
         if let Some(i) = name
             .strip_prefix("transformer.h.")
             .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
         {
-            let [mut q, mut k, v] = split_qkv(cfg, t)?;
+            let (nq, nkv) = (
+                cfg.n_head * cfg.head_size,
+                cfg.n_query_groups * cfg.head_size,
+            );
+            let (mut q, mut k, v) = (m.rows(0, nq)?, m.rows(nq, nkv)?, m.rows(nq + nkv, nkv)?);
             if arch == Arch::Llama {
-                q = permute(&q, cfg.n_head)?;
-                k = permute(&k, cfg.n_query_groups)?;
+                q = q.permuted(cfg.n_head)?;
+                k = k.permuted(cfg.n_query_groups)?;
             }
             for (x, w) in [("q", q), ("k", k), ("v", v)] {
                 let g = format!("blk.{i}.attn_{x}.weight");
-                tensors.push((g.clone(), matrix(&g, &w)?));
+                tensors.push((g.clone(), matrix(&g, w)?));
             }
             continue;
         }
@@ -438,10 +742,12 @@ pub fn export_gguf(
                 &format!("tensor {name:?} has no llama.cpp counterpart"),
             )
         })?;
-        let q = if t.rank() == 1 {
-            qt(t, GgmlDType::F32)?
+        let q = if t.rank() != 1 {
+            matrix(&g, m)?
+        } else if arch.gemma() && g.ends_with("norm.weight") {
+            qt(&(t.to_dtype(DType::F32)? + 1.0)?, GgmlDType::F32)?
         } else {
-            matrix(&g, t)?
+            qt(t, GgmlDType::F32)?
         };
         tensors.push((g, q));
     }
@@ -450,6 +756,7 @@ pub fn export_gguf(
         arch: arch.key(),
         n_tensors: tensors.len(),
         bytes,
+        copied_blocks: copied.get(),
     })
 }
 
@@ -526,5 +833,121 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
         arch: arch.key(),
         n_tensors: tensors.len(),
         bytes,
+        copied_blocks: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(cfg: &Config) -> String {
+        match arch_of(cfg) {
+            Err(e) => e.to_string(),
+            Ok(a) => panic!("{} exported as {}", cfg.name, a.key()),
+        }
+    }
+
+    /// The Gemma presets are what llama.cpp's graphs compute; a change llama.cpp cannot
+    /// express is refused, saying what differs.
+    #[test]
+    fn gemma_layouts_export_only_what_llama_cpp_computes() {
+        for (name, arch) in [
+            ("gemma-2-2b", Arch::Gemma2),
+            ("gemma-3-270m-it", Arch::Gemma3),
+            ("gemma-3-4b", Arch::Gemma3),
+        ] {
+            let cfg = Config::from_name(name).unwrap();
+            assert_eq!(arch_of(&cfg).unwrap(), arch, "{name}");
+        }
+        let mut c = Config::from_name("gemma-3-270m").unwrap();
+        c.sliding_window_layers = vec![0, 2, 4];
+        assert!(refused(&c).contains("not llama.cpp's gemma3 pattern"));
+        let mut c = Config::from_name("gemma-3-270m").unwrap();
+        c.attention_scores_scalar = Some(24.0);
+        assert!(refused(&c).contains("1/sqrt(24)"));
+        let mut c = Config::from_name("gemma-2-2b").unwrap();
+        c.rope_local_base = Some(20000.0);
+        assert!(refused(&c).contains("local rotary base"));
+        let mut c = Config::from_name("gemma-2-2b").unwrap();
+        c.post_mlp_norm = false;
+        assert!(refused(&c).contains("post-norms"));
+        let mut c = Config::from_name("gemma-2-2b").unwrap();
+        c.sliding_window = None;
+        assert!(refused(&c).contains("pattern"));
+    }
+
+    /// A byte-fallback BPE tokenizer.json becomes a SentencePiece vocabulary: byte tokens,
+    /// control and user-defined tokens typed, scores falling with the id for normal tokens,
+    /// Gemma's `▁` runs spelled with spaces again, padding rows unused.
+    #[test]
+    fn sentencepiece_vocabulary_types_and_scores() {
+        let dir = std::env::temp_dir().join(format!("loratune-spm-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = serde_json::json!({
+            "version": "1.0",
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": null,
+            "model": {"type": "BPE", "byte_fallback": true, "fuse_unk": true, "unk_token": "<unk>",
+                      "vocab": {"<pad>": 0, "<unk>": 1, "<0x0A>": 2, "\u{2581}": 3, "a": 4,
+                                "\u{2581}\u{2581}": 5, "\u{2581}a": 6, "<b>": 7},
+                      "merges": [["\u{2581}", "a"]]},
+            "added_tokens": [
+                {"id": 0, "content": "<pad>", "special": true},
+                {"id": 7, "content": "<b>", "special": false}
+            ]
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        let v = vocab(&dir, 10, Arch::Gemma3).unwrap();
+        assert_eq!(
+            v.tokens,
+            [
+                "<pad>",
+                "<unk>",
+                "<0x0A>",
+                "\u{2581}",
+                "a",
+                "  ",
+                "\u{2581}a",
+                "<b>",
+                "[PAD8]",
+                "[PAD9]"
+            ]
+        );
+        assert_eq!(
+            v.types,
+            [
+                CONTROL,
+                UNKNOWN,
+                BYTE,
+                NORMAL,
+                NORMAL,
+                USER_DEFINED,
+                NORMAL,
+                USER_DEFINED,
+                UNUSED,
+                UNUSED
+            ]
+        );
+        assert_eq!(v.unk, Some(1));
+        let VocabModel::Spm {
+            scores,
+            add_space_prefix,
+        } = v.model
+        else {
+            panic!("not SentencePiece")
+        };
+        assert!(!add_space_prefix);
+        assert_eq!(
+            scores,
+            [-1000.0, -1000.0, 0.0, 0.0, -1.0, -1000.0, -2.0, -1000.0, -1000.0, -1000.0]
+        );
+        // Outside Gemma a run of `▁` is an ordinary piece (Llama 2 has `▁▁`).
+        let v = vocab(&dir, 8, Arch::Llama).unwrap();
+        assert_eq!(
+            (v.tokens[5].as_str(), v.types[5]),
+            ("\u{2581}\u{2581}", NORMAL)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -487,6 +487,18 @@ impl QuantWeight {
         })
     }
 
+    /// The weight as one ggml tensor of its blocks (a GGUF export copies it as it is), or
+    /// `None` when its rows mix types (Qwen's fused qkv: split it with [`narrow_rows`] first).
+    ///
+    /// [`narrow_rows`]: QuantWeight::narrow_rows
+    pub fn to_qtensor(&self) -> Result<Option<QTensor>> {
+        let [p] = self.parts.as_slice() else {
+            return Ok(None);
+        };
+        let q = qtensor_from_bytes(p.kind, &p.q.data()?, p.rows, self.cols, &Device::Cpu)?;
+        Ok(Some(q))
+    }
+
     /// Several weights of the same width stacked by rows (q, k, v into qkv).
     pub fn stack(name: &str, ws: Vec<QuantWeight>) -> Result<QuantWeight> {
         let cols = ws.first().map(|w| w.cols).unwrap_or(0);

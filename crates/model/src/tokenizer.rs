@@ -20,6 +20,9 @@ pub struct Tokenizer {
     path: PathBuf,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// The padding token, where the config names one (exports carry it; training packs
+    /// sequences and never pads).
+    pub pad_id: Option<u32>,
     /// Whether prompts start with BOS (`add_bos_token` in tokenizer_config.json).
     pub add_bos: bool,
     /// Every id that ends generation: EOS plus any extra `eos_token_id` of
@@ -68,6 +71,7 @@ impl Tokenizer {
             path,
             bos_id: None,
             eos_id: None,
+            pad_id: None,
             add_bos: false,
             stop_ids: Vec::new(),
             chat_template: None,
@@ -95,6 +99,9 @@ impl Tokenizer {
         let eos = from_tc("eos_token")
             .or_else(|| from(&gc, "eos_token_id"))
             .or_else(|| from(&cc, "eos_token_id"));
+        let pad = from_tc("pad_token")
+            .or_else(|| from(&gc, "pad_token_id"))
+            .or_else(|| from(&cc, "pad_token_id"));
         let add_bos = tc
             .as_ref()
             .and_then(|c| c.get("add_bos_token"))
@@ -113,6 +120,7 @@ impl Tokenizer {
         }
         tok.bos_id = bos;
         tok.eos_id = eos;
+        tok.pad_id = pad;
         tok.add_bos = add_bos && bos.is_some();
         tok.stop_ids = stop_ids;
         tok.chat_template = chat_template;

@@ -62,6 +62,10 @@ struct Args {
     /// q8_0; default f16).
     #[arg(long, value_enum)]
     dtype: Option<WeightDtype>,
+    /// --format gguf: write every weight in --dtype, also the untouched weights of a quantized
+    /// base (`--keep-quantized` checkpoints), which are otherwise copied as their blocks.
+    #[arg(long)]
+    requantize: bool,
     /// Replace the files of an earlier export in --out-dir.
     #[arg(long)]
     overwrite: bool,
@@ -117,6 +121,9 @@ fn export(args: &Args) -> Result<()> {
     }
     if args.dtype.is_some() && matches!(args.format, Format::Peft | Format::GgufLora) {
         bail!("--dtype applies to --format hf and gguf only (adapters are written in f32)");
+    }
+    if args.requantize && args.format != Format::Gguf {
+        bail!("--requantize applies to --format gguf only");
     }
     if args.dtype == Some(WeightDtype::Q8_0) && args.format != Format::Gguf {
         bail!("--dtype q8_0 applies to --format gguf only");
@@ -184,10 +191,14 @@ fn export(args: &Args) -> Result<()> {
             loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
             crate::clean_stale_temps(&args.out_dir);
             let out = args.out_dir.join("model.gguf");
-            let r = export_gguf(&model, ck, &out, ty)
+            let r = export_gguf(&model, ck, &out, ty, !args.requantize)
                 .with_context(|| format!("exporting to {}", out.display()))?;
+            let copied = match r.copied_blocks {
+                0 => String::new(),
+                n => format!("; {n} copied as the quantized base's blocks"),
+            };
             outln!(
-                "wrote {} ({} architecture, {} tensors, {:.1} MB, {ty:?}) in {}",
+                "wrote {} ({} architecture, {} tensors, {:.1} MB, {ty:?}{copied}) in {}",
                 out.display(),
                 r.arch,
                 r.n_tensors,

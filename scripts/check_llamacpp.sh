@@ -7,7 +7,9 @@
 # 2. Per model (the real SmolLM2-135M-Instruct Q4_1 file: llama layout, permuted Q/K;
 #    Qwen2.5-Coder-0.5B-Instruct Q4_K_M: qwen2, qkv biases; Gemma 3 270M Q4_K_M: gemma3,
 #    SentencePiece vocabulary, 1 + w norms, q/k norms, sliding window), from
-#    scripts/fetch_assets.sh:
+#    scripts/fetch_assets.sh; and pythia-70m (gptneox: fused qkv, LayerNorm with biases,
+#    partial rotary, parallel residual; the peer's random-init Hugging Face model from
+#    ../shared/peer/setup.sh under $PEER_HOME, converted with convert-hf-checkpoint):
 #    import (f32), a short LoRA run (3 steps, lr 1e-2, q/k/v + MLP adapters, so the update
 #    is far from zero), then `export --format gguf --dtype f32` of the base and of the merged
 #    model, and `export --format gguf-lora` of the adapter.
@@ -19,12 +21,13 @@
 #    newlines, digits, code, accents, CJK, emoji, special tokens) the same with the exported
 #    GGUF as with the source file. One JSON line per model.
 #
-#   scripts/check_llamacpp.sh [smollm2 qwen2.5 gemma3]
+#   scripts/check_llamacpp.sh [smollm2 qwen2.5 gemma3 pythia-70m]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LCP_HOME=${LCP_HOME:-$HOME/.cache/loratune-llamacpp}
 WORK=${WORK:-$(mktemp -d /tmp/loratune-llamacpp.XXXXXX)}
-MODELS=${*:-smollm2 qwen2.5 gemma3}
+MODELS=${*:-smollm2 qwen2.5 gemma3 pythia-70m}
+PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
 SDIST_SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 PY=$LCP_HOME/venv/bin/python
 say() { echo "[llamacpp] $*" >&2; }
@@ -67,11 +70,18 @@ for m in $MODELS; do
     smollm2) gguf=$LORATUNE_SMOLLM2_GGUF ;;
     qwen2.5) gguf=$LORATUNE_QWEN25_GGUF ;;
     gemma3) gguf=$LORATUNE_GEMMA3_GGUF ;;
+    pythia-70m) gguf= ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
     esac
     d=$WORK/$m; rm -rf "$d"; mkdir -p "$d"
     say "$m: import, 3 LoRA steps, exports"
-    "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/ck" --model-name "$m" > /dev/null
+    if [ -n "$gguf" ]; then
+        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/ck" --model-name "$m" > /dev/null
+    else
+        [ -d "$PEER_HOME/models/$m" ] || { echo "$PEER_HOME/models/$m is missing: run ../shared/peer/setup.sh" >&2; exit 2; }
+        cp -r "$PEER_HOME/models/$m" "$d/ck"
+        "$LT" convert-hf-checkpoint --checkpoint-dir "$d/ck" > /dev/null
+    fi
     "$LT" prepare-alpaca --checkpoint-dir "$d/ck" --data-file "$LORATUNE_ALPACA_DEMO" \
         --destination-path "$d/ds" --max-seq-length 128 --test-split-size 8 > /dev/null 2>&1
     "$LT" finetune-lora --checkpoint-dir "$d/ck" --data-dir "$d/ds" --out-dir "$d/out" --max-iters 3 \
@@ -125,9 +135,11 @@ ids = merged.tokenize(prompt, add_bos=True, special=True)
 texts = ["Hello world", "  two  spaces,\ttab\n\nnewlines\n", "def f(x):\n    return x * 2  # done",
          "12345 + 678 = 13023", "Ünïcödé café naïve", "日本語のテキスト", "emoji 🙂👍", "<start_of_turn>user\nHi<end_of_turn>",
          "<|im_start|>user\nHi<|im_end|>", " leading space", "trailing space ", "a\r\nb"]
-src_vocab = Llama(model_path=source, vocab_only=True, verbose=False)
-vocab_same = all(src_vocab.tokenize(t.encode(), add_bos=True, special=True)
-                 == merged.tokenize(t.encode(), add_bos=True, special=True) for t in texts)
+vocab_same = None  # no source GGUF for a model converted from Hugging Face files
+if source:
+    src_vocab = Llama(model_path=source, vocab_only=True, verbose=False)
+    vocab_same = all(src_vocab.tokenize(t.encode(), add_bos=True, special=True)
+                     == merged.tokenize(t.encode(), add_bos=True, special=True) for t in texts)
 ref = ours(ids)
 rows = {}
 for label, llm in [("merged GGUF", merged), ("base GGUF + LoRA GGUF", cpp(f"{d}/base/model.gguf", f"{d}/lora/lora.gguf"))]:

@@ -1,6 +1,6 @@
-//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3` and
-//! `phi3` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from the GGUF
-//! metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
+//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`
+//! and `gptneox` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
+//! the GGUF metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
 //! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
 //! tokenizer_config.json with the file's chat template.
 //!
@@ -217,12 +217,30 @@ pub(crate) fn gguf_name(lit: &str) -> Option<String> {
         "attn.norm_q.weight" => "attn_q_norm.weight",
         "attn.norm_k.weight" => "attn_k_norm.weight",
         "attn.proj.weight" => "attn_output.weight",
+        "mlp.fc.weight" => "ffn_up.weight",
         "mlp.fc_1.weight" => "ffn_gate.weight",
         "mlp.fc_2.weight" => "ffn_up.weight",
         "mlp.proj.weight" => "ffn_down.weight",
         _ => return None,
     };
     Some(format!("blk.{i}.{g}"))
+}
+
+/// The llama.cpp name of a lit weight or bias, the fused qkv as `attn_qkv` (GPT-NeoX and
+/// Phi-3 keep it fused; the other layouts' q/k/v are assembled separately).
+pub(crate) fn gguf_tensor_name(lit: &str) -> Option<String> {
+    if let Some(g) = gguf_name(lit) {
+        return Some(g);
+    }
+    let (module, param) = lit.rsplit_once('.')?;
+    let g = match module.strip_suffix(".attn.qkv") {
+        Some(block) => format!(
+            "blk.{}.attn_qkv.weight",
+            block.strip_prefix("transformer.h.")?
+        ),
+        None => gguf_name(&format!("{module}.weight"))?,
+    };
+    Some(format!("{}.{param}", g.strip_suffix(".weight")?))
 }
 
 /// The GGUF architectures this import reads.
@@ -234,10 +252,11 @@ enum Arch {
     Gemma2,
     Gemma3,
     Phi3,
+    GptNeox,
 }
 
 impl Arch {
-    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3";
+    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, gptneox";
 
     fn from_name(name: &str) -> Option<Arch> {
         Some(match name {
@@ -247,6 +266,7 @@ impl Arch {
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
+            "gptneox" => Arch::GptNeox,
             _ => return None,
         })
     }
@@ -260,6 +280,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
+            Arch::GptNeox => "gptneox",
         }
     }
 
@@ -271,6 +292,7 @@ impl Arch {
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::GptNeox => "GPTNeoXForCausalLM",
         }
     }
 
@@ -340,7 +362,11 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
     let n_head = g.usize(&key("attention.head_count"))?;
     let n_layer = g.usize(&key("block_count"))?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
-    let eps = g.f64(&key("attention.layer_norm_rms_epsilon"))?;
+    let eps = if arch == Arch::GptNeox {
+        g.f64(&key("attention.layer_norm_epsilon"))?
+    } else {
+        g.f64(&key("attention.layer_norm_rms_epsilon"))?
+    };
     // The file stores eps as f32; snap 1e-5 / 1e-6 back to the value the model was made with.
     let eps = [1e-5, 1e-6]
         .into_iter()
@@ -377,6 +403,22 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
         hf_architecture: arch.hf_class().to_string(),
         ..Config::litgpt_defaults("", name)
     };
+    if arch == Arch::GptNeox {
+        // Pythia, RedPajama-INCITE, StableLM-Alpha: LayerNorm and biases everywhere, a GELU
+        // MLP, the fused qkv as [Q | K | V], partial rotary, parallel residual (or not).
+        cfg.norm = NormKind::LayerNorm;
+        cfg.bias = true;
+        cfg.mlp = MlpKind::GptNeox;
+        cfg.parallel_residual = g
+            .content
+            .metadata
+            .get(&key("use_parallel_residual"))
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        cfg.n_query_groups = n_head;
+        let rot = g.usize(&key("rope.dimension_count")).unwrap_or(head_size);
+        cfg.rotary_percentage = rot as f64 / head_size as f64;
+    }
     if arch == Arch::Phi3 {
         // Rotary on the first rope.dimension_count channels of each head; one window for all.
         let rot = g.usize(&key("rope.dimension_count")).unwrap_or(head_size);
@@ -646,6 +688,9 @@ fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Ve
             _ => {}
         }
     }
+    if let (Arch::GptNeox, Some((i, "attn.qkv.weight"))) = (arch, block) {
+        return Some((vec![whole(format!("blk.{i}.attn_qkv.weight"))], vec![None]));
+    }
     if let Some((i, "attn.qkv.weight")) = block {
         let (q, k) = if arch.permuted() {
             (Some(cfg.n_head), Some(cfg.n_query_groups))
@@ -787,7 +832,11 @@ pub fn import_gguf(
                 _ => {}
             }
         }
-        if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.weight")) {
+        let fused = arch == Arch::GptNeox && s.name.contains(".attn.qkv.");
+        if let Some(i) = block
+            .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
+            .filter(|_| !fused)
+        {
             let mut q = g.tensor(&format!("blk.{i}.attn_q.weight"))?;
             let mut k = g.tensor(&format!("blk.{i}.attn_k.weight"))?;
             if arch.permuted() {
@@ -797,14 +846,17 @@ pub fn import_gguf(
             let v = g.tensor(&format!("blk.{i}.attn_v.weight"))?;
             return Ok(Tensor::cat(&[q, k, v], 0)?);
         }
-        if let Some(i) = block.and_then(|r| r.strip_suffix(".attn.qkv.bias")) {
+        if let Some(i) = block
+            .and_then(|r| r.strip_suffix(".attn.qkv.bias"))
+            .filter(|_| !fused)
+        {
             let parts = ["q", "k", "v"]
                 .iter()
                 .map(|x| g.tensor(&format!("blk.{i}.attn_{x}.bias")))
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&parts, 0)?);
         }
-        let gname = gguf_name(&s.name).ok_or_else(|| Error::MissingTensor {
+        let gname = gguf_tensor_name(&s.name).ok_or_else(|| Error::MissingTensor {
             name: s.name.clone(),
             source_file: Some(gguf.to_path_buf()),
         })?;

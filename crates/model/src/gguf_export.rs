@@ -4,12 +4,14 @@
 //! `convert_lora_to_gguf.py` writes it).
 //!
 //! Families: the `llama` layout (Llama, Mistral without a sliding window, SmolLM), `qwen2`,
-//! `qwen3`, `gemma2` and `gemma3`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece
-//! (`llama`: a byte-fallback BPE tokenizer.json, Gemma's). What llama.cpp's converters change is
-//! done here too: the fused qkv is split into `attn_q/k/v`; for `llama` the query and key rows
-//! of every head are permuted into llama.cpp's interleaved rotary order (adapters: B's rows
-//! likewise); Gemma's RMSNorm weights are stored as 1 + w. Anything else is refused, naming
-//! what llama.cpp would need.
+//! `qwen3`, `gemma2`, `gemma3` and `gptneox` (Pythia, RedPajama-INCITE, StableLM-Alpha);
+//! vocabularies as byte-level BPE (`gpt2`) or SentencePiece (`llama`: a byte-fallback BPE
+//! tokenizer.json, Gemma's). What llama.cpp's converters change is done here too: the fused qkv
+//! is split into `attn_q/k/v` (kept fused as `attn_qkv` for gptneox, whose adapters are joined
+//! into one); for `llama` the query and key rows of every head are permuted into llama.cpp's
+//! interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm weights are stored
+//! as 1 + w. A quantized base's linears that no adapter changed are copied as their blocks.
+//! Anything else is refused, naming what llama.cpp would need.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +24,7 @@ use serde_json::Value as Json;
 
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
-use crate::gguf::{gguf_name, LLAMA3_SPLIT, QWEN2_SPLIT};
+use crate::gguf::{gguf_tensor_name, LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::hf_config::HfArch;
 use crate::lora::FrozenWeight;
 use crate::model::Gpt;
@@ -76,6 +78,7 @@ enum Arch {
     Qwen3,
     Gemma2,
     Gemma3,
+    GptNeox,
 }
 
 impl Arch {
@@ -86,6 +89,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::GptNeox => "gptneox",
         }
     }
 
@@ -93,12 +97,17 @@ impl Arch {
     fn gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
+
+    /// llama.cpp keeps the fused [Q | K | V] projection (`attn_qkv`) instead of three.
+    fn fused_qkv(self) -> bool {
+        self == Arch::GptNeox
+    }
 }
 
 fn refuse(cfg: &Config, why: &str) -> Error {
     Error::Input(format!(
-        "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2, qwen3, gemma2 and \
-         gemma3 layouts)",
+        "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2, qwen3, gemma2, \
+         gemma3 and gptneox layouts)",
         cfg.repo_id()
     ))
 }
@@ -111,6 +120,7 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         HfArch::Qwen3 => Arch::Qwen3,
         HfArch::Gemma2 => Arch::Gemma2,
         HfArch::Gemma3 => Arch::Gemma3,
+        HfArch::GptNeox => Arch::GptNeox,
         other => {
             return Err(refuse(
                 cfg,
@@ -118,6 +128,10 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
             ))
         }
     };
+    if arch == Arch::GptNeox {
+        check_gptneox(cfg)?;
+        return Ok(arch);
+    }
     if cfg.rotary_percentage != 1.0 || cfg.norm != NormKind::RmsNorm {
         return Err(refuse(cfg, "partial rotary or a norm other than RMSNorm"));
     }
@@ -156,6 +170,50 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         return Err(refuse(cfg, "q/k norms outside qwen3"));
     }
     Ok(arch)
+}
+
+/// llama.cpp's `gptneox` graph (Pythia, RedPajama-INCITE, StableLM-Alpha): LayerNorm with
+/// biases, biased linears, one KV head per query head, rotary on the first
+/// `rope.dimension_count` channels, parallel or sequential residual with two norms, a GELU MLP
+/// (llama.cpp computes GELU with the tanh approximation, as its own converter's files do).
+fn check_gptneox(cfg: &Config) -> Result<()> {
+    if cfg.norm != NormKind::LayerNorm
+        || cfg.mlp != MlpKind::GptNeox
+        || !cfg.bias
+        || cfg.n_query_groups != cfg.n_head
+        || cfg.shared_attention_norm
+        || !cfg.pre_norm
+        || cfg.post_attention_norm
+        || cfg.post_mlp_norm
+        || cfg.qk_norm.is_some()
+    {
+        return Err(refuse(
+            cfg,
+            "a GPT-NeoX layout without LayerNorm, biases, a GELU MLP, two norms per block or \
+             one KV head per query head",
+        ));
+    }
+    let rot = cfg.rotary_percentage * cfg.head_size as f64;
+    if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
+        return Err(refuse(
+            cfg,
+            &format!("its rotary part ({rot} channels per head) is not an even whole number"),
+        ));
+    }
+    if cfg.rope_scaling.is_some()
+        || cfg.sliding_window.is_some()
+        || cfg.scale_embeddings
+        || cfg.attention_scores_scalar.is_some()
+        || cfg.attention_logit_softcapping.is_some()
+        || cfg.final_logit_softcapping.is_some()
+    {
+        return Err(refuse(
+            cfg,
+            "rope scaling, a sliding window, scaled embeddings, a query scale or soft-capping in \
+             a gptneox layout",
+        ));
+    }
+    Ok(())
 }
 
 /// What llama.cpp's `gemma2` / `gemma3` graphs fix rather than read: the gated GELU MLP, 1 + w
@@ -484,12 +542,20 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         (k("attention.head_count"), u(cfg.n_head)),
         (k("attention.head_count_kv"), u(cfg.n_query_groups)),
         (k("rope.freq_base"), Value::F32(cfg.rope_base as f32)),
-        (
-            k("attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.norm_eps as f32),
-        ),
         (k("vocab_size"), u(cfg.padded_vocab_size)),
     ];
+    let eps = Value::F32(cfg.norm_eps as f32);
+    if arch == Arch::GptNeox {
+        out.push((k("attention.layer_norm_epsilon"), eps));
+        let rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
+        out.push((k("rope.dimension_count"), u(rot)));
+        out.push((
+            k("use_parallel_residual"),
+            Value::Bool(cfg.parallel_residual),
+        ));
+    } else {
+        out.push((k("attention.layer_norm_rms_epsilon"), eps));
+    }
     if arch == Arch::Llama {
         out.push((k("rope.dimension_count"), u(cfg.head_size)));
     }
@@ -708,9 +774,12 @@ pub fn export_gguf(
             Some(q) => Matrix::Blocks(q.as_ref().clone()),
             None => Matrix::Dense(t.clone()),
         };
-        if let Some(i) = name
+        if arch.fused_qkv() && name.ends_with(".attn.qkv.bias") {
+            // Falls through to the plain mapping below (attn_qkv.bias).
+        } else if let Some(i) = name
             .strip_prefix("transformer.h.")
             .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
+            .filter(|_| !arch.fused_qkv())
         {
             let (nq, nkv) = (
                 cfg.n_head * cfg.head_size,
@@ -726,8 +795,7 @@ pub fn export_gguf(
                 tensors.push((g.clone(), matrix(&g, w)?));
             }
             continue;
-        }
-        if let Some(i) = name
+        } else if let Some(i) = name
             .strip_prefix("transformer.h.")
             .and_then(|r| r.strip_suffix(".attn.qkv.bias"))
         {
@@ -736,12 +804,19 @@ pub fn export_gguf(
             }
             continue;
         }
-        let g = gguf_name(name).ok_or_else(|| {
+        let g = gguf_tensor_name(name).ok_or_else(|| {
             refuse(
                 cfg,
                 &format!("tensor {name:?} has no llama.cpp counterpart"),
             )
         })?;
+        if arch == Arch::GptNeox && cfg.tie_embeddings && g == "token_embd.weight" {
+            // llama.cpp's gptneox graph needs its own `output` matrix.
+            tensors.push((
+                "output.weight".into(),
+                matrix("output.weight", Matrix::Dense(t.clone()))?,
+            ));
+        }
         let q = if t.rank() != 1 {
             matrix(&g, m)?
         } else if arch.gemma() && g.ends_with("norm.weight") {
@@ -760,11 +835,35 @@ pub fn export_gguf(
     })
 }
 
+/// The query, key and value adapters of a fused qkv as one adapter of the whole matrix, as
+/// llama.cpp applies adapters per tensor: A stacks the A's (n r, in), B places each B in its
+/// rows and its r columns (out, n r), so B A = sum of the B_i A_i exactly. llama.cpp scales by
+/// alpha / rank with the rank it reads (n r), so B is multiplied by n to keep alpha / r.
+fn fused_adapter(adapters: &[crate::lora::Adapter], out: usize) -> Result<(Tensor, Tensor)> {
+    let n = adapters.len();
+    let a = Tensor::cat(
+        &adapters
+            .iter()
+            .map(|ad| ad.a.as_tensor().to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        0,
+    )?;
+    let mut cols = Vec::with_capacity(n);
+    for ad in adapters {
+        let b = (ad.b.as_tensor().to_dtype(DType::F32)? * n as f64)?;
+        let (rows, _) = b.dims2()?;
+        let (top, bottom) = (ad.rows.start, out - ad.rows.start - rows);
+        cols.push(b.pad_with_zeros(0, top, bottom)?);
+    }
+    Ok((a, Tensor::cat(&cols, 1)?))
+}
+
 /// Writes the adapters of `model` as a llama.cpp LoRA adapter GGUF at `path`: per adapted
 /// projection `<tensor>.weight.lora_a` (r, in) and `.lora_b` (out, r) in f32, `adapter.lora.alpha`
 /// so that llama.cpp's scale alpha / r equals loratune's. The fused qkv's query, key and value
 /// adapters become `attn_q`, `attn_k` and `attn_v` adapters (B's rows permuted like the
-/// weights' for llama).
+/// weights' for llama), or one `attn_qkv` adapter where llama.cpp keeps the qkv fused
+/// ([`fused_adapter`]).
 pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
     let cfg = &model.config;
     let lora = model
@@ -773,6 +872,14 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
     let arch = arch_of(cfg)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for linear in model.linears() {
+        if arch.fused_qkv() && linear.name.ends_with(".attn.qkv") && !linear.adapters().is_empty() {
+            let (a, b) = fused_adapter(linear.adapters(), linear.weight().dims().0)?;
+            let base = gguf_tensor_name(&format!("{}.weight", linear.name))
+                .ok_or_else(|| refuse(cfg, &format!("{} has no llama.cpp name", linear.name)))?;
+            tensors.push((format!("{base}.lora_a"), qt(&a, GgmlDType::F32)?));
+            tensors.push((format!("{base}.lora_b"), qt(&b, GgmlDType::F32)?));
+            continue;
+        }
         for ad in linear.adapters() {
             let a = ad.a.as_tensor().to_dtype(DType::F32)?;
             let mut b = ad.b.as_tensor().to_dtype(DType::F32)?;
@@ -804,7 +911,7 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
                 }
                 format!("blk.{i}.attn_{x}.weight")
             } else {
-                gguf_name(&format!("{}.weight", linear.name)).ok_or_else(|| {
+                gguf_tensor_name(&format!("{}.weight", linear.name)).ok_or_else(|| {
                     refuse(
                         cfg,
                         &format!("{} has no llama.cpp counterpart", linear.name),

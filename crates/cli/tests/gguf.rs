@@ -367,24 +367,46 @@ fn gemma_gguf_exports_round_trip() {
 }
 
 /// GPT-NeoX (Pythia, RedPajama-INCITE, StableLM-Alpha: LayerNorm and biases, partial rotary,
-/// parallel or sequential residual) exports as llama.cpp's `gptneox` (the fused qkv kept as
-/// [Q | K | V]) and imports back exactly; its query/key/value adapters become one `attn_qkv`
-/// adapter of rank 3r that llama.cpp's rule applies as the merged model.
+/// parallel or sequential residual) and Falcon (7B's multi-query with one shared norm, 40B's
+/// grouped queries with two norms, which llama.cpp names `attn_norm_2` and `attn_norm`) export
+/// as llama.cpp's `gptneox` and `falcon` (the fused qkv kept as [Q | K | V]) and import back
+/// exactly; their query/key/value adapters become one `attn_qkv` adapter of rank 3r that
+/// llama.cpp's rule applies as the merged model.
 #[test]
-fn gptneox_gguf_export_round_trips_with_a_fused_lora_file() {
-    for name in ["neox_parallel_rot025", "neox_sequential_rot100"] {
+fn neox_and_falcon_gguf_exports_round_trip_with_a_fused_lora_file() {
+    for (name, arch) in [
+        ("neox_parallel_rot025", "gptneox"),
+        ("neox_sequential_rot100", "gptneox"),
+        ("falcon_mqa", "falcon"),
+        ("falcon_gqa_newarch", "falcon"),
+    ] {
         let root = scratch(&format!("gguf-{name}-export"));
         let ck = root.join("ck");
         copy_dir(&hf_fixture(name), &ck);
         let r = run(CONVERT, &["--checkpoint-dir", &path(&ck)]);
         assert!(r.ok, "{}", r.stderr);
-        let file = gguf_round_trip(&root, &ck, "gptneox", 0.0);
+        let file = gguf_round_trip(&root, &ck, arch, 0.0);
         let (meta, t) = read_gguf(&file);
-        assert_eq!(
-            meta["gptneox.use_parallel_residual"].to_bool().unwrap(),
-            name.contains("parallel")
-        );
-        assert!(t.contains_key("blk.1.attn_qkv.bias") && t.contains_key("output_norm.bias"));
+        if arch == "gptneox" {
+            assert_eq!(
+                meta["gptneox.use_parallel_residual"].to_bool().unwrap(),
+                name.contains("parallel")
+            );
+            assert!(t.contains_key("blk.1.attn_qkv.bias") && t.contains_key("output_norm.bias"));
+        } else {
+            let lit =
+                candle_core::safetensors::load(ck.join("lit_model.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let two = name.contains("newarch");
+            assert_eq!(t.contains_key("blk.0.attn_norm_2.weight"), two, "{name}");
+            // The attention's own norm (HF ln_attn) is llama.cpp's attn_norm_2.
+            let attn = if two { "attn_norm_2" } else { "attn_norm" };
+            let d = max_abs(
+                &(&lit["transformer.h.0.norm_1.weight"] - &t[&format!("blk.0.{attn}.weight")])
+                    .unwrap(),
+            );
+            assert_eq!(d, 0.0, "{name}: norm_1 is not {attn}");
+        }
         // attn_qkv, ffn_up, ffn_down in each of the 2 layers.
         gguf_lora_matches_merged(&root, &ck, &file, 6);
         std::fs::remove_dir_all(root).unwrap();

@@ -1,5 +1,5 @@
-//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`
-//! and `gptneox` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
+//! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`,
+//! `gptneox` and `falcon` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
 //! the GGUF metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
 //! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
 //! tokenizer_config.json with the file's chat template.
@@ -243,6 +243,28 @@ pub(crate) fn gguf_tensor_name(lit: &str) -> Option<String> {
     Some(format!("{}.{param}", g.strip_suffix(".weight")?))
 }
 
+/// [`gguf_tensor_name`] for `cfg`'s layout: Falcon-40B-style blocks (two norms) call the
+/// attention's norm (`norm_1`, HF `ln_attn`) `attn_norm_2` and the MLP's (`norm_2`, `ln_mlp`)
+/// `attn_norm`, as llama.cpp's Falcon converter does.
+pub(crate) fn arch_tensor_name(lit: &str, cfg: &Config) -> Option<String> {
+    let g = gguf_tensor_name(lit)?;
+    let falcon = matches!(
+        crate::export::hf_arch(cfg),
+        Ok(crate::hf_config::HfArch::Falcon { .. })
+    );
+    let falcon_two_norms = falcon && !cfg.shared_attention_norm;
+    if !falcon_two_norms {
+        return Some(g);
+    }
+    Some(if g.contains(".attn_norm.") {
+        g.replace(".attn_norm.", ".attn_norm_2.")
+    } else if g.contains(".ffn_norm.") {
+        g.replace(".ffn_norm.", ".attn_norm.")
+    } else {
+        g
+    })
+}
+
 /// The GGUF architectures this import reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Arch {
@@ -253,10 +275,11 @@ enum Arch {
     Gemma3,
     Phi3,
     GptNeox,
+    Falcon,
 }
 
 impl Arch {
-    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, gptneox";
+    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, gptneox, falcon";
 
     fn from_name(name: &str) -> Option<Arch> {
         Some(match name {
@@ -267,6 +290,7 @@ impl Arch {
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
             "gptneox" => Arch::GptNeox,
+            "falcon" => Arch::Falcon,
             _ => return None,
         })
     }
@@ -281,6 +305,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
             Arch::GptNeox => "gptneox",
+            Arch::Falcon => "falcon",
         }
     }
 
@@ -293,6 +318,7 @@ impl Arch {
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::GptNeox => "GPTNeoXForCausalLM",
+            Arch::Falcon => "FalconForCausalLM",
         }
     }
 
@@ -304,6 +330,11 @@ impl Arch {
     /// Gemma's converters store every RMSNorm weight as 1 + w.
     fn gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+
+    /// GPT-NeoX and Falcon keep the fused qkv as [Q | K | V] (`attn_qkv`) and use LayerNorm.
+    fn neox_like(self) -> bool {
+        matches!(self, Arch::GptNeox | Arch::Falcon)
     }
 }
 
@@ -362,7 +393,7 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
     let n_head = g.usize(&key("attention.head_count"))?;
     let n_layer = g.usize(&key("block_count"))?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
-    let eps = if arch == Arch::GptNeox {
+    let eps = if arch.neox_like() {
         g.f64(&key("attention.layer_norm_epsilon"))?
     } else {
         g.f64(&key("attention.layer_norm_rms_epsilon"))?
@@ -418,6 +449,14 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
         cfg.n_query_groups = n_head;
         let rot = g.usize(&key("rope.dimension_count")).unwrap_or(head_size);
         cfg.rotary_percentage = rot as f64 / head_size as f64;
+    }
+    if arch == Arch::Falcon {
+        // Falcon: LayerNorm (with biases) but unbiased linears, a GELU MLP, parallel attention
+        // and MLP; one norm shared by both (7B) or one each (40B: `attn_norm_2`).
+        cfg.norm = NormKind::LayerNorm;
+        cfg.mlp = MlpKind::GptNeox;
+        cfg.parallel_residual = true;
+        cfg.shared_attention_norm = !has("blk.0.attn_norm_2.weight");
     }
     if arch == Arch::Phi3 {
         // Rotary on the first rope.dimension_count channels of each head; one window for all.
@@ -688,7 +727,7 @@ fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Ve
             _ => {}
         }
     }
-    if let (Arch::GptNeox, Some((i, "attn.qkv.weight"))) = (arch, block) {
+    if let (true, Some((i, "attn.qkv.weight"))) = (arch.neox_like(), block) {
         return Some((vec![whole(format!("blk.{i}.attn_qkv.weight"))], vec![None]));
     }
     if let Some((i, "attn.qkv.weight")) = block {
@@ -703,7 +742,7 @@ fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Ve
             .collect();
         return Some((src, vec![q, k, None]));
     }
-    Some((vec![whole(gguf_name(lit)?)], vec![None]))
+    Some((vec![whole(arch_tensor_name(lit, cfg)?)], vec![None]))
 }
 
 /// Imports `gguf` into `out_dir` (created if needed): lit_model.safetensors (in `dtype`,
@@ -832,7 +871,7 @@ pub fn import_gguf(
                 _ => {}
             }
         }
-        let fused = arch == Arch::GptNeox && s.name.contains(".attn.qkv.");
+        let fused = arch.neox_like() && s.name.contains(".attn.qkv.");
         if let Some(i) = block
             .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
             .filter(|_| !fused)
@@ -856,7 +895,7 @@ pub fn import_gguf(
                 .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&parts, 0)?);
         }
-        let gname = gguf_tensor_name(&s.name).ok_or_else(|| Error::MissingTensor {
+        let gname = arch_tensor_name(&s.name, &cfg).ok_or_else(|| Error::MissingTensor {
             name: s.name.clone(),
             source_file: Some(gguf.to_path_buf()),
         })?;

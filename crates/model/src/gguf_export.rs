@@ -4,13 +4,14 @@
 //! `convert_lora_to_gguf.py` writes it).
 //!
 //! Families: the `llama` layout (Llama, Mistral without a sliding window, SmolLM), `qwen2`,
-//! `qwen3`, `gemma2`, `gemma3` and `gptneox` (Pythia, RedPajama-INCITE, StableLM-Alpha);
-//! vocabularies as byte-level BPE (`gpt2`) or SentencePiece (`llama`: a byte-fallback BPE
-//! tokenizer.json, Gemma's). What llama.cpp's converters change is done here too: the fused qkv
-//! is split into `attn_q/k/v` (kept fused as `attn_qkv` for gptneox, whose adapters are joined
-//! into one); for `llama` the query and key rows of every head are permuted into llama.cpp's
-//! interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm weights are stored
-//! as 1 + w. A quantized base's linears that no adapter changed are copied as their blocks.
+//! `qwen3`, `gemma2`, `gemma3`, `gptneox` (Pythia, RedPajama-INCITE, StableLM-Alpha) and
+//! `falcon`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece (`llama`: a byte-fallback
+//! BPE tokenizer.json, Gemma's). What llama.cpp's converters change is done here too: the fused
+//! qkv is split into `attn_q/k/v` (kept fused as `attn_qkv` for gptneox and falcon, whose
+//! adapters are joined into one); for `llama` the query and key rows of every head are permuted
+//! into llama.cpp's interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm
+//! weights are stored as 1 + w. A quantized base's linears that no adapter changed are copied
+//! as their blocks.
 //! Anything else is refused, naming what llama.cpp would need.
 
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use serde_json::Value as Json;
 
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
-use crate::gguf::{gguf_tensor_name, LLAMA3_SPLIT, QWEN2_SPLIT};
+use crate::gguf::{arch_tensor_name, LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::hf_config::HfArch;
 use crate::lora::FrozenWeight;
 use crate::model::Gpt;
@@ -79,6 +80,7 @@ enum Arch {
     Gemma2,
     Gemma3,
     GptNeox,
+    Falcon,
 }
 
 impl Arch {
@@ -90,6 +92,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::GptNeox => "gptneox",
+            Arch::Falcon => "falcon",
         }
     }
 
@@ -98,16 +101,17 @@ impl Arch {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
-    /// llama.cpp keeps the fused [Q | K | V] projection (`attn_qkv`) instead of three.
+    /// llama.cpp keeps the fused [Q | K | V] projection (`attn_qkv`) instead of three, and
+    /// LayerNorm (`layer_norm_epsilon`) instead of RMSNorm.
     fn fused_qkv(self) -> bool {
-        self == Arch::GptNeox
+        matches!(self, Arch::GptNeox | Arch::Falcon)
     }
 }
 
 fn refuse(cfg: &Config, why: &str) -> Error {
     Error::Input(format!(
         "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2, qwen3, gemma2, \
-         gemma3 and gptneox layouts)",
+         gemma3, gptneox and falcon layouts)",
         cfg.repo_id()
     ))
 }
@@ -121,6 +125,7 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         HfArch::Gemma2 => Arch::Gemma2,
         HfArch::Gemma3 => Arch::Gemma3,
         HfArch::GptNeox => Arch::GptNeox,
+        HfArch::Falcon { .. } => Arch::Falcon,
         other => {
             return Err(refuse(
                 cfg,
@@ -130,6 +135,10 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
     };
     if arch == Arch::GptNeox {
         check_gptneox(cfg)?;
+        return Ok(arch);
+    }
+    if arch == Arch::Falcon {
+        check_falcon(cfg)?;
         return Ok(arch);
     }
     if cfg.rotary_percentage != 1.0 || cfg.norm != NormKind::RmsNorm {
@@ -211,6 +220,43 @@ fn check_gptneox(cfg: &Config) -> Result<()> {
             cfg,
             "rope scaling, a sliding window, scaled embeddings, a query scale or soft-capping in \
              a gptneox layout",
+        ));
+    }
+    Ok(())
+}
+
+/// llama.cpp's `falcon` graph (Falcon 7B / 40B / 180B): LayerNorm with biases, unbiased
+/// linears, a GELU MLP, attention and MLP in parallel from one shared norm or two, rotary on
+/// every channel.
+fn check_falcon(cfg: &Config) -> Result<()> {
+    if cfg.norm != NormKind::LayerNorm
+        || cfg.mlp != MlpKind::GptNeox
+        || cfg.bias
+        || cfg.attn_bias
+        || !cfg.parallel_residual
+        || !cfg.pre_norm
+        || cfg.post_attention_norm
+        || cfg.post_mlp_norm
+        || cfg.qk_norm.is_some()
+        || cfg.rotary_percentage != 1.0
+    {
+        return Err(refuse(
+            cfg,
+            "a Falcon layout without LayerNorm, unbiased linears, a GELU MLP, parallel attention \
+             or full rotary",
+        ));
+    }
+    if cfg.rope_scaling.is_some()
+        || cfg.sliding_window.is_some()
+        || cfg.scale_embeddings
+        || cfg.attention_scores_scalar.is_some()
+        || cfg.attention_logit_softcapping.is_some()
+        || cfg.final_logit_softcapping.is_some()
+    {
+        return Err(refuse(
+            cfg,
+            "rope scaling, a sliding window, scaled embeddings, a query scale or soft-capping in \
+             a falcon layout",
         ));
     }
     Ok(())
@@ -545,7 +591,9 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         (k("vocab_size"), u(cfg.padded_vocab_size)),
     ];
     let eps = Value::F32(cfg.norm_eps as f32);
-    if arch == Arch::GptNeox {
+    if arch == Arch::Falcon {
+        out.push((k("attention.layer_norm_epsilon"), eps));
+    } else if arch == Arch::GptNeox {
         out.push((k("attention.layer_norm_epsilon"), eps));
         let rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
         out.push((k("rope.dimension_count"), u(rot)));
@@ -804,7 +852,7 @@ pub fn export_gguf(
             }
             continue;
         }
-        let g = gguf_tensor_name(name).ok_or_else(|| {
+        let g = arch_tensor_name(name, cfg).ok_or_else(|| {
             refuse(
                 cfg,
                 &format!("tensor {name:?} has no llama.cpp counterpart"),
@@ -874,7 +922,7 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
     for linear in model.linears() {
         if arch.fused_qkv() && linear.name.ends_with(".attn.qkv") && !linear.adapters().is_empty() {
             let (a, b) = fused_adapter(linear.adapters(), linear.weight().dims().0)?;
-            let base = gguf_tensor_name(&format!("{}.weight", linear.name))
+            let base = arch_tensor_name(&format!("{}.weight", linear.name), cfg)
                 .ok_or_else(|| refuse(cfg, &format!("{} has no llama.cpp name", linear.name)))?;
             tensors.push((format!("{base}.lora_a"), qt(&a, GgmlDType::F32)?));
             tensors.push((format!("{base}.lora_b"), qt(&b, GgmlDType::F32)?));
@@ -911,7 +959,7 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
                 }
                 format!("blk.{i}.attn_{x}.weight")
             } else {
-                gguf_tensor_name(&format!("{}.weight", linear.name)).ok_or_else(|| {
+                arch_tensor_name(&format!("{}.weight", linear.name), cfg).ok_or_else(|| {
                     refuse(
                         cfg,
                         &format!("{} has no llama.cpp counterpart", linear.name),

@@ -542,6 +542,7 @@ fn real_smollm2_answers_paris() {
     );
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("Paris"), "answer: {}", r.stdout);
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 /// QLoRA on the file as downloaded: `--keep-quantized` keeps SmolLM2's 150 Q4_1/Q8_0 linear
@@ -965,6 +966,8 @@ fn real_gemma3_matches_transformers_and_continues_with_paris() {
         assert_eq!(format!("{v:?}"), format!("{w:?}"), "{k}");
     }
     assert_eq!(src.tensor_infos.len(), ours.tensor_infos.len());
+    // The scratch folder (`<root>/google/gemma-3-270m`) holds a 1 GB checkpoint.
+    std::fs::remove_dir_all(ck.ancestors().nth(2).unwrap()).unwrap();
 }
 
 #[test]
@@ -1016,4 +1019,6 @@ fn real_qwen25_matches_transformers_and_answers_paris_in_chat() {
     assert!(r.stderr.contains("prompt style template"), "{}", r.stderr);
     let want = g["text"].as_str().unwrap().trim_end_matches("<|im_end|>");
     assert_eq!(r.stdout, format!("{want}\n"), "transformers' answer");
+    // The scratch folder (`<root>/Qwen/...`) holds a 2.4 GB checkpoint.
+    std::fs::remove_dir_all(ck.ancestors().nth(2).unwrap()).unwrap();
 }

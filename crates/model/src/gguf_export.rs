@@ -14,18 +14,17 @@
 //! as their blocks.
 //! Anything else is refused, naming what llama.cpp would need.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use serde_json::Value as Json;
 
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{arch_tensor_name, LLAMA3_SPLIT, QWEN2_SPLIT};
+use crate::gguf_writer::{write_gguf, TensorPlan};
 use crate::hf_config::HfArch;
 use crate::lora::FrozenWeight;
 use crate::model::Gpt;
@@ -355,19 +354,6 @@ fn permute(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// The query, key and value rows of a fused [Q | K | V] tensor (weight or bias).
-fn split_qkv(cfg: &Config, t: &Tensor) -> Result<[Tensor; 3]> {
-    let (q, kv) = (
-        cfg.n_head * cfg.head_size,
-        cfg.n_query_groups * cfg.head_size,
-    );
-    Ok([
-        t.narrow(0, 0, q)?,
-        t.narrow(0, q, kv)?,
-        t.narrow(0, q + kv, kv)?,
-    ])
-}
-
 /// The vocabulary as llama.cpp's metadata: tokens and their types (padded to the embedding's
 /// rows with `[PAD{i}]`, type unused), and what the tokenizer model needs besides.
 struct Vocab {
@@ -685,27 +671,6 @@ fn tokenizer_meta(dir: &Path, rows: usize, arch: Arch) -> Result<Vec<(String, Va
     Ok(out)
 }
 
-/// Writes `tensors` with `meta` to `path` atomically.
-fn write(path: &Path, meta: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<u64> {
-    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut failure = None;
-    crate::io::write_atomic_with(path, |w| {
-        gguf_file::write(w, &meta, &tensors).map_err(|e| {
-            failure = Some(e.to_string());
-            std::io::Error::other("GGUF write failed")
-        })
-    })
-    .map_err(|e| match failure.take() {
-        Some(reason) => Error::Output {
-            path: path.to_path_buf(),
-            reason,
-        },
-        None => e,
-    })?;
-    Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
-}
-
 fn qt(t: &Tensor, ty: GgmlDType) -> Result<QTensor> {
     Ok(QTensor::quantize(&crate::quant::own_f32(t)?, ty)?)
 }
@@ -725,26 +690,90 @@ fn permute_order(rows: usize, n_head: usize) -> Vec<usize> {
     order
 }
 
-/// A matrix of the export: dense (written in the export's type) or a quantized base's
-/// untouched blocks (copied as they are).
-enum Matrix {
-    Dense(Tensor),
-    Blocks(QuantWeight),
+/// One tensor of the export, made only when it is written (one at a time, so the export never
+/// holds a second copy of the model): rows of a model weight, permuted into llama.cpp's rotary
+/// order where `permute` gives the head count, 1 + w for Gemma's norms; a quantized base's
+/// blocks copied (`copy`) or dequantized and written in the export's type.
+struct Job {
+    src: FrozenWeight,
+    rows: Option<(usize, usize)>,
+    permute: Option<usize>,
+    plus_one: bool,
+    copy: bool,
 }
 
-impl Matrix {
-    fn rows(&self, start: usize, len: usize) -> Result<Matrix> {
-        Ok(match self {
-            Matrix::Dense(t) => Matrix::Dense(t.narrow(0, start, len)?),
-            Matrix::Blocks(q) => Matrix::Blocks(q.narrow_rows(start, len)?),
-        })
+impl Job {
+    fn new(src: FrozenWeight, copy: bool) -> Job {
+        Job {
+            src,
+            rows: None,
+            permute: None,
+            plus_one: false,
+            copy,
+        }
     }
 
-    fn permuted(self, n_head: usize) -> Result<Matrix> {
-        Ok(match self {
-            Matrix::Dense(t) => Matrix::Dense(permute(&t, n_head)?),
-            Matrix::Blocks(q) => Matrix::Blocks(q.permute_rows(&permute_order(q.rows(), n_head))?),
-        })
+    fn shape(&self) -> Vec<usize> {
+        let mut dims = match &self.src {
+            FrozenWeight::Dense(t) => t.dims().to_vec(),
+            FrozenWeight::Quantized(q) => vec![q.rows(), q.cols()],
+        };
+        if let Some((_, len)) = self.rows {
+            dims[0] = len;
+        }
+        dims
+    }
+
+    fn row_range(&self) -> (usize, usize) {
+        self.rows.unwrap_or((0, self.shape()[0]))
+    }
+
+    /// The blocks' own type when they are copied as they are.
+    fn copied_kind(&self) -> Option<GgmlDType> {
+        match (&self.src, self.copy) {
+            (FrozenWeight::Quantized(q), true) => {
+                let (start, len) = self.row_range();
+                q.rows_kind(start, len).map(|k| k.0)
+            }
+            _ => None,
+        }
+    }
+
+    /// The type it is written in: f32 for vectors, the blocks' for copies, else `ty`.
+    fn dtype(&self, ty: GgufType) -> GgmlDType {
+        if self.shape().len() == 1 {
+            GgmlDType::F32
+        } else {
+            self.copied_kind().unwrap_or(ty.ggml())
+        }
+    }
+
+    fn make(&self, ty: GgufType) -> Result<QTensor> {
+        let (start, len) = self.row_range();
+        if let (FrozenWeight::Quantized(q), Some(_)) = (&self.src, self.copied_kind()) {
+            // One part of one type (narrowing may leave several of the same type).
+            if let Some(t) = q.narrow_rows(start, len)?.to_qtensor()? {
+                let Some(heads) = self.permute else {
+                    return Ok(t);
+                };
+                let q = QuantWeight::from_qtensor("copied rows", t)?
+                    .permute_rows(&permute_order(len, heads))?;
+                if let Some(t) = q.to_qtensor()? {
+                    return Ok(t);
+                }
+            }
+        }
+        let mut t = match &self.src {
+            FrozenWeight::Dense(t) => t.narrow(0, start, len)?,
+            FrozenWeight::Quantized(q) => q.narrow_rows(start, len)?.dequantize(DType::F32)?,
+        };
+        if let Some(heads) = self.permute {
+            t = permute(&t, heads)?;
+        }
+        if self.plus_one {
+            t = (t.to_dtype(DType::F32)? + 1.0)?;
+        }
+        qt(&t, self.dtype(ty))
     }
 }
 
@@ -752,8 +781,9 @@ impl Matrix {
 /// matrices in `ty` (norms and biases f32), with the tokenizer and chat template of
 /// `tokenizer_dir`. With `copy_blocks`, linear weights still held as a quantized base's
 /// blocks (`--keep-quantized`, `--quantize`; merging an adapter makes a weight dense) are
-/// copied as they are instead of being dequantized and written in `ty`. Matrices whose rows are
-/// not whole `ty` blocks are refused, naming them.
+/// copied as they are instead of being dequantized and written in `ty`. Every tensor is
+/// planned (and checked: matrices whose rows are not whole `ty` blocks are refused, naming
+/// them) before the file is written, then made and written one at a time.
 pub fn export_gguf(
     model: &Gpt,
     tokenizer_dir: &Path,
@@ -779,76 +809,31 @@ pub fn export_gguf(
     ];
     meta.extend(hparams(cfg, arch));
     meta.extend(tokenizer_meta(tokenizer_dir, cfg.padded_vocab_size, arch)?);
-    let dense = |name: &str, t: &Tensor| -> Result<QTensor> {
-        let cols = t.dims().last().copied().unwrap_or(0);
-        if !cols.is_multiple_of(ty.ggml().block_size()) {
-            return Err(Error::Input(format!(
-                "tensor {name:?}: rows of {cols} values are not whole {ty:?} blocks of {}",
-                ty.ggml().block_size()
-            )));
-        }
-        qt(t, ty.ggml())
-    };
-    let copied = std::cell::Cell::new(0usize);
-    let matrix = |name: &str, m: Matrix| -> Result<QTensor> {
-        match m {
-            Matrix::Dense(t) => dense(name, &t),
-            Matrix::Blocks(q) => match q.to_qtensor()? {
-                Some(q) => {
-                    copied.set(copied.get() + 1);
-                    Ok(q)
+
+    let (nq, nkv) = (
+        cfg.n_head * cfg.head_size,
+        cfg.n_query_groups * cfg.head_size,
+    );
+    let mut jobs: Vec<(String, Job)> = Vec::new();
+    for (name, w) in model.named_frozen_weights() {
+        let name = name.as_str();
+        let qkv = name
+            .strip_prefix("transformer.h.")
+            .and_then(|r| r.split_once(".attn.qkv."))
+            .filter(|_| !arch.fused_qkv());
+        if let Some((i, param)) = qkv {
+            // Split into attn_q / attn_k / attn_v (llama's q and k rows permuted).
+            for (x, start, len, heads) in [
+                ("q", 0, nq, cfg.n_head),
+                ("k", nq, nkv, cfg.n_query_groups),
+                ("v", nq + nkv, nkv, 0),
+            ] {
+                let mut job = Job::new(w.clone(), copy_blocks);
+                job.rows = Some((start, len));
+                if arch == Arch::Llama && x != "v" && param == "weight" {
+                    job.permute = Some(heads);
                 }
-                None => dense(name, &q.dequantize(DType::F32)?),
-            },
-        }
-    };
-    // The linears still held as blocks, by weight name.
-    let blocks: HashMap<String, Arc<QuantWeight>> = if copy_blocks {
-        model
-            .linears()
-            .into_iter()
-            .filter_map(|l| match l.weight() {
-                FrozenWeight::Quantized(q) => Some((format!("{}.weight", l.name), q.clone())),
-                FrozenWeight::Dense(_) => None,
-            })
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (name, t) in model.named_weights()? {
-        let (name, t) = (name.as_str(), &t);
-        let m = match blocks.get(name) {
-            Some(q) => Matrix::Blocks(q.as_ref().clone()),
-            None => Matrix::Dense(t.clone()),
-        };
-        if arch.fused_qkv() && name.ends_with(".attn.qkv.bias") {
-            // Falls through to the plain mapping below (attn_qkv.bias).
-        } else if let Some(i) = name
-            .strip_prefix("transformer.h.")
-            .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
-            .filter(|_| !arch.fused_qkv())
-        {
-            let (nq, nkv) = (
-                cfg.n_head * cfg.head_size,
-                cfg.n_query_groups * cfg.head_size,
-            );
-            let (mut q, mut k, v) = (m.rows(0, nq)?, m.rows(nq, nkv)?, m.rows(nq + nkv, nkv)?);
-            if arch == Arch::Llama {
-                q = q.permuted(cfg.n_head)?;
-                k = k.permuted(cfg.n_query_groups)?;
-            }
-            for (x, w) in [("q", q), ("k", k), ("v", v)] {
-                let g = format!("blk.{i}.attn_{x}.weight");
-                tensors.push((g.clone(), matrix(&g, w)?));
-            }
-            continue;
-        } else if let Some(i) = name
-            .strip_prefix("transformer.h.")
-            .and_then(|r| r.strip_suffix(".attn.qkv.bias"))
-        {
-            for (x, b) in ["q", "k", "v"].into_iter().zip(split_qkv(cfg, t)?) {
-                tensors.push((format!("blk.{i}.attn_{x}.bias"), qt(&b, GgmlDType::F32)?));
+                jobs.push((format!("blk.{i}.attn_{x}.{param}"), job));
             }
             continue;
         }
@@ -860,26 +845,38 @@ pub fn export_gguf(
         })?;
         if arch == Arch::GptNeox && cfg.tie_embeddings && g == "token_embd.weight" {
             // llama.cpp's gptneox graph needs its own `output` matrix.
-            tensors.push((
-                "output.weight".into(),
-                matrix("output.weight", Matrix::Dense(t.clone()))?,
-            ));
+            jobs.push(("output.weight".into(), Job::new(w.clone(), false)));
         }
-        let q = if t.rank() != 1 {
-            matrix(&g, m)?
-        } else if arch.gemma() && g.ends_with("norm.weight") {
-            qt(&(t.to_dtype(DType::F32)? + 1.0)?, GgmlDType::F32)?
-        } else {
-            qt(t, GgmlDType::F32)?
-        };
-        tensors.push((g, q));
+        let mut job = Job::new(w, copy_blocks);
+        job.plus_one = arch.gemma() && g.ends_with("norm.weight");
+        jobs.push((g, job));
     }
-    let bytes = write(path, &meta, &tensors)?;
+    let mut plan = Vec::with_capacity(jobs.len());
+    for (name, job) in &jobs {
+        let (shape, dtype) = (job.shape(), job.dtype(ty));
+        let cols = shape.last().copied().unwrap_or(0);
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(Error::Input(format!(
+                "tensor {name:?}: rows of {cols} values are not whole {ty:?} blocks of {}",
+                dtype.block_size()
+            )));
+        }
+        plan.push(TensorPlan {
+            name: name.clone(),
+            shape,
+            dtype,
+        });
+    }
+    let copied = jobs
+        .iter()
+        .filter(|(_, j)| j.copied_kind().is_some())
+        .count();
+    let bytes = write_gguf(path, &meta, &plan, |i| jobs[i].1.make(ty))?;
     Ok(GgufExport {
         arch: arch.key(),
-        n_tensors: tensors.len(),
+        n_tensors: plan.len(),
         bytes,
-        copied_blocks: copied.get(),
+        copied_blocks: copied,
     })
 }
 
@@ -983,10 +980,23 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
             Value::F32(lora.alpha as f32),
         ),
     ];
-    let bytes = write(path, &meta, &tensors)?;
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .map(|(name, q)| TensorPlan {
+            name: name.clone(),
+            shape: q.shape().dims().to_vec(),
+            dtype: q.dtype(),
+        })
+        .collect();
+    let mut tensors: Vec<Option<QTensor>> = tensors.into_iter().map(|(_, q)| Some(q)).collect();
+    let bytes = write_gguf(path, &meta, &plan, |i| {
+        tensors[i]
+            .take()
+            .ok_or_else(|| Error::Input(format!("tensor {:?} written twice", plan[i].name)))
+    })?;
     Ok(GgufExport {
         arch: arch.key(),
-        n_tensors: tensors.len(),
+        n_tensors: plan.len(),
         bytes,
         copied_blocks: 0,
     })

@@ -19,6 +19,7 @@ pub(crate) mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_export;
+pub(crate) mod gguf_writer;
 pub mod hf_config;
 pub mod io;
 pub mod kv_cache;

@@ -21,7 +21,7 @@ use crate::attention::CausalSelfAttention;
 use crate::config::{Config, MlpKind, NormKind, QkNorm};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{DropoutCtx, LoraConfig, LoraLinear};
+use crate::lora::{DropoutCtx, FrozenWeight, LoraConfig, LoraLinear};
 use crate::ops;
 use crate::rng::Rng;
 use crate::rope::Rope;
@@ -87,13 +87,14 @@ impl Norm {
         })
     }
 
-    fn named(&self, name: &str, out: &mut Vec<(String, Tensor)>) {
+    fn named(&self, name: &str, out: &mut Vec<(String, FrozenWeight)>) {
+        let mut put = |n: String, t: &Tensor| out.push((n, FrozenWeight::Dense(t.clone())));
         match self {
             Norm::LayerNorm { weight, bias, .. } => {
-                out.push((format!("{name}.weight"), weight.clone()));
-                out.push((format!("{name}.bias"), bias.clone()));
+                put(format!("{name}.weight"), weight);
+                put(format!("{name}.bias"), bias);
             }
-            Norm::RmsNorm { weight, .. } => out.push((format!("{name}.weight"), weight.clone())),
+            Norm::RmsNorm { weight, .. } => put(format!("{name}.weight"), weight),
             Norm::Identity => {}
         }
     }
@@ -116,12 +117,11 @@ fn load_linear(
 }
 
 /// A linear's tensors by checkpoint name; a quantized weight dequantized to `dtype`.
-fn linear_named(l: &LoraLinear, dtype: DType, out: &mut Vec<(String, Tensor)>) -> Result<()> {
-    out.push((format!("{}.weight", l.name), l.weight().to_dense(dtype)?));
+fn linear_named(l: &LoraLinear, out: &mut Vec<(String, FrozenWeight)>) {
+    out.push((format!("{}.weight", l.name), l.weight().clone()));
     if let Some(b) = &l.bias {
-        out.push((format!("{}.bias", l.name), b.clone()));
+        out.push((format!("{}.bias", l.name), FrozenWeight::Dense(b.clone())));
     }
-    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -917,12 +917,24 @@ impl Gpt {
     /// weights dequantized to the embedding's dtype.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let dt = self.weight_dtype();
-        let mut out = vec![("transformer.wte.weight".to_string(), self.wte.clone())];
+        self.named_frozen_weights()
+            .into_iter()
+            .map(|(n, w)| Ok((n, w.to_dense(dt)?)))
+            .collect()
+    }
+
+    /// The base weights by checkpoint name as the model holds them: quantized linears stay
+    /// their blocks (an export can copy them, or dequantize one at a time).
+    pub fn named_frozen_weights(&self) -> Vec<(String, FrozenWeight)> {
+        let mut out = vec![(
+            "transformer.wte.weight".to_string(),
+            FrozenWeight::Dense(self.wte.clone()),
+        )];
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             block.norm_1.named(&format!("{p}.norm_1"), &mut out);
-            linear_named(&block.attn.qkv, dt, &mut out)?;
-            linear_named(&block.attn.proj, dt, &mut out)?;
+            linear_named(&block.attn.qkv, &mut out);
+            linear_named(&block.attn.proj, &mut out);
             if let Some((_, q, k)) = &block.attn.qk_norm {
                 q.named(&format!("{p}.attn.norm_q"), &mut out);
                 k.named(&format!("{p}.attn.norm_k"), &mut out);
@@ -934,7 +946,7 @@ impl Gpt {
                 n.named(&format!("{p}.norm_2"), &mut out);
             }
             for l in block.mlp.linears() {
-                linear_named(l, dt, &mut out)?;
+                linear_named(l, &mut out);
             }
             if let Some(n) = &block.post_mlp_norm {
                 n.named(&format!("{p}.post_mlp_norm"), &mut out);
@@ -942,9 +954,9 @@ impl Gpt {
         }
         self.ln_f.named("transformer.ln_f", &mut out);
         if !self.config.tie_embeddings {
-            linear_named(&self.lm_head, dt, &mut out)?;
+            linear_named(&self.lm_head, &mut out);
         }
-        Ok(out)
+        out
     }
 
     /// The current LoRA tensors by checkpoint name.

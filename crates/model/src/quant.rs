@@ -487,12 +487,29 @@ impl QuantWeight {
         })
     }
 
+    /// The one ggml type of rows `start..start + len`, `None` if they mix types (Qwen's fused
+    /// qkv does across q, k and v).
+    pub fn rows_kind(&self, start: usize, len: usize) -> Option<QuantKind> {
+        let mut row0 = 0;
+        let mut kind = None;
+        for p in &self.parts {
+            if start < row0 + p.rows && row0 < start + len {
+                match kind {
+                    None => kind = Some(p.kind),
+                    Some(k) if k != p.kind => return None,
+                    Some(_) => {}
+                }
+            }
+            row0 += p.rows;
+        }
+        kind
+    }
+
     /// The weight as one ggml tensor of its blocks (a GGUF export copies it as it is), or
-    /// `None` when its rows mix types (Qwen's fused qkv: split it with [`narrow_rows`] first).
-    ///
-    /// [`narrow_rows`]: QuantWeight::narrow_rows
+    /// `None` when its rows mix types.
     pub fn to_qtensor(&self) -> Result<Option<QTensor>> {
-        let [p] = self.parts.as_slice() else {
+        let w = self.clone().coalesced()?;
+        let [p] = w.parts.as_slice() else {
             return Ok(None);
         };
         let q = qtensor_from_bytes(p.kind, &p.q.data()?, p.rows, self.cols, &Device::Cpu)?;
@@ -571,8 +588,25 @@ fn qtensor_from_bytes(
 
 /// An f32 CPU copy in a storage of its own: candle's quantizer reads the whole storage,
 /// ignoring a view's offset (a row block of qkv would quantize the wrong rows).
+/// A tensor that already owns its whole f32 CPU storage (a loaded f32 weight, or what
+/// `to_dtype` just made) is used as it is: no second copy of a large matrix.
 pub(crate) fn own_f32(t: &Tensor) -> Result<Tensor> {
-    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let t = t.to_dtype(DType::F32)?;
+    if t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        let whole = layout.start_offset() == 0
+            && match &*storage {
+                candle_core::Storage::Cpu(s) => {
+                    s.as_slice::<f32>().map(|v| v.len()).ok() == Some(t.elem_count())
+                }
+                _ => false,
+            };
+        drop(storage);
+        if whole {
+            return Ok(t);
+        }
+    }
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
     Ok(Tensor::from_vec(v, t.dims(), &Device::Cpu)?)
 }
 

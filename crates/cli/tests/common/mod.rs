@@ -18,9 +18,25 @@ pub fn hf_fixture(name: &str) -> PathBuf {
     fixtures().join("hf").join(name)
 }
 
-/// A fresh, empty scratch folder unique to this test.
+/// A fresh, empty scratch folder unique to this test. What earlier runs of the same test left
+/// behind (a failed assertion skips a test's cleanup; some real-model folders are GBs) is
+/// removed first when the process that made it is gone (Linux: no /proc/<pid>), so repeated
+/// runs do not fill the disk.
 pub fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("loratune-{test}-{}", std::process::id()));
+    let tmp = std::env::temp_dir();
+    let prefix = format!("loratune-{test}-");
+    if Path::new("/proc/self").exists() {
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(&prefix)
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("loratune-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -366,6 +366,26 @@ fn gemma_gguf_exports_round_trip() {
     }
 }
 
+/// Llama 3.1+'s rope scaling goes to llama.cpp as its converter writes it, per-frequency
+/// divisors in `rope_freqs.weight` (read off the model's own rotary table), and a file that
+/// carries them imports back to the same Llama 3 settings.
+#[test]
+fn llama3_rope_scaling_round_trips_through_rope_freqs() {
+    let root = scratch("gguf-llama3-rope");
+    let ck = root.join("ck");
+    copy_dir(&hf_fixture("llama3_rope"), &ck);
+    assert!(run(CONVERT, &["--checkpoint-dir", &path(&ck)]).ok);
+    let file = gguf_round_trip(&root, &ck, "llama", 0.0);
+    let (_, t) = read_gguf(&file);
+    let f: Vec<f32> = t["rope_freqs.weight"].to_vec1().unwrap();
+    // head_size 16: 8 frequencies; with an original context of 16 positions only the
+    // highest is blended (between 1 and 8), the others divided by the factor 8.
+    assert_eq!(f.len(), 8);
+    assert!(f[0] > 1.0 && f[0] < 8.0, "{f:?}");
+    assert!(f[1..].iter().all(|x| (x - 8.0).abs() < 1e-5), "{f:?}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 /// GPT-NeoX (Pythia, RedPajama-INCITE, StableLM-Alpha: LayerNorm and biases, partial rotary,
 /// parallel or sequential residual) and Falcon (7B's multi-query with one shared norm, 40B's
 /// grouped queries with two norms, which llama.cpp names `attn_norm_2` and `attn_norm`) export

@@ -382,15 +382,33 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
                 .usize(&key("rope.scaling.original_context_length"))?,
         });
     }
-    if has("rope_freqs.weight") {
-        return Err(g.bad(
-            "it carries rope frequency factors (rope_freqs.weight, Llama 3.1+ scaling), which \
-             GGUF import does not support yet; convert the Hugging Face checkpoint instead"
-                .into(),
-        ));
-    }
     let n_embd = g.usize(&key("embedding_length"))?;
     let n_head = g.usize(&key("attention.head_count"))?;
+    if has("rope_freqs.weight") {
+        // Llama 3.1+: llama.cpp's converter wrote the Llama 3 rule's per-frequency divisors.
+        let n_rot = match g.usize(&key("rope.dimension_count")) {
+            Ok(r) => r,
+            Err(_) => g
+                .usize(&key("attention.key_length"))
+                .unwrap_or(n_embd / n_head.max(1)),
+        };
+        let base = g.f64(&key("rope.freq_base")).unwrap_or(10000.0);
+        let factors: Vec<f64> = g
+            .tensor("rope_freqs.weight")?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        rope_scaling = Some(llama3_from_factors(&factors, n_rot, base).ok_or_else(|| {
+            g.bad(format!(
+                "rope_freqs.weight holds {} frequency factors that follow no Llama 3 rope \
+                 scaling (factor, low/high frequency factors, original context); convert the \
+                 Hugging Face checkpoint instead",
+                factors.len()
+            ))
+        })?);
+    }
     let n_layer = g.usize(&key("block_count"))?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
     let eps = if arch.neox_like() {
@@ -509,6 +527,38 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The Llama 3 rope scaling whose per-frequency divisors (`plain / scaled`, what llama.cpp's
+/// converter writes as `rope_freqs.weight`) are `factors`: `factor` is the largest divisor,
+/// the rest is found among the values such models use (low/high frequency factors 1/4 as in
+/// every Llama 3.1-3.3, original context a power of two) and must reproduce every divisor.
+fn llama3_from_factors(factors: &[f64], n_rot: usize, base: f64) -> Option<RopeScaling> {
+    if factors.len() != n_rot / 2 || factors.is_empty() {
+        return None;
+    }
+    let factor = factors.iter().copied().fold(f64::MIN, f64::max);
+    let plain = crate::rope::inv_freq(n_rot, base, None);
+    for (low, high) in [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0)] {
+        for log2 in 4..=20 {
+            let s = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: 1 << log2,
+            };
+            let scaled = crate::rope::inv_freq(n_rot, base, Some(&s));
+            let fits = plain
+                .iter()
+                .zip(&scaled)
+                .zip(factors)
+                .all(|((p, q), f)| ((p / q) - f).abs() <= 1e-5 * f.abs().max(1.0));
+            if fits {
+                return Some(s);
+            }
+        }
+    }
+    None
 }
 
 /// The split transformers' Qwen2 tokenizer applies before byte-level BPE.

@@ -156,11 +156,15 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
             "it has a sliding window, which llama's layout has no key for",
         ));
     }
-    if cfg.rope_scaling.is_some() {
-        return Err(refuse(
-            cfg,
-            "it has rope scaling (llama.cpp needs rope_freqs factors)",
-        ));
+    match (&cfg.rope_scaling, arch) {
+        (None, _)
+        | (Some(RopeScaling::Linear { .. } | RopeScaling::Llama3 { .. }), Arch::Llama) => {}
+        _ => {
+            return Err(refuse(
+                cfg,
+                "rope scaling other than linear or Llama 3's (llama layout only)",
+            ))
+        }
     }
     if cfg.scale_embeddings || cfg.post_attention_norm || cfg.post_mlp_norm {
         return Err(refuse(cfg, "scaled embeddings or post-norms"));
@@ -597,6 +601,10 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         out.push((k("attention.key_length"), u(cfg.head_size)));
         out.push((k("attention.value_length"), u(cfg.head_size)));
     }
+    if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        out.push((k("rope.scaling.type"), Value::String("linear".into())));
+        out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
     if arch.gemma() {
         let f = |x: f64| Value::F32(x as f32);
         if let Some(w) = cfg.sliding_window {
@@ -604,10 +612,6 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         }
         if let Some(b) = cfg.rope_local_base.filter(|_| arch == Arch::Gemma3) {
             out.push((k("rope.freq_base_swa"), f(b)));
-        }
-        if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
-            out.push((k("rope.scaling.type"), Value::String("linear".into())));
-            out.push((k("rope.scaling.factor"), f(factor)));
         }
         if let Some(c) = cfg.attention_logit_softcapping {
             out.push((k("attn_logit_softcapping"), f(c)));
@@ -850,6 +854,24 @@ pub fn export_gguf(
         let mut job = Job::new(w, copy_blocks);
         job.plus_one = arch.gemma() && g.ends_with("norm.weight");
         jobs.push((g, job));
+    }
+    if let Some(RopeScaling::Llama3 { .. }) = &cfg.rope_scaling {
+        // llama.cpp divides each frequency by its factor in `rope_freqs` (its converter's
+        // Llama 3 rule); the factors are read off the model's own rotary table.
+        let n_rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
+        let plain = crate::rope::inv_freq(n_rot, cfg.rope_base, None);
+        let ours = crate::rope::inv_freq(n_rot, cfg.rope_base, cfg.rope_scaling.as_ref());
+        let factors: Vec<f32> = plain
+            .iter()
+            .zip(&ours)
+            .map(|(p, o)| (p / o) as f32)
+            .collect();
+        let n = factors.len();
+        let t = Tensor::from_vec(factors, n, &candle_core::Device::Cpu)?;
+        jobs.push((
+            "rope_freqs.weight".into(),
+            Job::new(FrozenWeight::Dense(t), false),
+        ));
     }
     let mut plan = Vec::with_capacity(jobs.len());
     for (name, job) in &jobs {

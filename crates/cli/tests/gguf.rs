@@ -366,6 +366,65 @@ fn gemma_gguf_exports_round_trip() {
     }
 }
 
+/// Phi-3 and Phi-4-mini (`phi3`: fused qkv and gate/up, partial rotary, LongRoPE factors as
+/// tensors) export to what llama.cpp's own converter wrote for the same fixtures: the same
+/// tensors (names, shapes, values) and settings as the source files; their adapters become
+/// one `attn_qkv` and one `ffn_up` adapter each, which llama.cpp's rule applies as the merged
+/// model.
+#[test]
+fn phi3_gguf_exports_are_the_converters_files() {
+    for name in ["phi3_fused", "phi4_longrope"] {
+        let root = scratch(&format!("gguf-{name}-export"));
+        let ck = root.join("ck");
+        let src = fixtures().join(format!("gguf/{name}.gguf"));
+        let r = run(
+            CONVERT,
+            &["--gguf", &path(&src), "--checkpoint-dir", &path(&ck)],
+        );
+        assert!(r.ok, "{}", r.stderr);
+        let file = gguf_round_trip(&root, &ck, "phi3", 0.0);
+        let (want_meta, want) = read_gguf(&src);
+        let (meta, got) = read_gguf(&file);
+        let mut names: Vec<&String> = want.keys().collect();
+        names.sort();
+        let mut ours: Vec<&String> = got.keys().collect();
+        ours.sort();
+        assert_eq!(names, ours, "{name}: tensor names");
+        for n in names {
+            assert_eq!(want[n].dims(), got[n].dims(), "{name}: {n}");
+            let d = max_abs(&(&want[n] - &got[n]).unwrap());
+            assert!(d <= 1e-6, "{name}: {n} differs by {d}");
+        }
+        for k in [
+            "phi3.rope.dimension_count",
+            "phi3.attention.sliding_window",
+            "phi3.attention.head_count_kv",
+            "phi3.feed_forward_length",
+        ] {
+            assert_eq!(
+                format!("{:?}", want_meta[k]),
+                format!("{:?}", meta[k]),
+                "{name}: {k}"
+            );
+        }
+        if name == "phi4_longrope" {
+            for k in [
+                "phi3.rope.scaling.attn_factor",
+                "phi3.rope.scaling.original_context_length",
+            ] {
+                assert_eq!(
+                    format!("{:?}", want_meta[k]),
+                    format!("{:?}", meta[k]),
+                    "{name}: {k}"
+                );
+            }
+        }
+        // attn_qkv, ffn_up (gate and up), ffn_down in each of the 2 layers.
+        gguf_lora_matches_merged(&root, &ck, &file, 6);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
+
 /// Llama 3.1+'s rope scaling goes to llama.cpp as its converter writes it, per-frequency
 /// divisors in `rope_freqs.weight` (read off the model's own rotary table), and a file that
 /// carries them imports back to the same Llama 3 settings.

@@ -3,15 +3,16 @@
 //! (`general.type = adapter`, `blk.N.<tensor>.weight.lora_a / lora_b`, as llama.cpp's
 //! `convert_lora_to_gguf.py` writes it).
 //!
-//! Families: the `llama` layout (Llama, Mistral without a sliding window, SmolLM), `qwen2`,
-//! `qwen3`, `gemma2`, `gemma3`, `gptneox` (Pythia, RedPajama-INCITE, StableLM-Alpha) and
-//! `falcon`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece (`llama`: a byte-fallback
-//! BPE tokenizer.json, Gemma's). What llama.cpp's converters change is done here too: the fused
-//! qkv is split into `attn_q/k/v` (kept fused as `attn_qkv` for gptneox and falcon, whose
-//! adapters are joined into one); for `llama` the query and key rows of every head are permuted
-//! into llama.cpp's interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm
-//! weights are stored as 1 + w. A quantized base's linears that no adapter changed are copied
-//! as their blocks.
+//! Families: the `llama` layout (Llama with Llama 3's rope scaling as `rope_freqs`, Mistral
+//! without a sliding window, SmolLM), `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3` (Phi-3,
+//! Phi-4-mini's LongRoPE factors as tensors), `gptneox` (Pythia, RedPajama-INCITE,
+//! StableLM-Alpha) and `falcon`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece
+//! (`llama`: a byte-fallback BPE tokenizer.json, Gemma's). What llama.cpp's converters change
+//! is done here too: the fused qkv is split into `attn_q/k/v` (kept fused as `attn_qkv` for
+//! phi3, gptneox and falcon, and phi3's gate/up as `ffn_up`, whose adapters are joined into
+//! one); for `llama` the query and key rows of every head are permuted into llama.cpp's
+//! interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm weights are stored
+//! as 1 + w. A quantized base's linears that no adapter changed are copied as their blocks.
 //! Anything else is refused, naming what llama.cpp would need.
 
 use std::path::Path;
@@ -80,6 +81,7 @@ enum Arch {
     Gemma3,
     GptNeox,
     Falcon,
+    Phi3,
 }
 
 impl Arch {
@@ -92,6 +94,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::GptNeox => "gptneox",
             Arch::Falcon => "falcon",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -100,17 +103,16 @@ impl Arch {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
-    /// llama.cpp keeps the fused [Q | K | V] projection (`attn_qkv`) instead of three, and
-    /// LayerNorm (`layer_norm_epsilon`) instead of RMSNorm.
+    /// llama.cpp keeps the fused [Q | K | V] projection (`attn_qkv`) instead of three.
     fn fused_qkv(self) -> bool {
-        matches!(self, Arch::GptNeox | Arch::Falcon)
+        matches!(self, Arch::GptNeox | Arch::Falcon | Arch::Phi3)
     }
 }
 
 fn refuse(cfg: &Config, why: &str) -> Error {
     Error::Input(format!(
         "{} cannot be exported to GGUF: {why} (supported: the llama, qwen2, qwen3, gemma2, \
-         gemma3, gptneox and falcon layouts)",
+         gemma3, gptneox, falcon and phi3 layouts)",
         cfg.repo_id()
     ))
 }
@@ -125,6 +127,7 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         HfArch::Gemma3 => Arch::Gemma3,
         HfArch::GptNeox => Arch::GptNeox,
         HfArch::Falcon { .. } => Arch::Falcon,
+        HfArch::Phi3 => Arch::Phi3,
         other => {
             return Err(refuse(
                 cfg,
@@ -138,6 +141,10 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
     }
     if arch == Arch::Falcon {
         check_falcon(cfg)?;
+        return Ok(arch);
+    }
+    if arch == Arch::Phi3 {
+        check_phi3(cfg)?;
         return Ok(arch);
     }
     if cfg.rotary_percentage != 1.0 || cfg.norm != NormKind::RmsNorm {
@@ -263,6 +270,48 @@ fn check_falcon(cfg: &Config) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// llama.cpp's `phi3` graph (Phi-3, Phi-3.5, Phi-4-mini): RMSNorm, unbiased linears, the
+/// fused qkv and gate/up projections, partial rotary, LongRoPE factors as tensors. Its sliding
+/// window key is written as the converter writes it, though llama.cpp currently ignores it
+/// (full attention; the same only within the window).
+fn check_phi3(cfg: &Config) -> Result<()> {
+    if cfg.norm != NormKind::RmsNorm
+        || cfg.norm_unit_offset
+        || cfg.mlp != MlpKind::Llama
+        || cfg.bias
+        || cfg.attn_bias
+        || cfg.parallel_residual
+        || !cfg.pre_norm
+        || cfg.post_attention_norm
+        || cfg.post_mlp_norm
+        || cfg.qk_norm.is_some()
+        || cfg.scale_embeddings
+        || cfg.attention_scores_scalar.is_some()
+        || cfg.attention_logit_softcapping.is_some()
+        || cfg.final_logit_softcapping.is_some()
+    {
+        return Err(refuse(
+            cfg,
+            "a Phi-3 layout with biases, another norm or MLP, q/k norms, a query scale or \
+             soft-capping",
+        ));
+    }
+    let rot = cfg.rotary_percentage * cfg.head_size as f64;
+    if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
+        return Err(refuse(
+            cfg,
+            &format!("its rotary part ({rot} channels per head) is not an even whole number"),
+        ));
+    }
+    match &cfg.rope_scaling {
+        None | Some(RopeScaling::Longrope { .. }) => Ok(()),
+        Some(_) => Err(refuse(
+            cfg,
+            "rope scaling other than LongRoPE in a phi3 layout",
+        )),
+    }
 }
 
 /// What llama.cpp's `gemma2` / `gemma3` graphs fix rather than read: the gated GELU MLP, 1 + w
@@ -605,6 +654,29 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         out.push((k("rope.scaling.type"), Value::String("linear".into())));
         out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
     }
+    if arch == Arch::Phi3 {
+        let rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
+        out.push((k("rope.dimension_count"), u(rot)));
+        out.push((
+            k("attention.sliding_window"),
+            u(cfg.sliding_window.unwrap_or(0)),
+        ));
+        if let Some(RopeScaling::Longrope {
+            attention_factor,
+            original_max_position_embeddings,
+            ..
+        }) = &cfg.rope_scaling
+        {
+            out.push((
+                k("rope.scaling.original_context_length"),
+                u(*original_max_position_embeddings),
+            ));
+            out.push((
+                k("rope.scaling.attn_factor"),
+                Value::F32(*attention_factor as f32),
+            ));
+        }
+    }
     if arch.gemma() {
         let f = |x: f64| Value::F32(x as f32);
         if let Some(w) = cfg.sliding_window {
@@ -697,9 +769,11 @@ fn permute_order(rows: usize, n_head: usize) -> Vec<usize> {
 /// One tensor of the export, made only when it is written (one at a time, so the export never
 /// holds a second copy of the model): rows of a model weight, permuted into llama.cpp's rotary
 /// order where `permute` gives the head count, 1 + w for Gemma's norms; a quantized base's
-/// blocks copied (`copy`) or dequantized and written in the export's type.
+/// blocks copied (`copy`) or dequantized and written in the export's type; `then`'s rows
+/// appended below (Phi-3's fused gate/up).
 struct Job {
     src: FrozenWeight,
+    then: Option<FrozenWeight>,
     rows: Option<(usize, usize)>,
     permute: Option<usize>,
     plus_one: bool,
@@ -710,6 +784,7 @@ impl Job {
     fn new(src: FrozenWeight, copy: bool) -> Job {
         Job {
             src,
+            then: None,
             rows: None,
             permute: None,
             plus_one: false,
@@ -718,14 +793,18 @@ impl Job {
     }
 
     fn shape(&self) -> Vec<usize> {
-        let mut dims = match &self.src {
+        let dims = |w: &FrozenWeight| match w {
             FrozenWeight::Dense(t) => t.dims().to_vec(),
             FrozenWeight::Quantized(q) => vec![q.rows(), q.cols()],
         };
+        let mut d = dims(&self.src);
         if let Some((_, len)) = self.rows {
-            dims[0] = len;
+            d[0] = len;
         }
-        dims
+        if let Some(t) = &self.then {
+            d[0] += dims(t)[0];
+        }
+        d
     }
 
     fn row_range(&self) -> (usize, usize) {
@@ -734,12 +813,19 @@ impl Job {
 
     /// The blocks' own type when they are copied as they are.
     fn copied_kind(&self) -> Option<GgmlDType> {
-        match (&self.src, self.copy) {
+        let kind = match (&self.src, self.copy) {
             (FrozenWeight::Quantized(q), true) => {
                 let (start, len) = self.row_range();
-                q.rows_kind(start, len).map(|k| k.0)
+                q.rows_kind(start, len)?
             }
-            _ => None,
+            _ => return None,
+        };
+        match &self.then {
+            None => Some(kind.0),
+            Some(FrozenWeight::Quantized(t)) if t.rows_kind(0, t.rows()) == Some(kind) => {
+                Some(kind.0)
+            }
+            Some(_) => None,
         }
     }
 
@@ -753,6 +839,21 @@ impl Job {
     }
 
     fn make(&self, ty: GgufType) -> Result<QTensor> {
+        if let Some(then) = &self.then {
+            if let (FrozenWeight::Quantized(a), FrozenWeight::Quantized(b), Some(_)) =
+                (&self.src, then, self.copied_kind())
+            {
+                let q = QuantWeight::stack("fused rows", vec![(**a).clone(), (**b).clone()])?;
+                if let Some(t) = q.to_qtensor()? {
+                    return Ok(t);
+                }
+            }
+            let t = Tensor::cat(
+                &[self.src.to_dense(DType::F32)?, then.to_dense(DType::F32)?],
+                0,
+            )?;
+            return qt(&t, self.dtype(ty));
+        }
         let (start, len) = self.row_range();
         if let (FrozenWeight::Quantized(q), Some(_)) = (&self.src, self.copied_kind()) {
             // One part of one type (narrowing may leave several of the same type).
@@ -819,8 +920,29 @@ pub fn export_gguf(
         cfg.n_query_groups * cfg.head_size,
     );
     let mut jobs: Vec<(String, Job)> = Vec::new();
-    for (name, w) in model.named_frozen_weights() {
+    let weights = model.named_frozen_weights();
+    let lookup: std::collections::HashMap<&str, &FrozenWeight> =
+        weights.iter().map(|(n, w)| (n.as_str(), w)).collect();
+    for (name, w) in weights.iter().cloned() {
         let name = name.as_str();
+        if arch == Arch::Phi3 {
+            // llama.cpp's phi3 keeps the MLP's gate and up rows fused as `ffn_up`.
+            if let Some(i) = name
+                .strip_prefix("transformer.h.")
+                .and_then(|r| r.strip_suffix(".mlp.fc_1.weight"))
+            {
+                let up = lookup
+                    .get(format!("transformer.h.{i}.mlp.fc_2.weight").as_str())
+                    .ok_or_else(|| refuse(cfg, "a gate projection without its up projection"))?;
+                let mut job = Job::new(w, copy_blocks);
+                job.then = Some((*up).clone());
+                jobs.push((format!("blk.{i}.ffn_up.weight"), job));
+                continue;
+            }
+            if name.ends_with(".mlp.fc_2.weight") {
+                continue;
+            }
+        }
         let qkv = name
             .strip_prefix("transformer.h.")
             .and_then(|r| r.split_once(".attn.qkv."))
@@ -854,6 +976,21 @@ pub fn export_gguf(
         let mut job = Job::new(w, copy_blocks);
         job.plus_one = arch.gemma() && g.ends_with("norm.weight");
         jobs.push((g, job));
+    }
+    if let Some(RopeScaling::Longrope {
+        short_factor,
+        long_factor,
+        ..
+    }) = &cfg.rope_scaling
+    {
+        for (n, f) in [("long", long_factor), ("short", short_factor)] {
+            let v: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+            let t = Tensor::from_vec(v, f.len(), &candle_core::Device::Cpu)?;
+            jobs.push((
+                format!("rope_factors_{n}.weight"),
+                Job::new(FrozenWeight::Dense(t), false),
+            ));
+        }
     }
     if let Some(RopeScaling::Llama3 { .. }) = &cfg.rope_scaling {
         // llama.cpp divides each frequency by its factor in `rope_freqs` (its converter's
@@ -906,21 +1043,27 @@ pub fn export_gguf(
 /// llama.cpp applies adapters per tensor: A stacks the A's (n r, in), B places each B in its
 /// rows and its r columns (out, n r), so B A = sum of the B_i A_i exactly. llama.cpp scales by
 /// alpha / rank with the rank it reads (n r), so B is multiplied by n to keep alpha / r.
-fn fused_adapter(adapters: &[crate::lora::Adapter], out: usize) -> Result<(Tensor, Tensor)> {
+///
+/// `adapters` pairs each adapter with the first row of its linear in the fused matrix (0 for
+/// the qkv's own adapters; Phi-3's up projection follows its gate's rows).
+fn fused_adapter(
+    adapters: &[(&crate::lora::Adapter, usize)],
+    out: usize,
+) -> Result<(Tensor, Tensor)> {
     let n = adapters.len();
     let a = Tensor::cat(
         &adapters
             .iter()
-            .map(|ad| ad.a.as_tensor().to_dtype(DType::F32))
+            .map(|(ad, _)| ad.a.as_tensor().to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?,
         0,
     )?;
     let mut cols = Vec::with_capacity(n);
-    for ad in adapters {
+    for (ad, row0) in adapters {
         let b = (ad.b.as_tensor().to_dtype(DType::F32)? * n as f64)?;
         let (rows, _) = b.dims2()?;
-        let (top, bottom) = (ad.rows.start, out - ad.rows.start - rows);
-        cols.push(b.pad_with_zeros(0, top, bottom)?);
+        let top = row0 + ad.rows.start;
+        cols.push(b.pad_with_zeros(0, top, out - top - rows)?);
     }
     Ok((a, Tensor::cat(&cols, 1)?))
 }
@@ -939,8 +1082,38 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
     let arch = arch_of(cfg)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for linear in model.linears() {
+        if arch == Arch::Phi3 && linear.name.ends_with(".mlp.fc_2") {
+            continue; // joined with its gate's (fc_1) below
+        }
+        if arch == Arch::Phi3 && linear.name.ends_with(".mlp.fc_1") {
+            let up_name = linear.name.replace(".mlp.fc_1", ".mlp.fc_2");
+            let up = model
+                .linears()
+                .into_iter()
+                .find(|l| l.name == up_name)
+                .ok_or_else(|| refuse(cfg, "a gate projection without its up projection"))?;
+            let rows = linear.weight().dims().0;
+            let parts: Vec<(&crate::lora::Adapter, usize)> = (linear.adapters().iter())
+                .map(|a| (a, 0))
+                .chain(up.adapters().iter().map(|a| (a, rows)))
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let (a, b) = fused_adapter(&parts, rows + up.weight().dims().0)?;
+            let i = linear
+                .name
+                .trim_start_matches("transformer.h.")
+                .trim_end_matches(".mlp.fc_1");
+            let base = format!("blk.{i}.ffn_up.weight");
+            tensors.push((format!("{base}.lora_a"), qt(&a, GgmlDType::F32)?));
+            tensors.push((format!("{base}.lora_b"), qt(&b, GgmlDType::F32)?));
+            continue;
+        }
         if arch.fused_qkv() && linear.name.ends_with(".attn.qkv") && !linear.adapters().is_empty() {
-            let (a, b) = fused_adapter(linear.adapters(), linear.weight().dims().0)?;
+            let parts: Vec<(&crate::lora::Adapter, usize)> =
+                linear.adapters().iter().map(|a| (a, 0)).collect();
+            let (a, b) = fused_adapter(&parts, linear.weight().dims().0)?;
             let base = arch_tensor_name(&format!("{}.weight", linear.name), cfg)
                 .ok_or_else(|| refuse(cfg, &format!("{} has no llama.cpp name", linear.name)))?;
             tensors.push((format!("{base}.lora_a"), qt(&a, GgmlDType::F32)?));

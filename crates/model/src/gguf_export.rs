@@ -848,10 +848,11 @@ impl Job {
                     return Ok(t);
                 }
             }
-            let t = Tensor::cat(
-                &[self.src.to_dense(DType::F32)?, then.to_dense(DType::F32)?],
-                0,
-            )?;
+            // Either may be dense in its own dtype (a merged adapter) and the other blocks.
+            let f32 = |w: &FrozenWeight| -> Result<Tensor> {
+                Ok(w.to_dense(DType::F32)?.to_dtype(DType::F32)?)
+            };
+            let t = Tensor::cat(&[f32(&self.src)?, f32(then)?], 0)?;
             return qt(&t, self.dtype(ty));
         }
         let (start, len) = self.row_range();
@@ -1235,6 +1236,46 @@ mod tests {
         let mut c = Config::from_name("gemma-2-2b").unwrap();
         c.sliding_window = None;
         assert!(refused(&c).contains("pattern"));
+    }
+
+    /// A fused matrix (Phi-3's gate/up) whose halves differ, one still q8_0 blocks and one
+    /// dense bf16 after a merge, is written whole in the export's type; two halves of the same
+    /// block type are copied as they are.
+    #[test]
+    fn fused_rows_of_mixed_kinds_are_written_in_the_export_type() {
+        use crate::quant::QuantKind;
+        let dev = candle_core::Device::Cpu;
+        let gate = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap();
+        let q = |t: &Tensor| {
+            FrozenWeight::Quantized(std::sync::Arc::new(
+                QuantWeight::quantize("w", t, QuantKind(GgmlDType::Q8_0)).unwrap(),
+            ))
+        };
+        let mut job = Job::new(q(&gate), true);
+        job.then = Some(FrozenWeight::Dense(up.to_dtype(DType::BF16).unwrap()));
+        assert_eq!((job.shape(), job.copied_kind()), (vec![16, 64], None));
+        let got = job.make(GgufType::F32).unwrap().dequantize(&dev).unwrap();
+        let want = Tensor::cat(
+            &[
+                q(&gate).to_dense(DType::F32).unwrap(),
+                up.to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(crate::test_util::max_diff(&got, &want), 0.0);
+
+        job.then = Some(q(&up));
+        assert_eq!(job.copied_kind(), Some(GgmlDType::Q8_0));
+        let t = job.make(GgufType::F16).unwrap();
+        assert_eq!(
+            (t.dtype(), t.shape().dims()),
+            (GgmlDType::Q8_0, &[16usize, 64][..])
+        );
     }
 
     /// A byte-fallback BPE tokenizer.json becomes a SentencePiece vocabulary: byte tokens,

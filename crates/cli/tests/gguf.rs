@@ -78,6 +78,26 @@ fn path(p: &std::path::Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
+/// `convert-hf-checkpoint --gguf src` into `root/ck`.
+fn import_into(root: &std::path::Path, src: &std::path::Path) -> PathBuf {
+    let ck = root.join("ck");
+    let r = run(
+        CONVERT,
+        &["--gguf", &path(src), "--checkpoint-dir", &path(&ck)],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    ck
+}
+
+/// The Hugging Face fixture `name` converted in `root/ck`.
+fn convert_into(root: &std::path::Path, name: &str) -> PathBuf {
+    let ck = root.join("ck");
+    copy_dir(&hf_fixture(name), &ck);
+    let r = run(CONVERT, &["--checkpoint-dir", &path(&ck)]);
+    assert!(r.ok, "{}", r.stderr);
+    ck
+}
+
 /// `export` of `ck` in `fmt` into `out`, with `extra` flags.
 fn export(ck: &std::path::Path, fmt: &str, out: &std::path::Path, extra: &[&str]) -> Run {
     let mut a = vec![
@@ -266,17 +286,7 @@ fn gguf_lora_matches_merged(
 #[test]
 fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
     let root = scratch("gguf-export");
-    let ck = root.join("ck");
-    let r = run(
-        CONVERT,
-        &[
-            "--gguf",
-            &path(&tiny_gguf()),
-            "--checkpoint-dir",
-            &path(&ck),
-        ],
-    );
-    assert!(r.ok, "{}", r.stderr);
+    let ck = import_into(&root, &tiny_gguf());
     let f32_file = gguf_round_trip(&root, &ck, "llama", 0.0);
 
     let q8 = root.join("q8");
@@ -348,13 +358,8 @@ fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
 fn gemma_gguf_exports_round_trip() {
     for name in ["gemma2_softcap", "gemma3_local"] {
         let root = scratch(&format!("gguf-{name}-export"));
-        let ck = root.join("ck");
         let src = fixtures().join(format!("gguf/{name}.gguf"));
-        let r = run(
-            CONVERT,
-            &["--gguf", &path(&src), "--checkpoint-dir", &path(&ck)],
-        );
-        assert!(r.ok, "{}", r.stderr);
+        let ck = import_into(&root, &src);
         let file = gguf_round_trip(&root, &ck, &name[..6], 1e-6);
         let (_, t) = read_gguf(&file);
         let lit =
@@ -375,13 +380,8 @@ fn gemma_gguf_exports_round_trip() {
 fn phi3_gguf_exports_are_the_converters_files() {
     for name in ["phi3_fused", "phi4_longrope"] {
         let root = scratch(&format!("gguf-{name}-export"));
-        let ck = root.join("ck");
         let src = fixtures().join(format!("gguf/{name}.gguf"));
-        let r = run(
-            CONVERT,
-            &["--gguf", &path(&src), "--checkpoint-dir", &path(&ck)],
-        );
-        assert!(r.ok, "{}", r.stderr);
+        let ck = import_into(&root, &src);
         let file = gguf_round_trip(&root, &ck, "phi3", 0.0);
         let (want_meta, want) = read_gguf(&src);
         let (meta, got) = read_gguf(&file);
@@ -431,9 +431,7 @@ fn phi3_gguf_exports_are_the_converters_files() {
 #[test]
 fn llama3_rope_scaling_round_trips_through_rope_freqs() {
     let root = scratch("gguf-llama3-rope");
-    let ck = root.join("ck");
-    copy_dir(&hf_fixture("llama3_rope"), &ck);
-    assert!(run(CONVERT, &["--checkpoint-dir", &path(&ck)]).ok);
+    let ck = convert_into(&root, "llama3_rope");
     let file = gguf_round_trip(&root, &ck, "llama", 0.0);
     let (_, t) = read_gguf(&file);
     let f: Vec<f32> = t["rope_freqs.weight"].to_vec1().unwrap();
@@ -460,10 +458,7 @@ fn neox_and_falcon_gguf_exports_round_trip_with_a_fused_lora_file() {
         ("falcon_gqa_newarch", "falcon"),
     ] {
         let root = scratch(&format!("gguf-{name}-export"));
-        let ck = root.join("ck");
-        copy_dir(&hf_fixture(name), &ck);
-        let r = run(CONVERT, &["--checkpoint-dir", &path(&ck)]);
-        assert!(r.ok, "{}", r.stderr);
+        let ck = convert_into(&root, name);
         let file = gguf_round_trip(&root, &ck, arch, 0.0);
         let (meta, t) = read_gguf(&file);
         if arch == "gptneox" {
@@ -794,6 +789,37 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
     }
     let (kind, _) = tensor(&gg.join("model.gguf"), "blk.0.attn_k.weight");
     assert_eq!(kind, candle_core::quantized::GgmlDType::Q8_0);
+    // Without an adapter every linear is copied; q and k go back through llama.cpp's row
+    // permutation, on the blocks, to the file's own bytes.
+    let plain = root.join("gguf-base");
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf",
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--out-dir",
+            plain.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        r.ok && r.stdout.contains("210 copied"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.5.attn_k.weight",
+        "blk.5.attn_v.weight",
+    ] {
+        let (a, b) = (
+            tensor(std::path::Path::new(&path), name),
+            tensor(&plain.join("model.gguf"), name),
+        );
+        assert!(a == b, "{name}: not the source file's blocks");
+    }
     let r = run(
         EXPORT,
         &[

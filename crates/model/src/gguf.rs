@@ -174,7 +174,7 @@ impl Gguf {
 }
 
 /// The row order [`unpermute`] produces: row i of the result is row `order[i]` of the input.
-fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+pub(crate) fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
     let hs = rows / n_head;
     let mut order = Vec::with_capacity(rows);
     for h in 0..n_head {

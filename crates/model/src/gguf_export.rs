@@ -25,7 +25,7 @@ use serde_json::Value as Json;
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{arch_tensor_name, LLAMA3_SPLIT, QWEN2_SPLIT};
-use crate::gguf_writer::{write_gguf, TensorPlan};
+use crate::gguf_writer::{write_gguf, write_gguf_tensors, TensorPlan};
 use crate::hf_config::HfArch;
 use crate::lora::FrozenWeight;
 use crate::model::Gpt;
@@ -173,15 +173,7 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
             ))
         }
     }
-    if cfg.scale_embeddings || cfg.post_attention_norm || cfg.post_mlp_norm {
-        return Err(refuse(cfg, "scaled embeddings or post-norms"));
-    }
-    if cfg.attention_scores_scalar.is_some()
-        || cfg.attention_logit_softcapping.is_some()
-        || cfg.final_logit_softcapping.is_some()
-    {
-        return Err(refuse(cfg, "a query scale or logit soft-capping"));
-    }
+    check_no_gemma_features(cfg, arch)?;
     if cfg.attn_bias && arch == Arch::Llama {
         return Err(refuse(cfg, "a llama layout with qkv biases"));
     }
@@ -189,6 +181,44 @@ fn arch_of(cfg: &Config) -> Result<Arch> {
         return Err(refuse(cfg, "q/k norms outside qwen3"));
     }
     Ok(arch)
+}
+
+/// The rotary channels per head (`rope.dimension_count`).
+fn n_rot(cfg: &Config) -> usize {
+    (cfg.rotary_percentage * cfg.head_size as f64) as usize
+}
+
+/// Partial rotary as llama.cpp reads it: a whole, even number of channels per head.
+fn check_rotary(cfg: &Config) -> Result<()> {
+    let rot = cfg.rotary_percentage * cfg.head_size as f64;
+    if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
+        return Err(refuse(
+            cfg,
+            &format!("its rotary part ({rot} channels per head) is not an even whole number"),
+        ));
+    }
+    Ok(())
+}
+
+/// Gemma's features, which no other llama.cpp graph reads: scaled embeddings, post-norms, a
+/// query scale, logit soft-capping.
+fn check_no_gemma_features(cfg: &Config, arch: Arch) -> Result<()> {
+    if cfg.scale_embeddings
+        || cfg.post_attention_norm
+        || cfg.post_mlp_norm
+        || cfg.attention_scores_scalar.is_some()
+        || cfg.attention_logit_softcapping.is_some()
+        || cfg.final_logit_softcapping.is_some()
+    {
+        return Err(refuse(
+            cfg,
+            &format!(
+                "scaled embeddings, post-norms, a query scale or soft-capping in a {} layout",
+                arch.key()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// llama.cpp's `gptneox` graph (Pythia, RedPajama-INCITE, StableLM-Alpha): LayerNorm with
@@ -202,8 +232,6 @@ fn check_gptneox(cfg: &Config) -> Result<()> {
         || cfg.n_query_groups != cfg.n_head
         || cfg.shared_attention_norm
         || !cfg.pre_norm
-        || cfg.post_attention_norm
-        || cfg.post_mlp_norm
         || cfg.qk_norm.is_some()
     {
         return Err(refuse(
@@ -212,27 +240,9 @@ fn check_gptneox(cfg: &Config) -> Result<()> {
              one KV head per query head",
         ));
     }
-    let rot = cfg.rotary_percentage * cfg.head_size as f64;
-    if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
-        return Err(refuse(
-            cfg,
-            &format!("its rotary part ({rot} channels per head) is not an even whole number"),
-        ));
-    }
-    if cfg.rope_scaling.is_some()
-        || cfg.sliding_window.is_some()
-        || cfg.scale_embeddings
-        || cfg.attention_scores_scalar.is_some()
-        || cfg.attention_logit_softcapping.is_some()
-        || cfg.final_logit_softcapping.is_some()
-    {
-        return Err(refuse(
-            cfg,
-            "rope scaling, a sliding window, scaled embeddings, a query scale or soft-capping in \
-             a gptneox layout",
-        ));
-    }
-    Ok(())
+    check_rotary(cfg)?;
+    check_no_gemma_features(cfg, Arch::GptNeox)?;
+    check_no_window_or_scaling(cfg, Arch::GptNeox)
 }
 
 /// llama.cpp's `falcon` graph (Falcon 7B / 40B / 180B): LayerNorm with biases, unbiased
@@ -245,8 +255,6 @@ fn check_falcon(cfg: &Config) -> Result<()> {
         || cfg.attn_bias
         || !cfg.parallel_residual
         || !cfg.pre_norm
-        || cfg.post_attention_norm
-        || cfg.post_mlp_norm
         || cfg.qk_norm.is_some()
         || cfg.rotary_percentage != 1.0
     {
@@ -256,17 +264,19 @@ fn check_falcon(cfg: &Config) -> Result<()> {
              or full rotary",
         ));
     }
-    if cfg.rope_scaling.is_some()
-        || cfg.sliding_window.is_some()
-        || cfg.scale_embeddings
-        || cfg.attention_scores_scalar.is_some()
-        || cfg.attention_logit_softcapping.is_some()
-        || cfg.final_logit_softcapping.is_some()
-    {
+    check_no_gemma_features(cfg, Arch::Falcon)?;
+    check_no_window_or_scaling(cfg, Arch::Falcon)
+}
+
+/// Neither a sliding window nor rope scaling: the gptneox and falcon graphs read neither.
+fn check_no_window_or_scaling(cfg: &Config, arch: Arch) -> Result<()> {
+    if cfg.rope_scaling.is_some() || cfg.sliding_window.is_some() {
         return Err(refuse(
             cfg,
-            "rope scaling, a sliding window, scaled embeddings, a query scale or soft-capping in \
-             a falcon layout",
+            &format!(
+                "rope scaling or a sliding window in a {} layout",
+                arch.key()
+            ),
         ));
     }
     Ok(())
@@ -284,27 +294,15 @@ fn check_phi3(cfg: &Config) -> Result<()> {
         || cfg.attn_bias
         || cfg.parallel_residual
         || !cfg.pre_norm
-        || cfg.post_attention_norm
-        || cfg.post_mlp_norm
         || cfg.qk_norm.is_some()
-        || cfg.scale_embeddings
-        || cfg.attention_scores_scalar.is_some()
-        || cfg.attention_logit_softcapping.is_some()
-        || cfg.final_logit_softcapping.is_some()
     {
         return Err(refuse(
             cfg,
-            "a Phi-3 layout with biases, another norm or MLP, q/k norms, a query scale or \
-             soft-capping",
+            "a Phi-3 layout with biases, another norm or MLP, or q/k norms",
         ));
     }
-    let rot = cfg.rotary_percentage * cfg.head_size as f64;
-    if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) {
-        return Err(refuse(
-            cfg,
-            &format!("its rotary part ({rot} channels per head) is not an even whole number"),
-        ));
-    }
+    check_rotary(cfg)?;
+    check_no_gemma_features(cfg, Arch::Phi3)?;
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Longrope { .. }) => Ok(()),
         Some(_) => Err(refuse(
@@ -634,8 +632,7 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         out.push((k("attention.layer_norm_epsilon"), eps));
     } else if arch == Arch::GptNeox {
         out.push((k("attention.layer_norm_epsilon"), eps));
-        let rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
-        out.push((k("rope.dimension_count"), u(rot)));
+        out.push((k("rope.dimension_count"), u(n_rot(cfg))));
         out.push((
             k("use_parallel_residual"),
             Value::Bool(cfg.parallel_residual),
@@ -655,8 +652,7 @@ fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
         out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
     }
     if arch == Arch::Phi3 {
-        let rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
-        out.push((k("rope.dimension_count"), u(rot)));
+        out.push((k("rope.dimension_count"), u(n_rot(cfg))));
         out.push((
             k("attention.sliding_window"),
             u(cfg.sliding_window.unwrap_or(0)),
@@ -752,16 +748,14 @@ fn qt(t: &Tensor, ty: GgmlDType) -> Result<QTensor> {
 }
 
 /// The row order of llama.cpp's rotary permutation ([`permute`]): row i of the result is row
-/// `order[i]` of the "rotate half" layout.
+/// `order[i]` of the "rotate half" layout; the inverse of the import's order.
 fn permute_order(rows: usize, n_head: usize) -> Vec<usize> {
-    let hs = rows / n_head;
-    let mut order = Vec::with_capacity(rows);
-    for h in 0..n_head {
-        for i in 0..hs / 2 {
-            for j in 0..2 {
-                order.push(h * hs + j * hs / 2 + i);
-            }
-        }
+    let mut order = vec![0; rows];
+    for (i, from) in crate::gguf::unpermute_order(rows, n_head)
+        .into_iter()
+        .enumerate()
+    {
+        order[from] = i;
     }
     order
 }
@@ -996,9 +990,8 @@ pub fn export_gguf(
     if let Some(RopeScaling::Llama3 { .. }) = &cfg.rope_scaling {
         // llama.cpp divides each frequency by its factor in `rope_freqs` (its converter's
         // Llama 3 rule); the factors are read off the model's own rotary table.
-        let n_rot = (cfg.rotary_percentage * cfg.head_size as f64) as usize;
-        let plain = crate::rope::inv_freq(n_rot, cfg.rope_base, None);
-        let ours = crate::rope::inv_freq(n_rot, cfg.rope_base, cfg.rope_scaling.as_ref());
+        let plain = crate::rope::inv_freq(n_rot(cfg), cfg.rope_base, None);
+        let ours = crate::rope::inv_freq(n_rot(cfg), cfg.rope_base, cfg.rope_scaling.as_ref());
         let factors: Vec<f32> = plain
             .iter()
             .zip(&ours)
@@ -1176,23 +1169,11 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
             Value::F32(lora.alpha as f32),
         ),
     ];
-    let plan: Vec<TensorPlan> = tensors
-        .iter()
-        .map(|(name, q)| TensorPlan {
-            name: name.clone(),
-            shape: q.shape().dims().to_vec(),
-            dtype: q.dtype(),
-        })
-        .collect();
-    let mut tensors: Vec<Option<QTensor>> = tensors.into_iter().map(|(_, q)| Some(q)).collect();
-    let bytes = write_gguf(path, &meta, &plan, |i| {
-        tensors[i]
-            .take()
-            .ok_or_else(|| Error::Input(format!("tensor {:?} written twice", plan[i].name)))
-    })?;
+    let n_tensors = tensors.len();
+    let bytes = write_gguf_tensors(path, &meta, tensors)?;
     Ok(GgufExport {
         arch: arch.key(),
-        n_tensors: plan.len(),
+        n_tensors,
         bytes,
         copied_blocks: 0,
     })

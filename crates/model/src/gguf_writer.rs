@@ -183,6 +183,28 @@ pub fn write_gguf(
     Ok(size)
 }
 
+/// Writes tensors that are already made (small files: a LoRA adapter) at `path`.
+pub fn write_gguf_tensors(
+    path: &Path,
+    meta: &[(String, Value)],
+    tensors: Vec<(String, QTensor)>,
+) -> Result<u64> {
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .map(|(name, q)| TensorPlan {
+            name: name.clone(),
+            shape: q.shape().dims().to_vec(),
+            dtype: q.dtype(),
+        })
+        .collect();
+    let mut made: Vec<Option<QTensor>> = tensors.into_iter().map(|(_, q)| Some(q)).collect();
+    write_gguf(path, meta, &plan, |i| {
+        made[i]
+            .take()
+            .ok_or_else(|| Error::Input(format!("tensor {:?} written twice", plan[i].name)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,17 +253,8 @@ mod tests {
                 .unwrap(),
             ),
         ];
-        let plan: Vec<TensorPlan> = tensors
-            .iter()
-            .map(|(n, q)| TensorPlan {
-                name: n.clone(),
-                shape: q.shape().dims().to_vec(),
-                dtype: q.dtype(),
-            })
-            .collect();
-        let mut pending: Vec<Option<QTensor>> =
-            tensors.iter().map(|(_, q)| Some(clone(q))).collect();
-        let size = write_gguf(&path, &meta, &plan, |i| Ok(pending[i].take().unwrap())).unwrap();
+        let copies = tensors.iter().map(|(n, q)| (n.clone(), clone(q))).collect();
+        let size = write_gguf_tensors(&path, &meta, copies).unwrap();
         assert_eq!(size, std::fs::metadata(&path).unwrap().len());
         let mut f = std::fs::File::open(&path).unwrap();
         let c = gguf_file::Content::read(&mut f).unwrap();
@@ -257,7 +270,12 @@ mod tests {
         }
         // A tensor that does not match its plan leaves no file behind.
         let bad = dir.join("bad.gguf");
-        let r = write_gguf(&bad, &meta, &plan[..1], |_| {
+        let plan = [TensorPlan {
+            name: "x".into(),
+            shape: vec![3],
+            dtype: GgmlDType::F32,
+        }];
+        let r = write_gguf(&bad, &meta, &plan, |_| {
             Ok(QTensor::quantize(
                 &Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap(),
                 GgmlDType::F32,

@@ -10,6 +10,8 @@
 #    scripts/fetch_assets.sh; and pythia-70m (gptneox: fused qkv, LayerNorm with biases,
 #    partial rotary, parallel residual; the peer's random-init Hugging Face model from
 #    ../shared/peer/setup.sh under $PEER_HOME, converted with convert-hf-checkpoint):
+#    or `hf:NAME`, a tiny Hugging Face fixture of crates/model/tests/fixtures/hf (random
+#    weights, a toy byte-level vocabulary; e.g. hf:stablelm2, hf:olmo2_postnorm, hf:falcon_mqa);
 #    import (f32), a short LoRA run (3 steps, lr 1e-2, q/k/v + MLP adapters, so the update
 #    is far from zero), then `export --format gguf --dtype f32` of the base and of the merged
 #    model, and `export --format gguf-lora` of the adapter.
@@ -21,7 +23,7 @@
 #    newlines, digits, code, accents, CJK, emoji, special tokens) the same with the exported
 #    GGUF as with the source file. One JSON line per model.
 #
-#   scripts/check_llamacpp.sh [smollm2 qwen2.5 gemma3 pythia-70m]
+#   scripts/check_llamacpp.sh [smollm2 qwen2.5 gemma3 pythia-70m hf:NAME ...]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LCP_HOME=${LCP_HOME:-$HOME/.cache/loratune-llamacpp}
@@ -71,12 +73,18 @@ for m in $MODELS; do
     qwen2.5) gguf=$LORATUNE_QWEN25_GGUF ;;
     gemma3) gguf=$LORATUNE_GEMMA3_GGUF ;;
     pythia-70m) gguf= ;;
+    hf:*) gguf= ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
     esac
-    d=$WORK/$m; rm -rf "$d"; mkdir -p "$d"
+    d=$WORK/${m#hf:}; rm -rf "$d"; mkdir -p "$d"
     say "$m: import, 3 LoRA steps, exports"
     if [ -n "$gguf" ]; then
         "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/ck" --model-name "$m" > /dev/null
+    elif [ "${m#hf:}" != "$m" ]; then
+        src=$ROOT/crates/model/tests/fixtures/hf/${m#hf:}
+        [ -d "$src" ] || { echo "no fixture $src" >&2; exit 2; }
+        cp -r "$src" "$d/ck"
+        "$LT" convert-hf-checkpoint --checkpoint-dir "$d/ck" > /dev/null
     else
         [ -d "$PEER_HOME/models/$m" ] || { echo "$PEER_HOME/models/$m is missing: run ../shared/peer/setup.sh" >&2; exit 2; }
         cp -r "$PEER_HOME/models/$m" "$d/ck"
@@ -132,6 +140,9 @@ def greedy(step, ids, n=16):
 
 merged = cpp(f"{d}/merged/model.gguf")
 ids = merged.tokenize(prompt, add_bos=True, special=True)
+# The tiny fixtures' context is short: leave room for the 16 greedy tokens.
+block = json.load(open(f"{d}/ck/lit_config.json"))["block_size"]
+ids = ids[: block - 16]
 texts = ["Hello world", "  two  spaces,\ttab\n\nnewlines\n", "def f(x):\n    return x * 2  # done",
          "12345 + 678 = 13023", "Ünïcödé café naïve", "日本語のテキスト", "emoji 🙂👍", "<start_of_turn>user\nHi<end_of_turn>",
          "<|im_start|>user\nHi<|im_end|>", " leading space", "trailing space ", "a\r\nb"]

@@ -335,16 +335,20 @@ fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
         "{}",
         r.stderr
     );
-    let olmo = root.join("olmo2");
-    copy_dir(&hf_fixture("olmo2_postnorm"), &olmo);
-    assert!(run(CONVERT, &["--checkpoint-dir", &path(&olmo)]).ok);
-    let r = export(&olmo, "gguf", &root.join("olmo2-gguf"), &[]);
+    // Mistral's sliding window: llama.cpp's llama graph has none.
+    let mistral = root.join("mistral");
+    copy_dir(&hf_fixture("mistral_window"), &mistral);
+    assert!(run(CONVERT, &["--checkpoint-dir", &path(&mistral)]).ok);
+    let r = export(&mistral, "gguf", &root.join("mistral-gguf"), &[]);
     assert!(
-        !r.ok && r.stderr.contains("cannot be exported to GGUF") && r.stderr.lines().count() == 1,
+        !r.ok
+            && r.stderr.contains("cannot be exported to GGUF")
+            && r.stderr.contains("sliding window")
+            && r.stderr.lines().count() == 1,
         "{}",
         r.stderr
     );
-    assert!(!root.join("olmo2-gguf/model.gguf").exists());
+    assert!(!root.join("mistral-gguf/model.gguf").exists());
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -371,18 +375,49 @@ fn gemma_gguf_exports_round_trip() {
     }
 }
 
-/// Phi-3 and Phi-4-mini (`phi3`: fused qkv and gate/up, partial rotary, LongRoPE factors as
-/// tensors) export to what llama.cpp's own converter wrote for the same fixtures: the same
-/// tensors (names, shapes, values) and settings as the source files; their adapters become
-/// one `attn_qkv` and one `ffn_up` adapter each, which llama.cpp's rule applies as the merged
-/// model.
+/// llama.cpp's own converter's files of the Phi-3, Phi-4-mini, StableLM 2 and OLMo 2
+/// fixtures, imported and exported again, are those files: the same tensor names, shapes and
+/// values, and the hyperparameters llama.cpp reads. Their adapters then match the merged
+/// export under llama.cpp's rule (Phi-3: fused `attn_qkv` and gate/up `ffn_up` adapters).
 #[test]
-fn phi3_gguf_exports_are_the_converters_files() {
-    for name in ["phi3_fused", "phi4_longrope"] {
+fn gguf_exports_are_the_converters_files() {
+    for (name, arch, keys, n_adapted) in [
+        (
+            "phi3_fused",
+            "phi3",
+            &["rope.dimension_count", "attention.sliding_window"][..],
+            6,
+        ),
+        (
+            "phi4_longrope",
+            "phi3",
+            &[
+                "rope.scaling.attn_factor",
+                "rope.scaling.original_context_length",
+            ],
+            6,
+        ),
+        (
+            "stablelm2",
+            "stablelm",
+            &[
+                "rope.dimension_count",
+                "attention.layer_norm_epsilon",
+                "use_parallel_residual",
+            ],
+            12,
+        ),
+        (
+            "olmo2_postnorm",
+            "olmo2",
+            &["attention.layer_norm_rms_epsilon"],
+            12,
+        ),
+    ] {
         let root = scratch(&format!("gguf-{name}-export"));
         let src = fixtures().join(format!("gguf/{name}.gguf"));
         let ck = import_into(&root, &src);
-        let file = gguf_round_trip(&root, &ck, "phi3", 0.0);
+        let file = gguf_round_trip(&root, &ck, arch, 0.0);
         let (want_meta, want) = read_gguf(&src);
         let (meta, got) = read_gguf(&file);
         let mut names: Vec<&String> = want.keys().collect();
@@ -395,32 +430,22 @@ fn phi3_gguf_exports_are_the_converters_files() {
             let d = max_abs(&(&want[n] - &got[n]).unwrap());
             assert!(d <= 1e-6, "{name}: {n} differs by {d}");
         }
-        for k in [
-            "phi3.rope.dimension_count",
-            "phi3.attention.sliding_window",
-            "phi3.attention.head_count_kv",
-            "phi3.feed_forward_length",
-        ] {
+        let common = [
+            "attention.head_count_kv",
+            "feed_forward_length",
+            "context_length",
+        ];
+        for k in keys.iter().chain(&common) {
+            let k = format!("{arch}.{k}");
             assert_eq!(
-                format!("{:?}", want_meta[k]),
-                format!("{:?}", meta[k]),
+                format!("{:?}", want_meta[&k]),
+                format!("{:?}", meta[&k]),
                 "{name}: {k}"
             );
         }
-        if name == "phi4_longrope" {
-            for k in [
-                "phi3.rope.scaling.attn_factor",
-                "phi3.rope.scaling.original_context_length",
-            ] {
-                assert_eq!(
-                    format!("{:?}", want_meta[k]),
-                    format!("{:?}", meta[k]),
-                    "{name}: {k}"
-                );
-            }
-        }
-        // attn_qkv, ffn_up (gate and up), ffn_down in each of the 2 layers.
-        gguf_lora_matches_merged(&root, &ck, &file, 6);
+        // Phi-3: attn_qkv, ffn_up (gate and up), ffn_down; the others: attn_q, attn_k,
+        // attn_v, ffn_gate, ffn_up, ffn_down; in each of the 2 layers.
+        gguf_lora_matches_merged(&root, &ck, &file, n_adapted);
         std::fs::remove_dir_all(root).unwrap();
     }
 }

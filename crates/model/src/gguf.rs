@@ -1,5 +1,5 @@
 //! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`,
-//! `gptneox` and `falcon` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
+//! `gptneox`, `falcon`, `stablelm` and `olmo2` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
 //! the GGUF metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
 //! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
 //! tokenizer_config.json with the file's chat template.
@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::config::{Config, MlpKind, NormKind, QkNorm, RopeScaling};
 use crate::convert::lit_shapes;
 use crate::error::{Error, Result};
+use crate::gguf_arch::Arch;
 use crate::quant::{QuantKind, QuantWeight};
 use crate::weights::{write_safetensors_streaming, TensorSpec, QUANTIZED_KEY};
 
@@ -265,85 +266,12 @@ pub(crate) fn arch_tensor_name(lit: &str, cfg: &Config) -> Option<String> {
     })
 }
 
-/// The GGUF architectures this import reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arch {
-    Llama,
-    Qwen2,
-    Qwen3,
-    Gemma2,
-    Gemma3,
-    Phi3,
-    GptNeox,
-    Falcon,
-}
-
-impl Arch {
-    const NAMES: &'static str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, gptneox, falcon";
-
-    fn from_name(name: &str) -> Option<Arch> {
-        Some(match name {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            "gemma2" => Arch::Gemma2,
-            "gemma3" => Arch::Gemma3,
-            "phi3" => Arch::Phi3,
-            "gptneox" => Arch::GptNeox,
-            "falcon" => Arch::Falcon,
-            _ => return None,
-        })
-    }
-
-    /// The metadata key prefix (`general.architecture`).
-    fn key(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-            Arch::Gemma2 => "gemma2",
-            Arch::Gemma3 => "gemma3",
-            Arch::Phi3 => "phi3",
-            Arch::GptNeox => "gptneox",
-            Arch::Falcon => "falcon",
-        }
-    }
-
-    fn hf_class(self) -> &'static str {
-        match self {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-            Arch::Qwen3 => "Qwen3ForCausalLM",
-            Arch::Gemma2 => "Gemma2ForCausalLM",
-            Arch::Gemma3 => "Gemma3ForCausalLM",
-            Arch::Phi3 => "Phi3ForCausalLM",
-            Arch::GptNeox => "GPTNeoXForCausalLM",
-            Arch::Falcon => "FalconForCausalLM",
-        }
-    }
-
-    /// Only llama.cpp's Llama converter permutes the query and key rows.
-    fn permuted(self) -> bool {
-        self == Arch::Llama
-    }
-
-    /// Gemma's converters store every RMSNorm weight as 1 + w.
-    fn gemma(self) -> bool {
-        matches!(self, Arch::Gemma2 | Arch::Gemma3)
-    }
-
-    /// GPT-NeoX and Falcon keep the fused qkv as [Q | K | V] (`attn_qkv`) and use LayerNorm.
-    fn neox_like(self) -> bool {
-        matches!(self, Arch::GptNeox | Arch::Falcon)
-    }
-}
-
 fn arch_of(g: &Gguf) -> Result<Arch> {
     let name = g.string("general.architecture").unwrap_or_default();
     Arch::from_name(&name).ok_or_else(|| {
         g.bad(format!(
             "architecture {name:?} is not supported for GGUF import (supported: {})",
-            Arch::NAMES
+            Arch::names()
         ))
     })
 }
@@ -411,7 +339,7 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
     }
     let n_layer = g.usize(&key("block_count"))?;
     let vocab = g.strings("tokenizer.ggml.tokens")?.len();
-    let eps = if arch.neox_like() {
+    let eps = if arch.layer_norm() {
         g.f64(&key("attention.layer_norm_epsilon"))?
     } else {
         g.f64(&key("attention.layer_norm_rms_epsilon"))?
@@ -489,7 +417,35 @@ fn config_from_gguf(g: &Gguf, name: &str) -> Result<Config> {
             cfg.sliding_window_layers = (0..n_layer).collect();
         }
     }
-    if has("blk.0.attn_q_norm.weight") {
+    if arch == Arch::StableLm {
+        // StableLM 2 (1.6B, 3B): LayerNorm with biases, unbiased linears but q/k/v biases,
+        // rotary on the first rope.dimension_count channels. The 12B's per-head q/k
+        // LayerNorms and parallel residual (no ffn_norm) are not a layout loratune computes.
+        cfg.norm = NormKind::LayerNorm;
+        let rot = g.usize(&key("rope.dimension_count")).unwrap_or(head_size);
+        cfg.rotary_percentage = rot as f64 / head_size as f64;
+        if has("blk.0.attn_q_norm.weight") || !has("blk.0.ffn_norm.weight") {
+            return Err(g.bad(
+                "a stablelm file with per-head q/k LayerNorms or a parallel residual \
+                 (StableLM 2 12B) is not supported"
+                    .into(),
+            ));
+        }
+    }
+    if arch == Arch::Olmo2 {
+        // OLMo 2: no norms before attention and MLP, RMSNorm after each, RMSNorm over all of
+        // q and k. OLMo 3's sliding-window layers are not supported.
+        if g.usize(&key("attention.sliding_window")).unwrap_or(0) > 0 {
+            return Err(g.bad(format!(
+                "an olmo2 file with sliding-window layers ({}) is not supported",
+                key("attention.sliding_window")
+            )));
+        }
+        cfg.pre_norm = false;
+        cfg.post_attention_norm = true;
+        cfg.post_mlp_norm = true;
+        cfg.qk_norm = Some(QkNorm::Whole);
+    } else if has("blk.0.attn_q_norm.weight") {
         cfg.qk_norm = Some(QkNorm::PerHead);
     }
     if arch.gemma() {
@@ -777,7 +733,7 @@ fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Ve
             _ => {}
         }
     }
-    if let (true, Some((i, "attn.qkv.weight"))) = (arch.neox_like(), block) {
+    if let (true, Some((i, "attn.qkv.weight"))) = (arch.fused_qkv(), block) {
         return Some((vec![whole(format!("blk.{i}.attn_qkv.weight"))], vec![None]));
     }
     if let Some((i, "attn.qkv.weight")) = block {
@@ -921,7 +877,7 @@ pub fn import_gguf(
                 _ => {}
             }
         }
-        let fused = arch.neox_like() && s.name.contains(".attn.qkv.");
+        let fused = arch.fused_qkv() && s.name.contains(".attn.qkv.");
         if let Some(i) = block
             .and_then(|r| r.strip_suffix(".attn.qkv.weight"))
             .filter(|_| !fused)

@@ -18,6 +18,7 @@ pub mod export;
 pub(crate) mod fused;
 pub mod generate;
 pub mod gguf;
+pub(crate) mod gguf_arch;
 pub mod gguf_export;
 pub(crate) mod gguf_writer;
 pub mod hf_config;

@@ -98,6 +98,23 @@ fn import(name: &str) -> (Config, Config, PathBuf) {
         "{name}"
     );
     assert_eq!(
+        (
+            cfg.norm,
+            cfg.pre_norm,
+            cfg.rotary_percentage,
+            cfg.parallel_residual,
+            cfg.bias
+        ),
+        (
+            hf_cfg.norm,
+            hf_cfg.pre_norm,
+            hf_cfg.rotary_percentage,
+            hf_cfg.parallel_residual,
+            hf_cfg.bias
+        ),
+        "{name}"
+    );
+    assert_eq!(
         (cfg.rope_base, cfg.rope_local_base, cfg.sliding_window),
         (
             hf_cfg.rope_base,
@@ -141,8 +158,15 @@ fn import(name: &str) -> (Config, Config, PathBuf) {
 }
 
 #[test]
-fn qwen_and_phi_gguf_files_give_transformers_logits() {
-    for name in ["qwen2_bias", "qwen3_qknorm", "phi3_fused", "phi4_longrope"] {
+fn qwen_phi_stablelm_olmo_gguf_files_give_transformers_logits() {
+    for name in [
+        "qwen2_bias",
+        "qwen3_qknorm",
+        "phi3_fused",
+        "phi4_longrope",
+        "stablelm2",
+        "olmo2_postnorm",
+    ] {
         let (cfg, hf_cfg, out) = import(name);
         assert_eq!(
             cfg.sliding_window_layers, hf_cfg.sliding_window_layers,

@@ -7,6 +7,8 @@
 #                the file's Q4_1/Q4_K/Q6_K/... blocks, trained with --precision bf16-mixed
 #                (the embedding stays bf16; activations, norms and adapters f32)
 #   q8_0         `--quantize q8_0` on the f32 checkpoint (quantized while loading)
+#   *-ckpt       (only when named in RUNS) bf16-mixed / q-kept with --activation-checkpointing,
+#                as QLoRA is usually run: every block's activations recomputed in backward
 # Data: LLaMA-Factory's alpaca_en_demo.json (999 records, scripts/fetch_assets.sh) in the
 # model's chat template, max length 256, 32 held out; LoRA r 8 / alpha 16 / dropout 0.05 on
 # query + value, lr 3e-4 constant after 2 warm-up steps, one AdamW step per micro-batch, 2
@@ -51,6 +53,8 @@ for m in $MODELS; do
         bf16-mixed) extra=(--precision bf16-mixed) ;;
         q-kept) ck=$d/q; extra=(--precision bf16-mixed) ;;
         q8_0) extra+=(--quantize q8_0) ;;
+        bf16-mixed-ckpt) extra=(--precision bf16-mixed --activation-checkpointing) ;;
+        q-kept-ckpt) ck=$d/q; extra=(--precision bf16-mixed --activation-checkpointing) ;;
         esac
         say "$m $run"
         "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$d/ds" --out-dir "$d/out-$run" \
@@ -66,8 +70,10 @@ runs_present = [r for r in ["32-true", "bf16-mixed", "q-kept", "q8_0", "q-kept-c
 def load(run):
     rows = [json.loads(l) for l in open(f"{d}/out-{run}/metrics.jsonl")]
     steps = [r for r in rows if r.get("tokens_per_s")]
-    timed = steps[2:]
-    tok = sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    # "tokens" is the run's running total; each step's own count is the difference.
+    own = [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in steps], steps)]
+    timed = list(zip(own, steps))[2:]
+    tok = sum(n for n, _ in timed) / sum(n / r["tokens_per_s"] for n, r in timed)
     v = re.search(r"val loss (\S+) before, (\S+) after; peak RSS (\S+) MiB", open(f"{d}/out-{run}.log").read())
     return dict(tok=tok, rss=float(v.group(3)), val0=float(v.group(1)), val=float(v.group(2)),
                 loss=[r["loss"] for r in steps], tokens=[r["tokens"] for r in steps])

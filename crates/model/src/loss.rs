@@ -165,7 +165,7 @@ fn cpu_logits(weight: &FrozenWeight, hc: &Tensor) -> Result<Option<Vec<f32>>> {
     }
     match weight {
         FrozenWeight::Dense(w) => Ok(crate::ops::frozen_matmul_cpu_f32(hc, w)?),
-        FrozenWeight::Quantized(q) => Ok(Some(q.matmul_no_grad(hc)?.flatten_all()?.to_vec1()?)),
+        FrozenWeight::Quantized(q) => Ok(Some(q.matmul_rows_f32(hc)?)),
     }
 }
 

@@ -366,10 +366,46 @@ impl QuantWeight {
         Ok(y.to_dtype(dtype)?)
     }
 
+    /// x @ W^T for f32 rows x (m, cols) on the CPU as one (m, rows) row-major buffer: W is
+    /// dequantized a chunk of its rows at a time and each chunk's product is written into its
+    /// columns, so the output exists once (a head's (tokens, vocab) logits are the largest
+    /// buffer of a training step).
+    pub fn matmul_rows_f32(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let m = x.elem_count() / self.cols.max(1);
+        let x2 = x.to_dtype(DType::F32)?.reshape((m, self.cols))?;
+        if m <= KERNEL_MAX_ROWS || !x2.device().is_cpu() {
+            return Ok(self.matmul_no_grad(&x2)?.flatten_all()?.to_vec1()?);
+        }
+        let n = self.rows();
+        let mut out = vec![0f32; m * n];
+        let chunk_rows = self.chunk_rows();
+        let mut col0 = 0;
+        for p in &self.parts {
+            let mut start = 0;
+            while start < p.rows {
+                let len = chunk_rows.min(p.rows - start);
+                let w = Self::dequantize_rows(p, self.cols, start, len)?;
+                let y: Vec<f32> = x2.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
+                for (r, row) in y.chunks_exact(len).enumerate() {
+                    let at = r * n + col0 + start;
+                    out[at..at + len].copy_from_slice(row);
+                }
+                start += len;
+            }
+            col0 += p.rows;
+        }
+        Ok(out)
+    }
+
     /// x @ W^T for f32 x through chunks of dequantized rows of W (output columns).
     fn matmul_dequantized(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let m = x.elem_count() / self.cols.max(1);
+        *dims.last_mut().expect("rank >= 1") = self.rows();
+        if x.device().is_cpu() {
+            let y = self.matmul_rows_f32(x)?;
+            return Ok(Tensor::from_vec(y, dims, x.device())?);
+        }
         let x2 = x.reshape((m, self.cols))?;
         let chunk_rows = self.chunk_rows();
         let mut outs = Vec::new();
@@ -387,7 +423,6 @@ impl QuantWeight {
         } else {
             Tensor::cat(&outs, 1)?
         };
-        *dims.last_mut().expect("rank >= 1") = self.rows();
         Ok(y.reshape(dims)?)
     }
 

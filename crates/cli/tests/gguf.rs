@@ -450,6 +450,71 @@ fn gguf_exports_are_the_converters_files() {
     }
 }
 
+/// A Llama-2-style SentencePiece GGUF (llama.cpp's converter on a sentencepiece
+/// tokenizer.model, scripts/make_spm_gguf_fixture.py) imported and exported again carries the
+/// same vocabulary: tokens, token types, `add_space_prefix`, special ids, and scores that rank
+/// every mergeable token as the source's do (llama.cpp's SentencePiece tokenizer only
+/// compares them).
+#[test]
+fn llama_sentencepiece_vocabulary_round_trips_through_gguf() {
+    use candle_core::quantized::gguf_file::Value;
+    let root = scratch("gguf-llama-spm");
+    let src = fixtures().join("gguf/llama_spm.gguf");
+    let ck = import_into(&root, &src);
+    let file = gguf_round_trip(&root, &ck, "llama", 0.0);
+    let (want, _) = read_gguf(&src);
+    let (got, _) = read_gguf(&file);
+    for k in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+    ] {
+        assert_eq!(format!("{:?}", want[k]), format!("{:?}", got[k]), "{k}");
+    }
+    // The converter leaves these two out (llama.cpp's defaults: a space prefix; the unknown
+    // token by its type); the export writes them.
+    assert!(!want.contains_key("tokenizer.ggml.add_space_prefix"));
+    assert!(got["tokenizer.ggml.add_space_prefix"].to_bool().unwrap());
+    assert_eq!(got["tokenizer.ggml.unknown_token_id"].to_u32().unwrap(), 0);
+    let floats = |m: &std::collections::HashMap<String, Value>, k: &str| -> Vec<f32> {
+        m[k].to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32().unwrap())
+            .collect()
+    };
+    let tokens: Vec<String> = want["tokenizer.ggml.tokens"]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string().unwrap().clone())
+        .collect();
+    let types: Vec<i32> = want["tokenizer.ggml.token_type"]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_i32().unwrap())
+        .collect();
+    let (s1, s2) = (
+        floats(&want, "tokenizer.ggml.scores"),
+        floats(&got, "tokenizer.ggml.scores"),
+    );
+    let mergeable: Vec<usize> = (0..tokens.len())
+        .filter(|&i| types[i] == 1 && tokens[i].chars().count() > 1)
+        .collect();
+    let order = |s: &[f32]| {
+        let mut o = mergeable.clone();
+        o.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        o
+    };
+    assert!(mergeable.len() > 20, "{}", mergeable.len());
+    assert_eq!(order(&s1), order(&s2), "merge order of the scores");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 /// Llama 3.1+'s rope scaling goes to llama.cpp as its converter writes it, per-frequency
 /// divisors in `rope_freqs.weight` (read off the model's own rotary table), and a file that
 /// carries them imports back to the same Llama 3 settings.

@@ -1,8 +1,9 @@
 //! GGUF import (llama.cpp's format): the `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`,
-//! `gptneox`, `falcon`, `stablelm` and `olmo2` architectures' weights dequantized to a lit checkpoint, `lit_config.json` from
-//! the GGUF metadata, and a `tokenizer.json` rebuilt from the embedded vocabulary (byte-level BPE with
-//! its merges, or a SentencePiece vocabulary whose merges are recovered from it), plus
-//! tokenizer_config.json with the file's chat template.
+//! `gptneox`, `falcon`, `stablelm` and `olmo2` architectures' weights dequantized to a lit
+//! checkpoint, `lit_config.json` from the GGUF metadata, and a `tokenizer.json` rebuilt from the
+//! embedded vocabulary (byte-level BPE with its merges, or a SentencePiece vocabulary, Gemma's or
+//! Llama 2's, whose merges are recovered from it), plus tokenizer_config.json with the file's
+//! chat template.
 //!
 //! What llama.cpp's converters changed is undone here: its Llama converter permutes the rows
 //! of the query and key weights of every head from the "rotate half" rotary layout to the
@@ -595,9 +596,15 @@ fn sentencepiece_merges(tokens: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Gemma's SentencePiece vocabulary as a byte-fallback BPE model (transformers'
-/// `GemmaTokenizer`): spaces become `▁`, and unknown characters fall back to byte tokens.
-fn gemma_bpe(tokens: &[String], unk: Option<&str>) -> serde_json::Value {
+/// A SentencePiece vocabulary as a byte-fallback BPE model, as transformers writes Llama's
+/// (legacy) and Gemma's tokenizers: spaces become `▁`, a `▁` is prepended to each piece of
+/// text when the vocabulary asks for it (`add_space_prefix`: Llama 2, Mistral v0.1, TinyLlama;
+/// not Gemma) and stripped again when decoding, unknown characters fall back to byte tokens.
+fn sentencepiece_bpe(
+    tokens: &[String],
+    unk: Option<&str>,
+    add_space_prefix: bool,
+) -> serde_json::Value {
     let vocab: serde_json::Map<String, serde_json::Value> = tokens
         .iter()
         .enumerate()
@@ -607,13 +614,24 @@ fn gemma_bpe(tokens: &[String], unk: Option<&str>) -> serde_json::Value {
         .into_iter()
         .map(|(l, r)| [l, r])
         .collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    let normalizer = if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
     json!({
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "normalizer": normalizer,
         "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
                           "behavior": "MergedWithPrevious", "invert": false},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                   "ignore_merges": false, "vocab": vocab, "merges": merges},
@@ -636,15 +654,31 @@ fn tokenizer_files(g: &Gguf, arch: Arch) -> Result<Vec<(&'static str, String)>> 
     let tok = |key: &str| id(key).map(|i| raw[i].clone());
     let (mut tokenizer, tokens) = match model.as_str() {
         "gpt2" => (byte_level_bpe(g, &raw)?, raw.clone()),
-        "llama" if arch.gemma() => {
-            let tokens = gemma_spelling(&raw);
-            let unk = tok("tokenizer.ggml.unknown_token_id");
-            (gemma_bpe(&tokens, unk.as_deref()), tokens)
+        "llama" => {
+            // llama.cpp prepends a space unless the file says not to (Gemma's do).
+            let prefix = g
+                .content
+                .metadata
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(!arch.gemma());
+            let tokens = if arch.gemma() {
+                gemma_spelling(&raw)
+            } else {
+                raw.clone()
+            };
+            // The unknown token by id, or by its type (llama.cpp's converter writes only the
+            // type for some SentencePiece models).
+            let unk = tok("tokenizer.ggml.unknown_token_id").or_else(|| {
+                let i = types.iter().position(|&t| t == 2)?;
+                raw.get(i).cloned()
+            });
+            (sentencepiece_bpe(&tokens, unk.as_deref(), prefix), tokens)
         }
         other => {
             return Err(g.bad(format!(
                 "tokenizer model {other:?} of a {:?} file is not supported for GGUF import \
-                 (supported: gpt2 byte-level BPE; SentencePiece for gemma2 and gemma3)",
+                 (supported: gpt2 byte-level BPE, llama SentencePiece)",
                 arch.key()
             )))
         }

@@ -319,3 +319,63 @@ fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
     assert!(d < 0.05, "logits differ by {d} of their scale");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Llama-2-style SentencePiece vocabulary (byte fallback, a `▁` prepended to each piece of
+/// text, `<s>` / `</s>` / `<unk>`), as llama.cpp's converter writes TinyLlama's, Llama 2's and
+/// Mistral v0.1's, imports to a tokenizer that encodes hard texts (spaces, tabs, newline
+/// runs, code, digits, accents, CJK and emoji through byte fallback) exactly as sentencepiece
+/// itself does with the model's tokenizer.model, and special tokens inside text as
+/// transformers' LlamaTokenizer does (scripts/make_spm_gguf_fixture.py). transformers' own
+/// conversion of that tokenizer.model differs from sentencepiece on two of the texts (runs of
+/// leading spaces); the import follows sentencepiece, as llama.cpp does.
+#[test]
+fn llama_sentencepiece_gguf_tokenizes_like_sentencepiece() {
+    let out = std::env::temp_dir().join(format!("loratune-gguf-spm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let gguf = fixtures().join("gguf/llama_spm.gguf");
+    import_gguf(&gguf, &out, "llama_spm", None, false).unwrap();
+    let oracle: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gguf/llama_spm_oracle.json")).unwrap(),
+    )
+    .unwrap();
+    let tok = loratune_model::Tokenizer::from_dir(&out).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let texts = oracle["texts"].as_array().unwrap();
+    let mut differs = 0;
+    for (i, text) in texts.iter().enumerate() {
+        let text = text.as_str().unwrap();
+        // sentencepiece has no special tokens inside text.
+        let special = text.contains("<s>");
+        let want = ids(&oracle[if special { "ids" } else { "sentencepiece_ids" }][i]);
+        differs += usize::from(want != ids(&oracle["ids"][i]));
+        assert_eq!(tok.encode(text, false, false).unwrap(), want, "{text:?}");
+        let mut with_bos = vec![1];
+        with_bos.extend(&want);
+        assert_eq!(
+            tok.encode(text, tok.add_bos, false).unwrap(),
+            with_bos,
+            "{text:?} with BOS"
+        );
+        let decoded = if special {
+            oracle["decoded"][i].as_str().unwrap()
+        } else {
+            text
+        };
+        assert_eq!(tok.decode(&want).unwrap(), decoded, "{text:?} decoded");
+    }
+    // The fixture keeps the cases where transformers and sentencepiece part ways.
+    assert_eq!(differs, 2);
+    assert_eq!((tok.bos_id, tok.eos_id), (Some(1), Some(2)));
+    let cfg = Config::from_json_file(&out.join("lit_config.json")).unwrap();
+    assert_eq!(
+        cfg.padded_vocab_size as u64,
+        oracle["vocab_size"].as_u64().unwrap()
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -180,9 +180,15 @@ fn vocab(dir: &Path, rows: usize, arch: Arch) -> Result<Vocab> {
                 _ => -1000.0,
             })
             .collect();
-        // A normalizer that prepends `▁` is SentencePiece's add_dummy_prefix (Llama 2);
-        // Gemma's only replaces spaces.
-        let add_space_prefix = j["normalizer"].to_string().contains("\"Prepend\"");
+        // A normalizer that prepends `▁` (transformers' legacy Llama tokenizers), or a
+        // Metaspace pre-tokenizer that does (its newer ones), is SentencePiece's
+        // add_dummy_prefix (Llama 2, Mistral v0.1, TinyLlama); Gemma's only replaces spaces.
+        let metaspace_prefix = {
+            let p = j["pre_tokenizer"].to_string();
+            p.contains("\"Metaspace\"") && !p.contains("\"prepend_scheme\":\"never\"")
+        };
+        let add_space_prefix =
+            j["normalizer"].to_string().contains("\"Prepend\"") || metaspace_prefix;
         VocabModel::Spm {
             scores,
             add_space_prefix,

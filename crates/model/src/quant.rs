@@ -323,9 +323,16 @@ impl QuantWeight {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// Rows `start..start + len` of the matrix, dequantized to f32 (both within one part).
+    /// Rows `start..start + len` of the matrix, dequantized to f32 (both within one part). On
+    /// the CPU the rows are split across rayon's threads, each converting its blocks straight
+    /// into the one output buffer (candle's dequantization runs on one thread).
     fn dequantize_rows(part: &Part, cols: usize, start: usize, len: usize) -> Result<Tensor> {
         let device = part.q.device();
+        if device.is_cpu() {
+            if let Some(v) = dequantize_rows_cpu(part, cols, start, len)? {
+                return Ok(Tensor::from_vec(v, (len, cols), &device)?);
+            }
+        }
         if start == 0 && len == part.rows {
             return Ok(part.q.dequantize(&device)?);
         }
@@ -597,6 +604,73 @@ impl QuantWeight {
     }
 }
 
+/// [`QuantWeight::dequantize_rows`] on the CPU: `None` where the bytes are not whole,
+/// aligned blocks of a type this reads (the caller then goes through candle).
+fn dequantize_rows_cpu(
+    part: &Part,
+    cols: usize,
+    start: usize,
+    len: usize,
+) -> Result<Option<Vec<f32>>> {
+    use rayon::prelude::*;
+    let Some(rb) = part.kind.row_bytes(cols) else {
+        return Ok(None);
+    };
+    let data = part.q.data()?;
+    let Some(bytes) = data.get(start * rb..(start + len) * rb) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; len * cols];
+    let rows_per_task = len.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let ok = out
+        .par_chunks_mut(rows_per_task * cols)
+        .zip(bytes.par_chunks(rows_per_task * rb))
+        .all(|(o, b)| blocks_to_f32(part.kind.0, b, o));
+    Ok(ok.then_some(out))
+}
+
+/// ggml blocks of `kind` in `bytes` converted to the f32 values `out` holds room for, by
+/// candle's own per-type conversion; false (nothing trusted) unless `bytes` are exactly that
+/// many whole blocks, aligned for the block type.
+fn blocks_to_f32(kind: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    use candle_core::quantized::k_quants as k;
+    use candle_core::quantized::k_quants::GgmlType;
+    fn go<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {
+        let size = std::mem::size_of::<T>();
+        let n = bytes.len() / size.max(1);
+        if size == 0
+            || !bytes.len().is_multiple_of(size)
+            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+            || n * T::BLCK_SIZE != out.len()
+        {
+            return false;
+        }
+        // SAFETY: ggml's block types are plain data (integers, f16 scales, byte arrays: every
+        // bit pattern is a value), and the bytes were checked above to be exactly `n` of them
+        // at the type's alignment; candle reads its own storage the same way.
+        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };
+        T::to_float(blocks, out);
+        true
+    }
+    match kind {
+        GgmlDType::F32 => go::<f32>(bytes, out),
+        GgmlDType::F16 => go::<half::f16>(bytes, out),
+        GgmlDType::BF16 => go::<half::bf16>(bytes, out),
+        GgmlDType::Q4_0 => go::<k::BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => go::<k::BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => go::<k::BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => go::<k::BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => go::<k::BlockQ8_0>(bytes, out),
+        GgmlDType::Q8_1 => go::<k::BlockQ8_1>(bytes, out),
+        GgmlDType::Q2K => go::<k::BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => go::<k::BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => go::<k::BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => go::<k::BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => go::<k::BlockQ6K>(bytes, out),
+        GgmlDType::Q8K => go::<k::BlockQ8K>(bytes, out),
+    }
+}
+
 /// A QTensor of `rows` x `cols` from raw block bytes. candle reinterprets the bytes as blocks
 /// and asserts their alignment, so unaligned bytes (read from a file) are first copied into an
 /// 8-byte-aligned buffer; a row range of a loaded weight (the hot path) is aligned already.
@@ -748,6 +822,31 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap() as f64;
         assert!(max_diff(&dx, &want) / scale < 1e-5);
+    }
+
+    /// The threaded CPU dequantization of a row range equals candle's whole-matrix one for
+    /// every type, at every range (from the first row, inside, to the last; ranges that split
+    /// unevenly across threads), and is the path actually taken (whole aligned blocks).
+    #[test]
+    fn threaded_row_dequantization_matches_candle_for_every_type() {
+        let (rows, cols) = (37, 512);
+        let w = randn_dtype(&[rows, cols], 11, DType::F32);
+        for name in QUANTIZE_KINDS.iter().chain(&["f16", "bf16", "f32"]) {
+            let q = QuantWeight::quantize("w", &w, kind(name)).unwrap();
+            let whole = q.dequantize(DType::F32).unwrap();
+            let part = &q.parts[0];
+            for (start, len) in [(0, rows), (0, 1), (5, 20), (36, 1), (1, 36)] {
+                let got = dequantize_rows_cpu(part, cols, start, len)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{name}: the threaded path was not taken"));
+                let got = Tensor::from_vec(got, (len, cols), &Device::Cpu).unwrap();
+                let want = whole.narrow(0, start, len).unwrap();
+                assert_eq!(max_diff(&got, &want), 0.0, "{name} rows {start}+{len}");
+            }
+        }
+        // Bytes that are not whole blocks of the type are not read.
+        let mut out = vec![0f32; 32];
+        assert!(!blocks_to_f32(GgmlDType::Q8_0, &[0u8; 33], &mut out));
     }
 
     #[test]

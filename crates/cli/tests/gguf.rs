@@ -335,20 +335,21 @@ fn gguf_export_round_trips_and_its_lora_file_matches_the_merged_model() {
         "{}",
         r.stderr
     );
-    // Mistral's sliding window: llama.cpp's llama graph has none.
-    let mistral = root.join("mistral");
-    copy_dir(&hf_fixture("mistral_window"), &mistral);
-    assert!(run(CONVERT, &["--checkpoint-dir", &path(&mistral)]).ok);
-    let r = export(&mistral, "gguf", &root.join("mistral-gguf"), &[]);
+    // A query scale llama.cpp's gemma2 graph does not use (the fixture's 1/sqrt(24), with
+    // heads of 16).
+    let gemma = root.join("gemma2");
+    copy_dir(&hf_fixture("gemma2_softcap"), &gemma);
+    assert!(run(CONVERT, &["--checkpoint-dir", &path(&gemma)]).ok);
+    let r = export(&gemma, "gguf", &root.join("gemma2-gguf"), &[]);
     assert!(
         !r.ok
             && r.stderr.contains("cannot be exported to GGUF")
-            && r.stderr.contains("sliding window")
+            && r.stderr.contains("1/sqrt(24)")
             && r.stderr.lines().count() == 1,
         "{}",
         r.stderr
     );
-    assert!(!root.join("mistral-gguf/model.gguf").exists());
+    assert!(!root.join("gemma2-gguf/model.gguf").exists());
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -512,6 +513,50 @@ fn llama_sentencepiece_vocabulary_round_trips_through_gguf() {
     };
     assert!(mergeable.len() > 20, "{}", mergeable.len());
     assert_eq!(order(&s1), order(&s2), "merge order of the scores");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Mistral v0.1's sliding window (every layer): llama.cpp's llama graph has none, and within
+/// the window full attention is the same computation, so the export writes the window as the
+/// context length and says so; the file imports back to the same weights with that context
+/// and no window, and its adapters match the merged export.
+#[test]
+fn mistral_sliding_window_exports_as_its_context_length() {
+    let root = scratch("gguf-mistral-window");
+    let ck = convert_into(&root, "mistral_window");
+    let out = root.join("f32");
+    let r = export(&ck, "gguf", &out, &["--dtype", "f32"]);
+    assert!(
+        r.ok && r
+            .stdout
+            .contains("note: context length written as 5, the sliding window"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    let file = out.join("model.gguf");
+    let (meta, _) = read_gguf(&file);
+    assert_eq!(meta["llama.context_length"].to_u32().unwrap(), 5);
+    let back = root.join("back");
+    let r = run(
+        CONVERT,
+        &["--gguf", &path(&file), "--checkpoint-dir", &path(&back)],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let load = |d: &std::path::Path| {
+        candle_core::safetensors::load(d.join("lit_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (load(&ck), load(&back));
+    for (name, t) in &a {
+        assert_eq!(max_abs(&(t - &b[name]).unwrap()), 0.0, "{name}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(back.join("lit_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["block_size"], 5);
+    assert!(cfg["sliding_window"].is_null(), "{cfg}");
+    // attn_q, attn_k, attn_v, ffn_gate, ffn_up, ffn_down in each of the 2 layers.
+    gguf_lora_matches_merged(&root, &ck, &file, 12);
     std::fs::remove_dir_all(root).unwrap();
 }
 

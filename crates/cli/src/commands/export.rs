@@ -205,6 +205,9 @@ fn export(args: &Args) -> Result<()> {
                 r.bytes as f64 / 1e6,
                 crate::elapsed(t0)
             );
+            for note in &r.notes {
+                outln!("note: {note}");
+            }
         }
         Format::GgufLora => {
             let Some(path) = &args.lora_path else {

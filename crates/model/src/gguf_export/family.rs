@@ -49,10 +49,10 @@ fn check_llama_like(cfg: &Config, arch: Arch) -> Result<()> {
     if cfg.mlp != MlpKind::Llama || cfg.norm_unit_offset {
         return Err(refuse(cfg, "it is not a Llama MLP with plain RMSNorm"));
     }
-    if cfg.sliding_window.is_some() {
+    if cfg.sliding_window.is_some() && !(arch == Arch::Llama && window_everywhere(cfg)) {
         return Err(refuse(
             cfg,
-            "it has a sliding window, which llama's layout has no key for",
+            "it has a sliding window on some layers only, or outside the llama layout",
         ));
     }
     match (&cfg.rope_scaling, arch) {
@@ -73,6 +73,24 @@ fn check_llama_like(cfg: &Config, arch: Arch) -> Result<()> {
         return Err(refuse(cfg, "q/k norms outside qwen3"));
     }
     Ok(())
+}
+
+/// A sliding window on every layer (Mistral v0.1). llama.cpp's `llama` graph has none, but
+/// within the window full attention is the same computation, so the export states the window
+/// as the context length ([`context_length`]).
+fn window_everywhere(cfg: &Config) -> bool {
+    cfg.sliding_window.is_some()
+        && cfg.sliding_window_layers == (0..cfg.n_layer).collect::<Vec<_>>()
+}
+
+/// The `context_length` written: the model's, or for a `llama` model with a sliding window on
+/// every layer (Mistral v0.1) the window, the longest context llama.cpp computes as the model
+/// does. (phi3 keeps its own window key, which llama.cpp reads.)
+pub(super) fn context_length(cfg: &Config, arch: Arch) -> usize {
+    match cfg.sliding_window {
+        Some(w) if arch == Arch::Llama && window_everywhere(cfg) => w.min(cfg.block_size),
+        _ => cfg.block_size,
+    }
 }
 
 /// llama.cpp's `stablelm` graph as StableLM 2 1.6B / 3B use it: LayerNorm with biases before
@@ -352,7 +370,7 @@ pub(super) fn hparams(cfg: &Config, arch: Arch) -> Vec<(String, Value)> {
     let k = |s: &str| format!("{}.{s}", arch.key());
     let u = |x: usize| Value::U32(x as u32);
     let mut out = vec![
-        (k("context_length"), u(cfg.block_size)),
+        (k("context_length"), u(context_length(cfg, arch))),
         (k("embedding_length"), u(cfg.n_embd)),
         (k("block_count"), u(cfg.n_layer)),
         (k("feed_forward_length"), u(cfg.intermediate_size)),

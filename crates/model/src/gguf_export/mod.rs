@@ -3,8 +3,8 @@
 //! (`general.type = adapter`, `blk.N.<tensor>.weight.lora_a / lora_b`, as llama.cpp's
 //! `convert_lora_to_gguf.py` writes it).
 //!
-//! Families: the `llama` layout (Llama with Llama 3's rope scaling as `rope_freqs`, Mistral
-//! without a sliding window, SmolLM), `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3` (Phi-3,
+//! Families: the `llama` layout (Llama with Llama 3's rope scaling as `rope_freqs`, Mistral,
+//! whose sliding window on every layer is written as the context length, SmolLM), `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3` (Phi-3,
 //! Phi-4-mini's LongRoPE factors as tensors), `gptneox` (Pythia, RedPajama-INCITE,
 //! StableLM-Alpha), `falcon`, `stablelm` (StableLM 2) and `olmo2`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece
 //! (`llama`: a byte-fallback BPE tokenizer.json, Gemma's). What llama.cpp's converters change
@@ -76,6 +76,8 @@ pub struct GgufExport {
     pub bytes: u64,
     /// Tensors copied as a quantized base's blocks (not written in the export's type).
     pub copied_blocks: usize,
+    /// What the file states differently from the model, for the user to read.
+    pub notes: Vec<String>,
 }
 
 /// llama.cpp's rotary row order of a (n_head * head_size, in) matrix from the "rotate half"
@@ -370,11 +372,23 @@ pub fn export_gguf(
         .filter(|(_, j)| j.copied_kind().is_some())
         .count();
     let bytes = write_gguf(path, &meta, &plan, |i| jobs[i].1.make(ty))?;
+    let mut notes = Vec::new();
+    let ctx = family::context_length(cfg, arch);
+    if ctx < cfg.block_size {
+        notes.push(format!(
+            "context length written as {ctx}, the sliding window (the model's is {}): \
+             llama.cpp's {} graph has no sliding window, and up to the window it computes the \
+             same attention",
+            cfg.block_size,
+            arch.key()
+        ));
+    }
     Ok(GgufExport {
         arch: arch.key(),
         n_tensors: plan.len(),
         bytes,
         copied_blocks: copied,
+        notes,
     })
 }
 
@@ -521,6 +535,7 @@ pub fn export_gguf_lora(model: &Gpt, path: &Path) -> Result<GgufExport> {
         n_tensors,
         bytes,
         copied_blocks: 0,
+        notes: Vec::new(),
     })
 }
 

@@ -4,15 +4,16 @@
 //! `convert_lora_to_gguf.py` writes it).
 //!
 //! Families: the `llama` layout (Llama with Llama 3's rope scaling as `rope_freqs`, Mistral,
-//! whose sliding window on every layer is written as the context length, SmolLM), `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3` (Phi-3,
-//! Phi-4-mini's LongRoPE factors as tensors), `gptneox` (Pythia, RedPajama-INCITE,
-//! StableLM-Alpha), `falcon`, `stablelm` (StableLM 2) and `olmo2`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece
-//! (`llama`: a byte-fallback BPE tokenizer.json, Gemma's). What llama.cpp's converters change
-//! is done here too: the fused qkv is split into `attn_q/k/v` (kept fused as `attn_qkv` for
-//! phi3, gptneox and falcon, and phi3's gate/up as `ffn_up`, whose adapters are joined into
-//! one); for `llama` the query and key rows of every head are permuted into llama.cpp's
-//! interleaved rotary order (adapters: B's rows likewise); Gemma's RMSNorm weights are stored
-//! as 1 + w. A quantized base's linears that no adapter changed are copied as their blocks.
+//! whose sliding window on every layer is written as the context length, SmolLM), `qwen2`,
+//! `qwen3`, `gemma2`, `gemma3`, `phi3` (Phi-3, Phi-4-mini's LongRoPE factors as tensors),
+//! `gptneox` (Pythia, RedPajama-INCITE, StableLM-Alpha), `falcon`, `stablelm` (StableLM 2) and
+//! `olmo2`; vocabularies as byte-level BPE (`gpt2`) or SentencePiece (`llama`: a byte-fallback
+//! BPE tokenizer.json, Gemma's or Llama 2's). What llama.cpp's converters change is done here
+//! too: the fused qkv is split into `attn_q/k/v` (kept fused as `attn_qkv` for phi3, gptneox
+//! and falcon, and phi3's gate/up as `ffn_up`, whose adapters are joined into one); for `llama`
+//! the query and key rows of every head are permuted into llama.cpp's interleaved rotary order
+//! (adapters: B's rows likewise); Gemma's RMSNorm weights are stored as 1 + w. A quantized
+//! base's linears that no adapter changed are copied as their blocks.
 //! Anything else is refused, naming what llama.cpp would need.
 //!
 //! `family` says which configs each llama.cpp graph computes and writes its hyperparameters;

@@ -14,7 +14,7 @@
 # query + value, lr 3e-4 constant after 2 warm-up steps, one AdamW step per micro-batch, 2
 # threads, validation on 16 batches at step 0 and step 30. Prints one table.
 #
-#   bench/qlora.sh [smollm2-135m qwen2.5-0.5b]      (MB=micro-batch size, default 4)
+#   bench/qlora.sh [smollm2-135m qwen2.5-0.5b pythia-70m]      (MB=micro-batch size, default 4)
 #
 # RUNS="q-kept q8_0" re-runs only those rows; REUSE=1 keeps WORK's imports and dataset.
 #
@@ -36,18 +36,27 @@ for m in $MODELS; do
     case $m in
     smollm2-135m) gguf=$LORATUNE_SMOLLM2_GGUF ;;
     qwen2.5-0.5b) gguf=$LORATUNE_QWEN25_GGUF ;;
+    pythia-70m) gguf= ;;  # the peer's random-init HF model: no GGUF, so no q-kept rows
     *) echo "unknown model $m" >&2; exit 2 ;;
     esac
     d=$WORK/$m
     if [ "${REUSE:-0}" != 1 ] || [ ! -s "$d/ds/meta.json" ]; then
         rm -rf "$d"; mkdir -p "$d"
-        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/f32" --model-name "$m" > /dev/null
-        "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/q" --model-name "$m" \
-            --keep-quantized --dtype bfloat16 > "$d/q.convert.txt"
+        if [ -z "$gguf" ]; then
+            PEER_HOME=${PEER_HOME:-$HOME/.cache/loratune-peer}
+            [ -d "$PEER_HOME/models/$m" ] || { echo "$PEER_HOME/models/$m is missing: run ../shared/peer/setup.sh" >&2; exit 2; }
+            cp -r "$PEER_HOME/models/$m" "$d/f32"
+            "$LT" convert-hf-checkpoint --checkpoint-dir "$d/f32" > /dev/null
+        else
+            "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/f32" --model-name "$m" > /dev/null
+            "$LT" convert-hf-checkpoint --gguf "$gguf" --checkpoint-dir "$d/q" --model-name "$m" \
+                --keep-quantized --dtype bfloat16 > "$d/q.convert.txt"
+        fi
         "$LT" prepare-alpaca --checkpoint-dir "$d/f32" --data-file "$LORATUNE_ALPACA_DEMO" \
             --destination-path "$d/ds" --max-seq-length 256 --test-split-size 32 > /dev/null 2>&1
     fi
     for run in $RUNS; do
+        case $run in q-kept*) [ -n "$gguf" ] || continue ;; esac
         ck=$d/f32; extra=(--precision 32-true)
         case $run in
         bf16-mixed) extra=(--precision bf16-mixed) ;;
@@ -82,7 +91,8 @@ ref, fast = runs["32-true"], runs["bf16-mixed"]
 size = lambda p: os.path.getsize(p) / 2**20
 print(f"\n{m}, micro-batch {mb}, {len(ref['loss'])} steps; checkpoint "
       f"{size(d + '/f32/lit_model.safetensors'):.0f} MiB f32, "
-      f"{size(d + '/q/lit_model.safetensors'):.0f} MiB kept quantized")
+      + (f"{size(d + '/q/lit_model.safetensors'):.0f} MiB kept quantized"
+         if os.path.exists(d + "/q/lit_model.safetensors") else "no GGUF"))
 print("| run | tokens/s | x bf16-mixed | peak RSS MiB | x bf16-mixed | val loss step 0 -> 30 | vs 32-true | max step-loss diff vs 32-true |")
 print("|---|---|---|---|---|---|---|---|")
 for name, r in runs.items():

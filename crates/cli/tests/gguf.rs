@@ -911,17 +911,23 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
         let q = c.tensor(&mut f, name, &Device::Cpu).unwrap();
         (q.dtype(), q.data().unwrap().into_owned())
     };
-    for name in [
-        "blk.0.ffn_gate.weight",
-        "blk.7.attn_output.weight",
-        "blk.29.ffn_down.weight",
-    ] {
-        let (a, b) = (
-            tensor(std::path::Path::new(&path), name),
-            tensor(&gg.join("model.gguf"), name),
-        );
-        assert!(a == b, "{name}: not the source file's blocks");
-    }
+    let same_blocks = |exported: &std::path::Path, names: &[&str]| {
+        for name in names {
+            let (a, b) = (
+                tensor(std::path::Path::new(&path), name),
+                tensor(exported, name),
+            );
+            assert!(a == b, "{name}: not the source file's blocks");
+        }
+    };
+    same_blocks(
+        &gg.join("model.gguf"),
+        &[
+            "blk.0.ffn_gate.weight",
+            "blk.7.attn_output.weight",
+            "blk.29.ffn_down.weight",
+        ],
+    );
     let (kind, _) = tensor(&gg.join("model.gguf"), "blk.0.attn_k.weight");
     assert_eq!(kind, candle_core::quantized::GgmlDType::Q8_0);
     // Without an adapter every linear is copied; q and k go back through llama.cpp's row
@@ -944,17 +950,14 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
         r.stdout,
         r.stderr
     );
-    for name in [
-        "blk.0.attn_q.weight",
-        "blk.5.attn_k.weight",
-        "blk.5.attn_v.weight",
-    ] {
-        let (a, b) = (
-            tensor(std::path::Path::new(&path), name),
-            tensor(&plain.join("model.gguf"), name),
-        );
-        assert!(a == b, "{name}: not the source file's blocks");
-    }
+    same_blocks(
+        &plain.join("model.gguf"),
+        &[
+            "blk.0.attn_q.weight",
+            "blk.5.attn_k.weight",
+            "blk.5.attn_v.weight",
+        ],
+    );
     let r = run(
         EXPORT,
         &[

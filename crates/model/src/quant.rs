@@ -385,23 +385,37 @@ impl QuantWeight {
         }
         let n = self.rows();
         let mut out = vec![0f32; m * n];
+        self.for_each_chunk(|row0, w| {
+            let len = w.dim(0)?;
+            let y: Vec<f32> = x2.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
+            for (r, row) in y.chunks_exact(len).enumerate() {
+                let at = r * n + row0;
+                out[at..at + len].copy_from_slice(row);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Walks W a chunk of dequantized f32 rows at a time ([`Self::chunk_rows`], never across
+    /// parts), giving `f` each chunk's first row in W and the chunk: the one loop every
+    /// product that dequantizes goes through.
+    fn for_each_chunk(&self, mut f: impl FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         let chunk_rows = self.chunk_rows();
-        let mut col0 = 0;
+        let mut row0 = 0;
         for p in &self.parts {
             let mut start = 0;
             while start < p.rows {
                 let len = chunk_rows.min(p.rows - start);
-                let w = Self::dequantize_rows(p, self.cols, start, len)?;
-                let y: Vec<f32> = x2.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
-                for (r, row) in y.chunks_exact(len).enumerate() {
-                    let at = r * n + col0 + start;
-                    out[at..at + len].copy_from_slice(row);
-                }
+                f(
+                    row0 + start,
+                    &Self::dequantize_rows(p, self.cols, start, len)?,
+                )?;
                 start += len;
             }
-            col0 += p.rows;
+            row0 += p.rows;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// x @ W^T for f32 x through chunks of dequantized rows of W (output columns).
@@ -414,17 +428,11 @@ impl QuantWeight {
             return Ok(Tensor::from_vec(y, dims, x.device())?);
         }
         let x2 = x.reshape((m, self.cols))?;
-        let chunk_rows = self.chunk_rows();
         let mut outs = Vec::new();
-        for p in &self.parts {
-            let mut start = 0;
-            while start < p.rows {
-                let len = chunk_rows.min(p.rows - start);
-                let w = Self::dequantize_rows(p, self.cols, start, len)?;
-                outs.push(x2.matmul(&w.t()?)?);
-                start += len;
-            }
-        }
+        self.for_each_chunk(|_, w| {
+            outs.push(x2.matmul(&w.t()?)?);
+            Ok(())
+        })?;
         let y = if outs.len() == 1 {
             outs.pop().expect("one chunk")
         } else {
@@ -457,23 +465,15 @@ impl QuantWeight {
         let mut dims = dy.dims().to_vec();
         let m = dy.elem_count() / n.max(1);
         let dy2 = dy.to_dtype(DType::F32)?.reshape((m, n))?;
-        let chunk_rows = self.chunk_rows();
         let mut acc: Option<Tensor> = None;
-        let mut row0 = 0;
-        for p in &self.parts {
-            let mut start = 0;
-            while start < p.rows {
-                let len = chunk_rows.min(p.rows - start);
-                let w = Self::dequantize_rows(p, self.cols, start, len)?;
-                let term = dy2.narrow(1, row0 + start, len)?.matmul(&w)?;
-                acc = Some(match acc {
-                    None => term,
-                    Some(a) => (a + term)?,
-                });
-                start += len;
-            }
-            row0 += p.rows;
-        }
+        self.for_each_chunk(|row0, w| {
+            let term = dy2.narrow(1, row0, w.dim(0)?)?.matmul(w)?;
+            acc = Some(match acc.take() {
+                None => term,
+                Some(a) => (a + term)?,
+            });
+            Ok(())
+        })?;
         let dx = acc.expect("at least one part");
         *dims.last_mut().expect("rank >= 1") = self.cols;
         Ok(dx.reshape(dims)?.to_dtype(dtype)?)

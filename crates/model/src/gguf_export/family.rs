@@ -140,16 +140,7 @@ fn check_olmo2(cfg: &Config) -> Result<()> {
              full rotary or heads of n_embd / n_head channels",
         ));
     }
-    if cfg.scale_embeddings
-        || cfg.attention_scores_scalar.is_some()
-        || cfg.attention_logit_softcapping.is_some()
-        || cfg.final_logit_softcapping.is_some()
-    {
-        return Err(refuse(
-            cfg,
-            "scaled embeddings, a query scale or soft-capping in an olmo2 layout",
-        ));
-    }
+    check_no_gemma_features(cfg, Arch::Olmo2)?;
     check_no_window_or_scaling(cfg, Arch::Olmo2)
 }
 
@@ -170,12 +161,12 @@ fn check_rotary(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Gemma's features, which no other llama.cpp graph reads: scaled embeddings, post-norms, a
-/// query scale, logit soft-capping.
+/// Gemma's features, which no other llama.cpp graph reads: scaled embeddings, post-norms
+/// (olmo2's graph has them too), a query scale, logit soft-capping.
 fn check_no_gemma_features(cfg: &Config, arch: Arch) -> Result<()> {
+    let post_norms = arch != Arch::Olmo2 && (cfg.post_attention_norm || cfg.post_mlp_norm);
     if cfg.scale_embeddings
-        || cfg.post_attention_norm
-        || cfg.post_mlp_norm
+        || post_norms
         || cfg.attention_scores_scalar.is_some()
         || cfg.attention_logit_softcapping.is_some()
         || cfg.final_logit_softcapping.is_some()
@@ -238,7 +229,8 @@ fn check_falcon(cfg: &Config) -> Result<()> {
     check_no_window_or_scaling(cfg, Arch::Falcon)
 }
 
-/// Neither a sliding window nor rope scaling: the gptneox and falcon graphs read neither.
+/// Neither a sliding window nor rope scaling: the gptneox, falcon, stablelm and olmo2 graphs
+/// here read neither.
 fn check_no_window_or_scaling(cfg: &Config, arch: Arch) -> Result<()> {
     if cfg.rope_scaling.is_some() || cfg.sliding_window.is_some() {
         return Err(refuse(

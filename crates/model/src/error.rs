@@ -82,7 +82,8 @@ fn source_hint(p: &Option<PathBuf>) -> String {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+    /// A failed read or write of `path` (every crate's I/O errors are this one).
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             error,

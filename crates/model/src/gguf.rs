@@ -495,7 +495,7 @@ fn llama3_from_factors(factors: &[f64], n_rot: usize, base: f64) -> Option<RopeS
         return None;
     }
     let factor = factors.iter().copied().fold(f64::MIN, f64::max);
-    let plain = crate::rope::inv_freq(n_rot, base, None);
+    let plain = crate::ops::rope::inv_freq(n_rot, base, None);
     for (low, high) in [(1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0)] {
         for log2 in 4..=20 {
             let s = RopeScaling::Llama3 {
@@ -504,7 +504,7 @@ fn llama3_from_factors(factors: &[f64], n_rot: usize, base: f64) -> Option<RopeS
                 high_freq_factor: high,
                 original_max_position_embeddings: 1 << log2,
             };
-            let scaled = crate::rope::inv_freq(n_rot, base, Some(&s));
+            let scaled = crate::ops::rope::inv_freq(n_rot, base, Some(&s));
             let fits = plain
                 .iter()
                 .zip(&scaled)

@@ -14,9 +14,13 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::{frozen_linear, frozen_linear_add, frozen_matmul, frozen_weight_grad};
+use crate::ops::activation::{gelu_erf_grad, swiglu_grad};
+use crate::ops::linear::{
+    frozen_forward, frozen_linear_add, gelu_then_frozen_linear, linear_input_grad,
+    swiglu_then_frozen_linear,
+};
+use crate::ops::{recompute, Backend};
 use crate::quant::QuantWeight;
-use crate::recompute::recompute;
 use crate::rng::Rng;
 
 /// Which linears get adapters. Lit-GPT's default is query and value.
@@ -239,11 +243,12 @@ impl FrozenWeight {
     /// x W^T + b with no graph (inside a hand-written op), in x's dtype.
     pub fn forward_no_grad(
         &self,
+        be: Backend,
         x: &Tensor,
         bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         match self {
-            FrozenWeight::Dense(w) => frozen_forward(x, w, bias),
+            FrozenWeight::Dense(w) => frozen_forward(be, x, w, bias),
             FrozenWeight::Quantized(q) => {
                 let y = q.matmul_no_grad(x).map_err(candle_err)?;
                 match bias {
@@ -255,9 +260,9 @@ impl FrozenWeight {
     }
 
     /// dY @ W, the input gradient (no graph).
-    pub fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn input_grad(&self, be: Backend, dy: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            FrozenWeight::Dense(w) => linear_input_grad(dy, w),
+            FrozenWeight::Dense(w) => linear_input_grad(be, dy, w),
             FrozenWeight::Quantized(q) => q.input_grad(dy).map_err(candle_err),
         }
     }
@@ -431,9 +436,14 @@ impl LoraLinear {
     }
 
     /// Forward pass. `dropout` is `Some` only in training; it draws the dropout mask.
-    pub fn forward(&self, x: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        be: Backend,
+        x: &Tensor,
+        dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
         if self.adapters.is_empty() {
-            return self.frozen_forward(x);
+            return self.frozen_forward(be, x);
         }
         // The dropout mask is drawn from a seed and drawn again in the backward pass, so the
         // graph keeps neither the mask nor the dropped input; the low-rank update joins the
@@ -472,13 +482,15 @@ impl LoraLinear {
             |t| {
                 let delta = t[1].broadcast_matmul(&t[2].t()?)?;
                 let fused = match &w {
-                    FrozenWeight::Dense(w) => frozen_linear_add(&t[0], w, bias.as_ref(), &delta)?,
+                    FrozenWeight::Dense(w) => {
+                        frozen_linear_add(be, &t[0], w, bias.as_ref(), &delta)?
+                    }
                     FrozenWeight::Quantized(_) => None,
                 };
                 match fused {
                     Some(y) => Ok(y),
                     None => {
-                        let y = w.forward_no_grad(&t[0], bias.as_ref())?;
+                        let y = w.forward_no_grad(be, &t[0], bias.as_ref())?;
                         let delta = delta.to_dtype(y.dtype())?;
                         y + delta
                     }
@@ -488,7 +500,7 @@ impl LoraLinear {
                 let w = self.weight.clone();
                 move |t, dy| {
                     let (h, b) = (&t[1], &t[2]);
-                    let dx = w.input_grad(dy)?;
+                    let dx = w.input_grad(be, dy)?;
                     let dy = dy.to_dtype(h.dtype())?;
                     let dh = dy.broadcast_matmul(b)?;
                     let rows = dy.elem_count() / dy.dim(D::Minus1)?;
@@ -506,22 +518,25 @@ impl LoraLinear {
     /// `ops::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
     pub fn forward_after_gelu(
         &self,
+        be: Backend,
         x: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         if let Some(y) = self.quantized_after(
+            be,
             "gelu-quantized-linear",
             &[x],
             residual,
             |a| a[0].gelu_erf(),
-            |a, da| Ok(vec![crate::ops::gelu_erf_grad(&a[0], da)?]),
+            |a, da| Ok(vec![gelu_erf_grad(&a[0], da)?]),
         )? {
             return Ok(Some(y));
         }
         let Some(w) = self.frozen_dense() else {
             return Ok(None);
         };
-        Ok(crate::ops::gelu_then_frozen_linear(
+        Ok(gelu_then_frozen_linear(
+            be,
             x,
             w,
             self.bias.as_ref(),
@@ -532,17 +547,19 @@ impl LoraLinear {
     /// `residual + this linear applied to silu(gate) * up`, likewise.
     pub fn forward_after_swiglu(
         &self,
+        be: Backend,
         gate: &Tensor,
         up: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         if let Some(y) = self.quantized_after(
+            be,
             "swiglu-quantized-linear",
             &[gate, up],
             residual,
             |a| a[0].silu()? * &a[1],
             |a, da| {
-                let (dg, du) = crate::ops::swiglu_grad(&a[0], &a[1], da)?;
+                let (dg, du) = swiglu_grad(&a[0], &a[1], da)?;
                 Ok(vec![dg, du])
             },
         )? {
@@ -551,7 +568,8 @@ impl LoraLinear {
         let Some(w) = self.frozen_dense() else {
             return Ok(None);
         };
-        Ok(crate::ops::swiglu_then_frozen_linear(
+        Ok(swiglu_then_frozen_linear(
+            be,
             gate,
             up,
             w,
@@ -582,6 +600,7 @@ impl LoraLinear {
     /// (inputs, d(projection input)) to the inputs' gradients.
     fn quantized_after(
         &self,
+        be: Backend,
         name: &'static str,
         inputs: &[&Tensor],
         residual: Option<&Tensor>,
@@ -599,11 +618,11 @@ impl LoraLinear {
             name,
             &all,
             |a| {
-                let y = w.forward_no_grad(&act(&a[..n])?, bias.as_ref())?;
+                let y = w.forward_no_grad(be, &act(&a[..n])?, bias.as_ref())?;
                 a.get(n).map_or(Ok(y.clone()), |r| r + &y)
             },
             move |a, dy| {
-                let da = wq.input_grad(dy)?;
+                let da = wq.input_grad(be, dy)?;
                 let mut g: Vec<Option<Tensor>> =
                     act_grad(&a[..n], &da)?.into_iter().map(Some).collect();
                 if a.len() > n {
@@ -615,9 +634,9 @@ impl LoraLinear {
     }
 
     /// x W^T + b.
-    fn frozen_forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn frozen_forward(&self, be: Backend, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            FrozenWeight::Dense(w) => Ok(frozen_forward(x, w, self.bias.as_ref())?),
+            FrozenWeight::Dense(w) => Ok(frozen_forward(be, x, w, self.bias.as_ref())?),
             FrozenWeight::Quantized(q) => q.linear(x, self.bias.as_ref()),
         }
     }
@@ -673,31 +692,6 @@ impl LoraLinear {
 }
 
 /// Inverted-dropout mask: 0 with probability p, else 1/(1-p).
-/// x W^T + b for a frozen weight. Mixed precision: the matmul runs in the weights' dtype
-/// (on the CPU, bf16 weights take f32 inputs directly), the rest in the input's.
-pub(crate) fn frozen_forward(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    if x.dtype() == w.dtype() || (x.device().is_cpu() && crate::ops::cpu_weight_ok(x, w)) {
-        return frozen_linear(x, w, bias);
-    }
-    let y = frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
-/// dY @ W, the input gradient of [`frozen_forward`], in dY's dtype or the weights'.
-pub(crate) fn linear_input_grad(dy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if dy.dtype() == w.dtype() || (dy.device().is_cpu() && crate::ops::cpu_weight_ok(dy, w)) {
-        return frozen_weight_grad(dy, w);
-    }
-    frozen_weight_grad(&dy.to_dtype(w.dtype())?, w)
-}
-
 /// The adapters' input in their dtype, times the dropout mask drawn from `mask`'s seed.
 fn dropped(x: &Tensor, mask: Option<(f64, u64)>, dtype: DType) -> candle_core::Result<Tensor> {
     let x = x.to_dtype(dtype)?;
@@ -777,6 +771,12 @@ mod tests {
     /// textbook composite with the same mask: output and the gradients of x, A and B.
     #[test]
     fn adapters_with_dropout_match_the_composite() {
+        for be in [Backend::CpuKernels, Backend::Tensor] {
+            adapters_with_dropout_on(be);
+        }
+    }
+
+    fn adapters_with_dropout_on(be: Backend) {
         let cfg = LoraConfig {
             r: 2,
             dropout: 0.3,
@@ -791,7 +791,7 @@ mod tests {
         let r = randn(&[2, 3, 7], 8);
         let mut rng = Rng::new(9);
         let y = lin
-            .forward(x.as_tensor(), Some(&mut DropoutCtx { rng: &mut rng }))
+            .forward(be, x.as_tensor(), Some(&mut DropoutCtx { rng: &mut rng }))
             .unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
 

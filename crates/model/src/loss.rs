@@ -13,6 +13,8 @@ use candle_core::{DType, Tensor, D};
 use crate::error::Result;
 use crate::lora::FrozenWeight;
 use crate::model::Gpt;
+use crate::ops::linear::frozen_matmul_cpu_f32;
+use crate::ops::Backend;
 
 /// Rows of the flattened hidden states whose next-token target counts, and the targets.
 /// `labels` holds sequences of `lengths` back to back (a packed batch; a padded (B, T) batch
@@ -102,7 +104,7 @@ fn fused_cross_entropy_cpu(
     let rows = targets.len();
     let mut losses = vec![0f64; rows];
     let losses_ptr = losses.as_mut_ptr() as usize;
-    crate::fused::for_rows(data, vocab, |r, row| {
+    crate::ops::cpu::for_rows(data, vocab, |r, row| {
         let t = targets[r] as usize;
         if let Some(c) = softcap {
             let c = c as f32;
@@ -148,23 +150,25 @@ fn fused_cross_entropy_cpu(
 }
 
 /// The rows a frozen head multiplies, in the dtype it takes them: quantized heads and the
-/// CPU's bf16 weights take f32 rows (f32 accumulation); otherwise the weights' dtype.
-fn head_input(weight: &FrozenWeight, hv: &Tensor) -> Result<Tensor> {
+/// CPU kernels' bf16 weights take f32 rows (f32 accumulation); otherwise the weights' dtype.
+fn head_input(be: Backend, weight: &FrozenWeight, hv: &Tensor) -> Result<Tensor> {
     Ok(match weight {
         FrozenWeight::Quantized(_) => hv.to_dtype(DType::F32)?,
-        FrozenWeight::Dense(w) if hv.device().is_cpu() && w.dtype() == DType::BF16 => hv.clone(),
+        FrozenWeight::Dense(w) if be == Backend::CpuKernels && w.dtype() == DType::BF16 => {
+            hv.clone()
+        }
         FrozenWeight::Dense(w) => hv.to_dtype(w.dtype())?,
     })
 }
 
-/// Logits of a chunk of f32 rows as an owned buffer (rows, vocab) on the CPU, for the loss
-/// to turn into their gradient in place; `None` where the tensor path runs.
-fn cpu_logits(weight: &FrozenWeight, hc: &Tensor) -> Result<Option<Vec<f32>>> {
-    if !(hc.device().is_cpu() && hc.dtype() == DType::F32) {
+/// Logits of a chunk of f32 rows as an owned buffer (rows, vocab) on the CPU kernels
+/// backend, for the loss to turn into their gradient in place; `None` elsewhere.
+fn cpu_logits(be: Backend, weight: &FrozenWeight, hc: &Tensor) -> Result<Option<Vec<f32>>> {
+    if !(be == Backend::CpuKernels && hc.dtype() == DType::F32) {
         return Ok(None);
     }
     match weight {
-        FrozenWeight::Dense(w) => Ok(crate::ops::frozen_matmul_cpu_f32(hc, w)?),
+        FrozenWeight::Dense(w) => Ok(frozen_matmul_cpu_f32(be, hc, w)?),
         FrozenWeight::Quantized(q) => Ok(Some(q.matmul_rows_f32(hc)?)),
     }
 }
@@ -202,14 +206,14 @@ impl Gpt {
         let vocab = weight.dims().0;
         let softcap = self.config.final_logit_softcapping;
         let hv = h.detach().reshape((b * t, c))?.index_select(&rows_t, 0)?;
-        let hv = head_input(weight, &hv)?;
+        let hv = head_input(self.backend(), weight, &hv)?;
         let mut loss_sum = 0.0f64;
         let mut dh_chunks = Vec::new();
         for start in (0..n).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(n - start);
             let hc = hv.narrow(0, start, len)?;
             let tg = &targets[start..start + len];
-            let (sum, dlogits) = match cpu_logits(weight, &hc)? {
+            let (sum, dlogits) = match cpu_logits(self.backend(), weight, &hc)? {
                 // CPU f32: one logits buffer, which becomes the gradient in place.
                 Some(mut data) => {
                     let sum = fused_cross_entropy_cpu(&mut data, vocab, tg, grad_scale, softcap);
@@ -220,7 +224,7 @@ impl Gpt {
                     (sum, grad)
                 }
                 None => {
-                    let logits = weight.forward_no_grad(&hc, None)?;
+                    let logits = weight.forward_no_grad(self.backend(), &hc, None)?;
                     let logits = logits.to_dtype(loss_dtype(&logits))?;
                     let tg = Tensor::from_slice(tg, (len, 1), device)?;
                     match softcap {
@@ -236,7 +240,7 @@ impl Gpt {
             };
             loss_sum += sum;
             if let Some(d) = dlogits {
-                dh_chunks.push(weight.input_grad(&d.to_dtype(hc.dtype())?)?);
+                dh_chunks.push(weight.input_grad(self.backend(), &d.to_dtype(hc.dtype())?)?);
             }
         }
         let surrogate = match grad_scale {

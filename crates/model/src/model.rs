@@ -22,9 +22,11 @@ use crate::config::{Config, MlpKind, NormKind, QkNorm};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, FrozenWeight, LoraConfig, LoraLinear};
-use crate::ops;
+use crate::ops::activation::{geglu_tanh, gelu_erf, swiglu};
+use crate::ops::norm::{layer_norm, rms_norm};
+use crate::ops::rope::Rope;
+use crate::ops::Backend;
 use crate::rng::Rng;
-use crate::rope::Rope;
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -79,10 +81,10 @@ impl Norm {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, be: Backend, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Norm::LayerNorm { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps)?,
-            Norm::RmsNorm { scale, eps, .. } => ops::rms_norm(x, scale, *eps)?,
+            Norm::LayerNorm { weight, bias, eps } => layer_norm(be, x, weight, bias, *eps)?,
+            Norm::RmsNorm { scale, eps, .. } => rms_norm(be, x, scale, *eps)?,
             Norm::Identity => x.clone(),
         })
     }
@@ -167,30 +169,31 @@ impl Mlp {
     /// `residual + mlp(x)` (the residual inside the last op where it can be).
     pub fn forward(
         &self,
+        be: Backend,
         x: &Tensor,
         mut dropout: Option<&mut DropoutCtx>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let y = match self {
             Mlp::GptNeox { fc, proj } => {
-                let f = fc.forward(x, dropout.as_deref_mut())?;
-                if let Some(y) = proj.forward_after_gelu(&f, residual)? {
+                let f = fc.forward(be, x, dropout.as_deref_mut())?;
+                if let Some(y) = proj.forward_after_gelu(be, &f, residual)? {
                     return Ok(y);
                 }
-                proj.forward(&ops::gelu_erf(&f)?, dropout)?
+                proj.forward(be, &gelu_erf(be, &f)?, dropout)?
             }
             Mlp::Llama { fc_1, fc_2, proj } => {
-                let gate = fc_1.forward(x, dropout.as_deref_mut())?;
-                let up = fc_2.forward(x, dropout.as_deref_mut())?;
-                if let Some(y) = proj.forward_after_swiglu(&gate, &up, residual)? {
+                let gate = fc_1.forward(be, x, dropout.as_deref_mut())?;
+                let up = fc_2.forward(be, x, dropout.as_deref_mut())?;
+                if let Some(y) = proj.forward_after_swiglu(be, &gate, &up, residual)? {
                     return Ok(y);
                 }
-                proj.forward(&ops::swiglu(&gate, &up)?, dropout)?
+                proj.forward(be, &swiglu(be, &gate, &up)?, dropout)?
             }
             Mlp::Gemma { fc_1, fc_2, proj } => {
-                let gate = fc_1.forward(x, dropout.as_deref_mut())?;
-                let up = fc_2.forward(x, dropout.as_deref_mut())?;
-                proj.forward(&ops::geglu_tanh(&gate, &up)?, dropout)?
+                let gate = fc_1.forward(be, x, dropout.as_deref_mut())?;
+                let up = fc_2.forward(be, x, dropout.as_deref_mut())?;
+                proj.forward(be, &geglu_tanh(&gate, &up)?, dropout)?
             }
         };
         Ok(match residual {
@@ -302,8 +305,11 @@ impl Block {
         })
     }
 
+    // One caller per path (`Gpt`'s forwards), which pass their own arguments through.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        be: Backend,
         x: &Tensor,
         rope: &Rope,
         offset: usize,
@@ -314,9 +320,10 @@ impl Block {
         // Each residual sum is formed inside the op that produces its last term where it can
         // be: the graph then keeps the sum instead of the term and the sum. A post-norm sits
         // between the term and the sum, so there the sum is taken after it.
-        let n1 = self.norm_1.forward(x)?;
+        let n1 = self.norm_1.forward(be, x)?;
         let h = match &self.post_attention_norm {
             None => self.attn.forward(
+                be,
                 &n1,
                 rope,
                 offset,
@@ -327,6 +334,7 @@ impl Block {
             )?,
             Some(post) => {
                 let a = self.attn.forward(
+                    be,
                     &n1,
                     rope,
                     offset,
@@ -335,23 +343,23 @@ impl Block {
                     dropout.as_deref_mut(),
                     None,
                 )?;
-                (x + post.forward(&a)?)?
+                (x + post.forward(be, &a)?)?
             }
         };
         if self.parallel_residual {
             let n2 = match &self.norm_2 {
-                Some(norm) => norm.forward(x)?,
+                Some(norm) => norm.forward(be, x)?,
                 None => n1,
             };
-            return self.mlp.forward(&n2, dropout, Some(&h));
+            return self.mlp.forward(be, &n2, dropout, Some(&h));
         }
         let n2 = match &self.norm_2 {
-            Some(norm) => norm.forward(&h)?,
-            None => self.norm_1.forward(&h)?,
+            Some(norm) => norm.forward(be, &h)?,
+            None => self.norm_1.forward(be, &h)?,
         };
         match &self.post_mlp_norm {
-            None => self.mlp.forward(&n2, dropout, Some(&h)),
-            Some(post) => Ok((&h + post.forward(&self.mlp.forward(&n2, dropout, None)?)?)?),
+            None => self.mlp.forward(be, &n2, dropout, Some(&h)),
+            Some(post) => Ok((&h + post.forward(be, &self.mlp.forward(be, &n2, dropout, None)?)?)?),
         }
     }
 }
@@ -471,6 +479,8 @@ pub struct Gpt {
     rope_local: Option<Rope>,
     /// dtype of the activations (the residual stream, norms, softmax).
     act_dtype: DType,
+    /// How every op runs, chosen at load from the device and `act_dtype`.
+    backend: Backend,
     lora: Option<LoraConfig>,
 }
 
@@ -508,6 +518,7 @@ impl Gpt {
                 .map(|base| Rope::new(cfg, base, None, dtype, device))
                 .transpose()?,
             act_dtype: dtype,
+            backend: Backend::choose(device, dtype),
             lora: None,
         })
     }
@@ -592,6 +603,29 @@ impl Gpt {
         self.wte.dtype()
     }
 
+    /// How the ops run: chosen at load (see [`Backend::choose`]).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Runs every op on `backend` from now on. `Backend::Tensor` works everywhere (it is
+    /// what CUDA runs); the CPU kernels only on the CPU with f32 or f64 activations, and
+    /// asking for them elsewhere is an error. For tests that hold one backend to the other's
+    /// numbers, and for measuring them.
+    pub fn set_backend(&mut self, backend: Backend) -> Result<()> {
+        if backend == Backend::CpuKernels
+            && Backend::choose(self.device(), self.act_dtype) != backend
+        {
+            return Err(Error::Input(format!(
+                "the CPU kernels need f32 or f64 activations on the CPU, not {:?} on {:?}",
+                self.act_dtype,
+                self.device()
+            )));
+        }
+        self.backend = backend;
+        Ok(())
+    }
+
     pub fn device(&self) -> &Device {
         self.wte.device()
     }
@@ -621,6 +655,7 @@ impl Gpt {
         let mut x = self.embed(idx)?;
         for block in &self.blocks {
             x = block.forward(
+                self.backend,
                 &x,
                 self.rope_of(block),
                 0,
@@ -629,7 +664,7 @@ impl Gpt {
                 dropout.as_deref_mut(),
             )?;
         }
-        self.ln_f.forward(&x)
+        self.ln_f.forward(self.backend, &x)
     }
 
     /// Hidden states after the final norm for a packed batch: `ids` (N,) holds sequences of
@@ -645,6 +680,7 @@ impl Gpt {
         let mut x = self.embed_packed(ids, lengths)?;
         for block in &self.blocks {
             x = block.forward(
+                self.backend,
                 &x,
                 self.rope_of(block),
                 0,
@@ -653,7 +689,7 @@ impl Gpt {
                 dropout.as_deref_mut(),
             )?;
         }
-        self.ln_f.forward(&x)
+        self.ln_f.forward(self.backend, &x)
     }
 
     /// Embeddings of a packed batch, (1, N, n_embd), after checking that the lengths add up
@@ -682,12 +718,12 @@ impl Gpt {
     /// lm_head on hidden states: (B, T, n_embd) -> (B, T, padded_vocab), soft-capped where
     /// the family caps its logits.
     pub fn head(&self, h: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
-        let logits = self.lm_head.forward(h, dropout)?;
+        let logits = self.lm_head.forward(self.backend, h, dropout)?;
         self.cap_logits(&logits)
     }
 
     /// Final-logit soft-capping (Gemma 2): c * tanh(logits / c); unchanged without it.
-    pub fn cap_logits(&self, logits: &Tensor) -> Result<Tensor> {
+    pub(crate) fn cap_logits(&self, logits: &Tensor) -> Result<Tensor> {
         Ok(match self.config.final_logit_softcapping {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits.clone(),
@@ -709,7 +745,11 @@ impl Gpt {
 
     /// Like `forward_cached`, but the logits of the last position only, (B, 1, padded_vocab):
     /// what decoding needs, without the lm_head over every prompt position.
-    pub fn forward_cached_last(&self, idx: &Tensor, cache: &mut [KvCache]) -> Result<Tensor> {
+    pub(crate) fn forward_cached_last(
+        &self,
+        idx: &Tensor,
+        cache: &mut [KvCache],
+    ) -> Result<Tensor> {
         let h = self.hidden_cached(idx, cache)?;
         let t = h.dim(1)?;
         self.head(&h.narrow(1, t - 1, 1)?, None)
@@ -728,9 +768,17 @@ impl Gpt {
         self.check_positions(offset, t)?;
         let mut x = self.embed(idx)?;
         for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
-            x = block.forward(&x, self.rope_of(block), offset, Some(c), None, None)?;
+            x = block.forward(
+                self.backend,
+                &x,
+                self.rope_of(block),
+                offset,
+                Some(c),
+                None,
+                None,
+            )?;
         }
-        self.ln_f.forward(&x)
+        self.ln_f.forward(self.backend, &x)
     }
 
     fn check_positions(&self, offset: usize, t: usize) -> Result<()> {
@@ -757,13 +805,21 @@ impl Gpt {
         let block = self.blocks.get(i).ok_or_else(|| {
             Error::Cache(format!("block {i} of a {}-layer model", self.blocks.len()))
         })?;
-        block.forward(x, self.rope_of(block), 0, None, lengths, dropout)
+        block.forward(
+            self.backend,
+            x,
+            self.rope_of(block),
+            0,
+            None,
+            lengths,
+            dropout,
+        )
     }
 
     /// Token embeddings (B, T) -> (B, T, n_embd), in the activation dtype; multiplied by
     /// sqrt(n_embd), rounded to that dtype as transformers does, where the family scales
     /// them (Gemma).
-    pub fn embed(&self, idx: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed(&self, idx: &Tensor) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         let ids = idx.flatten_all()?;
         let x = self

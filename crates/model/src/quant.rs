@@ -19,7 +19,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::recompute::recompute;
+use crate::ops::recompute;
 
 /// The most dequantized values the CPU holds at once for one product (4 MiB of f32).
 pub const DEQUANT_CHUNK_ELEMS: usize = 1 << 20;

@@ -198,7 +198,7 @@ impl Gpt {
         for i in n_ckpt..self.blocks.len() {
             x = self.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
         }
-        let h = self.ln_f.forward(&x)?;
+        let h = self.ln_f.forward(self.backend(), &x)?;
         drop(x);
         let out = self.batch_head_loss(&h, batch, opts.ignore_index, Some(grad_scale))?;
         drop(h);

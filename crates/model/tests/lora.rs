@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use loratune_model::convert::load_hf_dir;
 use loratune_model::model::lora_param_count;
-use loratune_model::{Config, DropoutCtx, Gpt, LoraConfig, LoraTargets, Rng};
+use loratune_model::{Backend, Config, DropoutCtx, Gpt, LoraConfig, LoraTargets, Rng};
 
 const VARIANTS: [&str; 16] = [
     "neox_parallel_rot025",
@@ -367,8 +367,8 @@ fn packed_batch_equals_each_sequence_alone() {
     }
 }
 
-/// The tensor path (what CUDA runs; `loratune_model::tensor_path` turns the CPU kernels off) against
-/// the CPU kernels in f64: hidden states and every adapter's gradient, for a packed batch with
+/// The tensor backend (what CUDA runs; `Gpt::set_backend` picks it on the CPU) against the
+/// CPU kernels in f64: hidden states and every adapter's gradient, for a packed batch with
 /// dropout and for a plain (B, T) batch, on every family, with every target and the default.
 #[test]
 fn tensor_path_equals_cpu_kernels() {
@@ -389,7 +389,7 @@ fn tensor_path_equals_cpu_kernels() {
         let lengths = [6usize, 1, 9];
         let ids = tokens(1, 16, vocab, 21).flatten_all().unwrap();
         let batch = tokens(2, 7, vocab, 22);
-        let run = |packed: bool| {
+        let run = |model: &Gpt, packed: bool| {
             let mut rng = Rng::new(5);
             let h = if packed {
                 let mut ctx = DropoutCtx { rng: &mut rng };
@@ -408,8 +408,11 @@ fn tensor_path_equals_cpu_kernels() {
             (h, g)
         };
         for packed in [true, false] {
-            let (h_cpu, g_cpu) = run(packed);
-            let (h_t, g_t) = loratune_model::tensor_path(|| run(packed));
+            assert_eq!(model.backend(), Backend::CpuKernels);
+            let (h_cpu, g_cpu) = run(&model, packed);
+            model.set_backend(Backend::Tensor).unwrap();
+            let (h_t, g_t) = run(&model, packed);
+            model.set_backend(Backend::CpuKernels).unwrap();
             let d = max_abs_diff(&h_t, &h_cpu);
             assert!(d < 1e-10, "{name} packed={packed}: hidden {d}");
             for (vname, var) in model.lora_vars() {

@@ -338,8 +338,8 @@ pub fn export_gguf(
     if let Some(RopeScaling::Llama3 { .. }) = &cfg.rope_scaling {
         // llama.cpp divides each frequency by its factor in `rope_freqs` (its converter's
         // Llama 3 rule); the factors are read off the model's own rotary table.
-        let plain = crate::rope::inv_freq(n_rot(cfg), cfg.rope_base, None);
-        let ours = crate::rope::inv_freq(n_rot(cfg), cfg.rope_base, cfg.rope_scaling.as_ref());
+        let plain = crate::ops::rope::inv_freq(n_rot(cfg), cfg.rope_base, None);
+        let ours = crate::ops::rope::inv_freq(n_rot(cfg), cfg.rope_base, cfg.rope_scaling.as_ref());
         let factors: Vec<f32> = plain
             .iter()
             .zip(&ours)

@@ -11,15 +11,18 @@
 //! one (sequence, key/value group) at a time on candle's thread pool, each with its own
 //! small single-threaded GEMMs (the `gemm` crate that candle's CPU matmul uses).
 //!
-//! f32 and f64 on the CPU; `attention.rs` keeps the tensor-op path for other devices and
-//! dtypes and for decoding with a KV cache.
+//! Also here: the attention probabilities of the KV-cache path (decoding and prefill after
+//! position 0), [`attention_probs`], an inference-only op.
+//!
+//! f32 and f64 on the CPU; `tensor.rs` is the tensor backend's attention.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
-use crate::fused::{by_dtype, cpu_slice, gemm, run_tasks, SendPtr};
-use crate::mask::ScoreRules;
-use crate::rope::rotate_row;
+use crate::ops::cpu::{by_dtype, cpu_slice, for_rows, gemm, run_tasks, Real, SendPtr};
+use crate::ops::mask::ScoreRules;
+use crate::ops::rope::rotate_row;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -417,6 +420,94 @@ impl CustomOp2 for Backward {
     }
 }
 
+// ---- attention probabilities (inference) ------------------------------------------------
+
+/// Attention probabilities straight from queries and keys: softmax(mask(cap(q @ k^T))) under
+/// the layer's `rules`, the scale already folded into q. q is (B, G, R, hs) with
+/// R = (heads per group) * T, k is (B, G, Tk, hs); the result (B, G, R, Tk) is the
+/// (B, H, T, Tk) probabilities. The scores live only inside the op: one (heads x T x Tk)
+/// buffer per layer instead of three.
+struct AttentionProbs {
+    t: usize,
+    rules: ScoreRules,
+}
+
+impl AttentionProbs {
+    /// The capped scores `s` (rows of `tk`), softmaxed in place by rows under the rules; row
+    /// r is the query at position tk - t + r % t.
+    fn probs<T: Real + Float>(&self, s: &[T], tk: usize, cap: impl Fn(T) -> T + Sync) -> Vec<T> {
+        let mut out: Vec<T> = s.iter().map(|&v| cap(v)).collect();
+        let (t, offset) = (self.t, tk - self.t);
+        for_rows(&mut out, tk, |r, row| {
+            self.rules.softmax_row(row, offset + r % t)
+        });
+        out
+    }
+
+    fn scores(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, (usize, usize, usize, usize))> {
+        let (b, g, r, hs) = lq.shape().dims4()?;
+        let (b2, g2, tk, hs2) = lk.shape().dims4()?;
+        if (b, g, hs) != (b2, g2, hs2) || r % self.t != 0 || self.t > tk {
+            candle_core::bail!(
+                "attention-probs: q {:?} and k {:?} do not match (T = {})",
+                lq.dims(),
+                lk.dims(),
+                self.t
+            )
+        }
+        let (qo, ko) = match (lq.contiguous_offsets(), lk.contiguous_offsets()) {
+            (Some((qo, _)), Some((ko, _))) => (qo, ko),
+            _ => candle_core::bail!("attention-probs: q and k must be contiguous"),
+        };
+        let q_l = Layout::contiguous_with_offset((b * g, r, hs), qo);
+        let kt_l = Layout::contiguous_with_offset((b * g, tk, hs), ko).transpose(1, 2)?;
+        let s = sq.matmul(sk, (b * g, r, tk, hs), &q_l, &kt_l)?;
+        Ok((s, (b, g, r, tk)))
+    }
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, dims) = self.scores(sq, lq, sk, lk)?;
+        let tk = dims.3;
+        let r = self.rules;
+        let all = Layout::contiguous(dims);
+        let out = by_dtype!("attention-probs", &s, |T| self.probs(
+            cpu_slice::<T>(&s, &all, "attention-probs")?,
+            tk,
+            |v| <T as candle_core::WithDType>::from_f64(
+                r.cap(<T as candle_core::WithDType>::to_f64(v))
+            )
+        ));
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// softmax(mask(cap(q @ k^T))) for q (B, G, R, hs) and k (B, G, Tk, hs) on the CPU; see
+/// `AttentionProbs`. Inference only (the KV-cache path): it has no backward pass, and a
+/// gradient asked through it is an error, not a silent zero. Training attention runs in
+/// [`packed_attention`] (CPU) or `tensor.rs`'s recomputed path.
+pub fn attention_probs(q: &Tensor, k: &Tensor, t: usize, rules: ScoreRules) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op2(&k.contiguous()?, AttentionProbs { t, rules })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,5 +656,60 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("[2, 2]"), "{err}");
+    }
+
+    /// The inference-only attention probabilities, GQA layout (2 heads per group, T = 3 of
+    /// Tk = 5), against matmul + mask + softmax from candle's differentiable ops.
+    #[test]
+    fn attention_probs_match_candles_ops() {
+        // Plain, and with a window of 2 and a soft cap of 1.5.
+        for rules in [
+            ScoreRules::default(),
+            ScoreRules {
+                window: Some(2),
+                softcap: Some(1.5),
+            },
+        ] {
+            let (t, tk) = (3usize, 5usize);
+            let mask: Vec<f64> = (0..t)
+                .flat_map(|i| {
+                    (0..tk).map(move |j| {
+                        let pos = tk - t + i;
+                        if j > pos || j < rules.first_key(pos) {
+                            -1e30
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, tk), &Device::Cpu).unwrap();
+            let q = Var::from_tensor(&randn(&[2, 3, 2 * t, 4], 8)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, 3, tk, 4], 9)).unwrap();
+            let wsum = randn(&[2, 3, 2 * t, tk], 10);
+            let fused = attention_probs(q.as_tensor(), k.as_tensor(), t, rules).unwrap();
+            let s = rules
+                .cap_tensor(&q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap())
+                .unwrap();
+            let s = s
+                .reshape((2, 6, t, tk))
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let e = s
+                .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
+                .unwrap()
+                .exp()
+                .unwrap();
+            let reference = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+            let reference = reference.reshape((2, 3, 2 * t, tk)).unwrap();
+            assert!(max_diff(&fused, &reference) < 1e-12);
+            // Inference only: asking for a gradient through it fails loudly.
+            let err = (fused * &wsum).unwrap().sum_all().unwrap().backward();
+            assert!(
+                err.is_err(),
+                "attention-probs must not pass a silent gradient"
+            );
+        }
     }
 }

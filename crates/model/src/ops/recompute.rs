@@ -2,13 +2,14 @@
 //! needs from the inputs: the graph keeps the op's inputs and output, nothing in between.
 //!
 //! candle keeps every intermediate of a composite op alive until the backward pass (each
-//! tensor holds its inputs). On the tensor path (CUDA, and the CPU with bf16 activations)
+//! tensor holds its inputs). On the tensor backend (CUDA, and the CPU with bf16 activations)
 //! that made attention keep about twenty bytes per (head, query, key) and each LayerNorm
 //! eight f32 copies of its input. [`recompute`] runs a forward on detached inputs (any
 //! device, candle's fused kernels allowed, nothing recorded) and hands candle a custom op
 //! whose result is that output and whose backward is the caller's function of the inputs.
-//! The CPU's f32 path has its own kernels (`fused`, `attn_kernel`); this is the same idea
-//! for every device, built from tensor ops.
+//! The CPU kernels backend has hand-written kernels with their own backward instead; this
+//! is the same idea for every device, built from tensor ops, and the one way the tensor
+//! backend attaches a hand-written backward.
 
 use std::sync::Mutex;
 

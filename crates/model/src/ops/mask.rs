@@ -4,7 +4,7 @@
 //! the CPU ([`ScoreRules::softmax_row`], the packed attention kernel and the inference
 //! scores op) and tensor ops ([`masked_softmax`], the tensor path on every device). A new
 //! score rule is a field here, its effect in these two functions and, if it has a slope,
-//! in the two backward passes (`attn_kernel.rs` and `attention.rs`'s `attend_backward`).
+//! in the two backward passes (`attention/cpu.rs` and `attention/tensor.rs`'s `attend_backward`).
 
 use candle_core::{DType, Device, Tensor, D};
 use num_traits::Float;
@@ -134,7 +134,19 @@ pub fn masked_softmax(att: &Tensor, rules: ScoreRules) -> candle_core::Result<Te
     } else {
         att
     };
-    crate::ops::softmax_last_dim(&att)
+    softmax_last_dim(&att)
+}
+/// (its gradient cancels exactly), so it is detached.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    if super::candle_kernel_ok(x) {
+        return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
+    let x = x.to_dtype(super::compute_dtype(dtype))?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -204,5 +216,17 @@ mod tests {
         let t = Tensor::new(&[s], &Device::Cpu).unwrap();
         let ct: Vec<f64> = r.cap_tensor(&t).unwrap().to_vec1().unwrap();
         assert!((ct[0] - c).abs() < 1e-12);
+    }
+
+    /// Softmax without a graph (candle's fused kernel, f32) equals the composite with one.
+    #[test]
+    fn softmax_kernel_matches_the_composite() {
+        let x = crate::test_util::randn_dtype(&[2, 3, 5, 8], 1, DType::F32);
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let d = crate::test_util::max_diff(
+            &softmax_last_dim(&x).unwrap(),
+            &softmax_last_dim(var.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-6, "{d}");
     }
 }

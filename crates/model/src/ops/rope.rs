@@ -140,11 +140,6 @@ impl Rope {
         }
     }
 
-    /// The precomputed cos table (positions, half): its device and dtype are the model's.
-    pub(crate) fn cos_table(&self) -> &Tensor {
-        &self.table.cos
-    }
-
     /// Tables for positions `offset .. offset + len`, for a call whose positions end there.
     pub(crate) fn at(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let table = self.table(offset + len);

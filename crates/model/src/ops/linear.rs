@@ -1,303 +1,22 @@
-//! Tensor ops the model needs, each with a working backward pass.
-//!
-//! candle's fused `layer_norm`, `rms_norm`, `softmax_last_dim` and `rope` kernels have no
-//! backward: gradients stop there without an error. Each op here takes the fused kernel only
-//! when its input carries no gradient (`!x.track_op()`: inference, or layers before the first
-//! trainable parameter) and otherwise builds the result from ops that candle differentiates.
-//!
-//! [`frozen_matmul`] is the other half of the memory story: candle's matmul backward computes
-//! the weight gradient unconditionally and keeps it in the `GradStore`, so a frozen 50k-row
-//! lm_head would cost a second copy of itself per step. The custom op here returns only dX.
+//! Frozen linears: `x @ w.T (+ b)` whose backward yields dX = dY @ w only. candle's matmul
+//! backward computes the weight gradient unconditionally and keeps it in the `GradStore`, so
+//! a frozen 50k-row lm_head would cost a second copy of itself per step; [`frozen_matmul`]
+//! returns only dX, on every device (its CPU product takes bf16 weights for f32 rows:
+//! `bf16_gemm.rs`). On the CPU kernels backend the output buffer also takes the bias, a LoRA
+//! update ([`frozen_linear_add`]) or, before the product, the MLP's activation
+//! ([`gelu_then_frozen_linear`], [`swiglu_then_frozen_linear`]); the tensor backend forms the
+//! latter two with a recomputed backward.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor,
 };
 
-use crate::recompute::recompute;
+use super::activation::{gelu_erf_grad, swiglu_grad, GeluErf, GeluErfBwd, SwiGlu, SwiGluBwd};
+use super::cpu::for_rows;
+use super::{recompute, recomputes, Backend};
 
 type Result<T> = candle_core::Result<T>;
-
-/// The precision reductions run in: f32, or f64 for f64 tensors.
-fn compute_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// Whether candle's fused kernel may be used: no gradient needed, and a dtype it supports.
-fn use_fused(x: &Tensor) -> bool {
-    !x.track_op() && x.is_contiguous() && x.dtype() != DType::F64
-}
-
-/// LayerNorm over the last dimension, statistics in f32.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::fused::applies(x, Some(weight)) {
-        return crate::fused::layer_norm(x, weight, bias, eps);
-    }
-    if use_fused(x) {
-        return candle_nn::ops::layer_norm(x, weight, bias, eps as f32);
-    }
-    if recomputes(x, &[weight, bias]) {
-        let (w, b) = (weight.clone(), bias.clone());
-        return recompute(
-            "layer-norm",
-            &[x],
-            |a| layer_norm(&a[0], &w, &b, eps),
-            norm_backward(weight, eps, true),
-        );
-    }
-    let dtype = x.dtype();
-    let x = x.to_dtype(compute_dtype(dtype))?;
-    let d = x.dim(D::Minus1)? as f64;
-    let mean = (x.sum_keepdim(D::Minus1)? / d)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / d)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
-}
-
-/// RMSNorm over the last dimension (Llama's: normalise in f32, cast back, then scale).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::fused::applies(x, Some(weight)) {
-        return crate::fused::rms_norm(x, weight, eps);
-    }
-    if use_fused(x) {
-        return candle_nn::ops::rms_norm(x, weight, eps as f32);
-    }
-    if recomputes(x, &[weight]) {
-        let w = weight.clone();
-        return recompute(
-            "rms-norm",
-            &[x],
-            |a| rms_norm(&a[0], &w, eps),
-            norm_backward(weight, eps, false),
-        );
-    }
-    let dtype = x.dtype();
-    let x = x.to_dtype(compute_dtype(dtype))?;
-    let d = x.dim(D::Minus1)? as f64;
-    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
-    let xn = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    xn.to_dtype(dtype)?.broadcast_mul(weight)
-}
-
-/// Whether an op on the tensor path runs through [`recompute`]: its input is on a graph and
-/// its frozen parameters are not (a trainable weight needs candle's own graph).
-fn recomputes(x: &Tensor, frozen: &[&Tensor]) -> bool {
-    x.track_op() && !crate::fused::applies(x, None) && frozen.iter().all(|w| !w.track_op())
-}
-
-/// dX of LayerNorm (`centered`) or RMSNorm for a frozen weight, recomputing the statistics
-/// from X in f32: with g = dY * w and x̂ the normalised input,
-/// dX = rstd * (g - mean(g) - x̂ * mean(g * x̂)), without the mean(g) term for RMSNorm.
-fn norm_backward(
-    weight: &Tensor,
-    eps: f64,
-    centered: bool,
-) -> impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static {
-    let weight = weight.clone();
-    move |a, dy| {
-        let w = weight.to_dtype(compute_dtype(a[0].dtype()))?;
-        let dx = by_rows(&[&a[0], dy], a[0].dtype(), ROW_BLOCK, |t| {
-            let cd = compute_dtype(t[0].dtype());
-            let x = t[0].to_dtype(cd)?;
-            let d = x.dim(D::Minus1)? as f64;
-            let x = if centered {
-                x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / d)?)?
-            } else {
-                x
-            };
-            let rstd = ((x.sqr()?.sum_keepdim(D::Minus1)? / d)? + eps)?
-                .sqrt()?
-                .recip()?;
-            let xhat = x.broadcast_mul(&rstd)?;
-            let g = t[1].to_dtype(cd)?.broadcast_mul(&w)?;
-            let proj = (&g * &xhat)?.sum_keepdim(D::Minus1)? / d;
-            let mut inner = (g - xhat.broadcast_mul(&proj?)?)?;
-            if centered {
-                let mean = (inner.sum_keepdim(D::Minus1)? / d)?;
-                inner = inner.broadcast_sub(&mean)?;
-            }
-            Ok(vec![inner.broadcast_mul(&rstd)?])
-        })?;
-        Ok(dx.into_iter().map(Some).collect())
-    }
-}
-
-/// Elements per block of rows in the tensor path's element-wise backward passes: their f32
-/// temporaries stay at 16 MiB each instead of (tokens x width) (1.4 GB for a 3B model's MLP
-/// at 3.5k tokens).
-const ROW_BLOCK: usize = 1 << 22;
-
-/// `f` on blocks of rows (leading dimensions flattened) of same-shaped `inputs`, each output
-/// cast to `dtype` before the blocks are joined and reshaped to the inputs' shape.
-fn by_rows(
-    inputs: &[&Tensor],
-    dtype: DType,
-    block: usize,
-    f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
-) -> Result<Vec<Tensor>> {
-    let dims = inputs[0].dims().to_vec();
-    let width = dims.last().copied().unwrap_or(1).max(1);
-    let rows = inputs[0].elem_count() / width;
-    let step = (block / width).max(1);
-    if rows <= step {
-        let all: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
-        return f(&all)?.into_iter().map(|t| t.to_dtype(dtype)).collect();
-    }
-    let flat = inputs
-        .iter()
-        .map(|t| t.reshape((rows, width)))
-        .collect::<Result<Vec<_>>>()?;
-    let mut outs: Vec<Vec<Tensor>> = Vec::new();
-    for start in (0..rows).step_by(step) {
-        let len = step.min(rows - start);
-        let part = flat
-            .iter()
-            .map(|t| t.narrow(0, start, len))
-            .collect::<Result<Vec<_>>>()?;
-        for (i, t) in f(&part)?.into_iter().enumerate() {
-            if outs.len() <= i {
-                outs.push(Vec::new());
-            }
-            outs[i].push(t.to_dtype(dtype)?);
-        }
-    }
-    outs.into_iter()
-        .map(|v| Tensor::cat(&v, 0)?.reshape(dims.as_slice()))
-        .collect()
-}
-
-/// Softmax over the last dimension, computed in f32. The row max is a constant shift
-/// (its gradient cancels exactly), so it is detached.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    if use_fused(x) {
-        return candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
-    }
-    let x = x.to_dtype(compute_dtype(dtype))?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&sum)?.to_dtype(dtype)
-}
-
-/// GELU, exact erf form; the fused CPU kernel (parallel, own backward) where it applies.
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if crate::fused::applies(x, None) {
-        return crate::fused::gelu_erf(x);
-    }
-    if recomputes(x, &[]) {
-        return recompute(
-            "gelu",
-            &[x],
-            |a| a[0].gelu_erf(),
-            |a, dy| Ok(vec![Some(gelu_erf_grad(&a[0], dy)?)]),
-        );
-    }
-    x.gelu_erf()
-}
-
-/// dY * gelu'(x), gelu'(x) = Φ(x) + x φ(x), in f32 (f64 for f64). candle's own GELU
-/// backward rounds 1/sqrt(2π) to six digits.
-pub(crate) fn gelu_erf_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let out = by_rows(&[x, dy], x.dtype(), ROW_BLOCK, |t| {
-        let x = t[0].to_dtype(compute_dtype(t[0].dtype()))?;
-        let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-        let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
-        let pdf = (x.sqr()?.affine(-0.5, 0.0)?.exp()? * inv_sqrt_2pi)?;
-        Ok(vec![
-            (cdf + (x * pdf)?)?.mul(&t[1].to_dtype(compute_dtype(t[1].dtype()))?)?
-        ])
-    })?;
-    Ok(out.into_iter().next().expect("one output"))
-}
-
-/// (dY * d/dgate, dY * d/dup) of silu(gate) * up, in f32 (f64 for f64):
-/// silu'(g) = σ(g) (1 + g (1 - σ(g))).
-pub(crate) fn swiglu_grad(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let mut out = by_rows(&[gate, up, dy], gate.dtype(), ROW_BLOCK, |t| {
-        let cd = compute_dtype(t[0].dtype());
-        let (g, u, dy) = (t[0].to_dtype(cd)?, t[1].to_dtype(cd)?, t[2].to_dtype(cd)?);
-        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
-        let silu = (&g * &sig)?;
-        let dsilu = (&sig * ((&g * (1.0 - &sig)?)? + 1.0)?)?;
-        Ok(vec![(dy.mul(&u)? * dsilu)?, dy.mul(&silu)?])
-    })?
-    .into_iter();
-    Ok((out.next().expect("dgate"), out.next().expect("dup")))
-}
-
-/// gelu_tanh(x) = x/2 (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715
-/// (transformers' `gelu_pytorch_tanh`), and its derivative when asked.
-fn gelu_tanh_parts(x: &Tensor, slope: bool) -> Result<(Tensor, Option<Tensor>)> {
-    const A: f64 = 0.044715;
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let x2 = x.sqr()?;
-    let th = ((x * ((&x2 * A)? + 1.0)?)? * c)?.tanh()?;
-    let value = ((x * 0.5)? * (&th + 1.0)?)?;
-    if !slope {
-        return Ok((value, None));
-    }
-    // d/dx = (1 + th)/2 + x/2 (1 - th^2) c (1 + 3 a x^2)
-    let inner = (((&x2 * (3.0 * A))? + 1.0)? * c)?;
-    let d = (((&th + 1.0)? * 0.5)? + ((x * 0.5)? * ((1.0 - th.sqr()?)? * inner)?)?)?;
-    Ok((value, Some(d)))
-}
-
-/// gelu_tanh(gate) * up (Gemma's MLP), computed in f32 (f64 for f64). Where gradients are
-/// wanted it recomputes in the backward pass, so only gate and up are kept.
-pub fn geglu_tanh(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    fn forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-        let dtype = g.dtype();
-        let cd = compute_dtype(dtype);
-        let (v, _) = gelu_tanh_parts(&g.to_dtype(cd)?, false)?;
-        (v * u.to_dtype(cd)?)?.to_dtype(dtype)
-    }
-    if !(gate.track_op() || up.track_op()) {
-        return forward(gate, up);
-    }
-    recompute(
-        "geglu-tanh",
-        &[gate, up],
-        |a| forward(&a[0], &a[1]),
-        |a, dy| {
-            let mut out = by_rows(&[&a[0], &a[1], dy], a[0].dtype(), ROW_BLOCK, |t| {
-                let cd = compute_dtype(t[0].dtype());
-                let (g, u, dy) = (t[0].to_dtype(cd)?, t[1].to_dtype(cd)?, t[2].to_dtype(cd)?);
-                let (v, d) = gelu_tanh_parts(&g, true)?;
-                let d = d.expect("asked for the slope");
-                Ok(vec![(dy.mul(&u)? * d)?, dy.mul(&v)?])
-            })?
-            .into_iter();
-            Ok(vec![out.next(), out.next()])
-        },
-    )
-}
-
-/// silu(gate) * up (the LLaMA MLP).
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if crate::fused::applies(gate, Some(up)) {
-        return crate::fused::swiglu(gate, up);
-    }
-    if recomputes(gate, &[]) || recomputes(up, &[]) {
-        return recompute(
-            "swiglu",
-            &[gate, up],
-            |a| a[0].silu()? * &a[1],
-            |a, dy| {
-                let (dg, du) = swiglu_grad(&a[0], &a[1], dy)?;
-                Ok(vec![Some(dg), Some(du)])
-            },
-        );
-    }
-    gate.silu()? * up
-}
 
 /// `x @ w.T` for a frozen weight `w` (out, in): the backward pass yields dX = dY @ w only.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -308,17 +27,17 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Whether the CPU frozen linear takes `w` for input `x`: the same dtype, or bf16 weights
-/// for an f32 input (mixed precision, see `bf16_gemm`).
-pub fn cpu_weight_ok(x: &Tensor, w: &Tensor) -> bool {
+/// Whether the CPU frozen linear takes `w` for input `x` (CPU kernels backend): the same
+/// dtype, or bf16 weights for an f32 input (mixed precision, see `bf16_gemm`).
+pub(crate) fn cpu_weight_ok(x: &Tensor, w: &Tensor) -> bool {
     w.dtype() == x.dtype() || (w.dtype() == DType::BF16 && x.dtype() == DType::F32)
 }
 
-/// `x @ w.T + b` for a frozen weight and bias; on the CPU the bias is added in the GEMM's
-/// output buffer (no extra pass, no broadcast, no bias gradient).
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// `x @ w.T + b` for a frozen weight and bias; on the CPU kernels backend the bias is added
+/// in the GEMM's output buffer (no extra pass, no broadcast, no bias gradient).
+pub fn frozen_linear(be: Backend, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
-        Some(b) if x.device().is_cpu() && b.dtype() == x.dtype() && cpu_weight_ok(x, w) => {
+        Some(b) if be == Backend::CpuKernels && b.dtype() == x.dtype() && cpu_weight_ok(x, w) => {
             let x = x.contiguous()?;
             x.apply_op1(FrozenMatmul {
                 w: w.clone(),
@@ -330,18 +49,45 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     }
 }
 
+/// x W^T + b for a frozen weight, in x's dtype. Mixed precision: the matmul runs in the
+/// weights' dtype (on the CPU kernels backend, bf16 weights take f32 inputs directly).
+pub(crate) fn frozen_forward(
+    be: Backend,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    if x.dtype() == w.dtype() || (be == Backend::CpuKernels && cpu_weight_ok(x, w)) {
+        return frozen_linear(be, x, w, bias);
+    }
+    let y = frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// dY @ W, the input gradient of [`frozen_forward`], in dY's dtype or the weights'.
+pub(crate) fn linear_input_grad(be: Backend, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if dy.dtype() == w.dtype() || (be == Backend::CpuKernels && cpu_weight_ok(dy, w)) {
+        return frozen_weight_grad(dy, w);
+    }
+    frozen_weight_grad(&dy.to_dtype(w.dtype())?, w)
+}
+
 /// `x @ w.T + b + add` for a frozen weight and bias on the CPU (f32/f64, one dtype), in one
 /// op: the GEMM's output buffer takes the bias and `add` (a LoRA update) in place. The graph
 /// then keeps `add` but neither the plain product nor a sum of two tensors; the backward
 /// pass gives dX = dY @ w and d(add) = dY. `None` where it does not apply.
 pub fn frozen_linear_add(
+    be: Backend,
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     add: &Tensor,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == x.dtype();
-    if !(crate::fused::applies(x, None) && cpu_weight_ok(x, w) && same(add) && b.is_none_or(same)) {
+    if !(be == Backend::CpuKernels && cpu_weight_ok(x, w) && same(add) && b.is_none_or(same)) {
         return Ok(None);
     }
     let op = FrozenMatmul {
@@ -354,8 +100,8 @@ pub fn frozen_linear_add(
 /// `x @ w.T` for a CPU f32 input (f32 or bf16 weights) as an owned row-major buffer (rows, out), for callers that
 /// transform the product in place (the loss turns logits into their gradient); `None`
 /// elsewhere.
-pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && cpu_weight_ok(x, w)) {
+pub fn frozen_matmul_cpu_f32(be: Backend, x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>> {
+    if !(be == Backend::CpuKernels && x.dtype() == DType::F32 && cpu_weight_ok(x, w)) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -380,13 +126,15 @@ pub fn frozen_matmul_cpu_f32(x: &Tensor, w: &Tensor) -> Result<Option<Vec<f32>>>
 /// With `residual` the result is `residual + ...`; on the tensor path inside the op, so the
 /// graph keeps neither the projection's output nor a sum.
 pub fn gelu_then_frozen_linear(
+    be: Backend,
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == x.dtype();
-    if recomputes(x, &[]) && same(w) && b.is_none_or(same) && residual.is_none_or(same) {
+    let tensor = be == Backend::Tensor;
+    if tensor && recomputes(x, &[]) && same(w) && b.is_none_or(same) && residual.is_none_or(same) {
         let (w, b) = (w.clone(), b.cloned());
         let wb = w.clone();
         let inputs: Vec<&Tensor> = std::iter::once(x).chain(residual).collect();
@@ -394,7 +142,7 @@ pub fn gelu_then_frozen_linear(
             "gelu-frozen-linear",
             &inputs,
             |a| {
-                let y = frozen_linear(&a[0].gelu_erf()?, &w, b.as_ref())?;
+                let y = frozen_linear(be, &a[0].gelu_erf()?, &w, b.as_ref())?;
                 a.get(1).map_or(Ok(y.clone()), |r| r + &y)
             },
             move |a, dy| {
@@ -407,7 +155,7 @@ pub fn gelu_then_frozen_linear(
             },
         )?));
     }
-    if !(crate::fused::applies(x, None) && cpu_weight_ok(x, w) && b.is_none_or(same)) {
+    if tensor || !(cpu_weight_ok(x, w) && b.is_none_or(same)) {
         return Ok(None);
     }
     let op = ActThenFrozen(FrozenMatmul {
@@ -423,6 +171,7 @@ pub fn gelu_then_frozen_linear(
 
 /// `(silu(gate) * up) @ w.T + b`, the LLaMA MLP's projection, likewise.
 pub fn swiglu_then_frozen_linear(
+    be: Backend,
     gate: &Tensor,
     up: &Tensor,
     w: &Tensor,
@@ -430,7 +179,9 @@ pub fn swiglu_then_frozen_linear(
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let same = |t: &Tensor| t.dtype() == gate.dtype();
-    if (recomputes(gate, &[]) || recomputes(up, &[]))
+    let tensor = be == Backend::Tensor;
+    if tensor
+        && (recomputes(gate, &[]) || recomputes(up, &[]))
         && same(up)
         && same(w)
         && b.is_none_or(same)
@@ -443,7 +194,7 @@ pub fn swiglu_then_frozen_linear(
             "swiglu-frozen-linear",
             &inputs,
             |a| {
-                let y = frozen_linear(&(a[0].silu()? * &a[1])?, &w, b.as_ref())?;
+                let y = frozen_linear(be, &(a[0].silu()? * &a[1])?, &w, b.as_ref())?;
                 a.get(2).map_or(Ok(y.clone()), |r| r + &y)
             },
             move |a, dy| {
@@ -457,11 +208,7 @@ pub fn swiglu_then_frozen_linear(
             },
         )?));
     }
-    if !(crate::fused::applies(gate, None)
-        && cpu_weight_ok(gate, w)
-        && same(up)
-        && b.is_none_or(same))
-    {
+    if tensor || !(cpu_weight_ok(gate, w) && same(up) && b.is_none_or(same)) {
         return Ok(None);
     }
     let op = ActThenFrozen(FrozenMatmul {
@@ -484,16 +231,13 @@ impl CustomOp1 for ActThenFrozen {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, shape) = crate::fused::GeluErf.cpu_fwd(s, l)?;
+        let (a, shape) = GeluErf.cpu_fwd(s, l)?;
         CustomOp1::cpu_fwd(&self.0, &a, &Layout::contiguous(shape))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let da = frozen_weight_grad(grad, &self.0.w)?;
-        Ok(Some(x.apply_op2_no_bwd(
-            &da.contiguous()?,
-            &crate::fused::GeluErfBwd,
-        )?))
+        Ok(Some(x.apply_op2_no_bwd(&da.contiguous()?, &GeluErfBwd)?))
     }
 }
 
@@ -509,7 +253,7 @@ impl CustomOp2 for ActThenFrozen {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, shape) = crate::fused::SwiGlu.cpu_fwd(s1, l1, s2, l2)?;
+        let (a, shape) = SwiGlu.cpu_fwd(s1, l1, s2, l2)?;
         CustomOp1::cpu_fwd(&self.0, &a, &Layout::contiguous(shape))
     }
 
@@ -521,7 +265,7 @@ impl CustomOp2 for ActThenFrozen {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let da = frozen_weight_grad(grad, &self.0.w)?;
-        let both = gate.apply_op3_no_bwd(up, &da.contiguous()?, &crate::fused::SwiGluBwd)?;
+        let both = gate.apply_op3_no_bwd(up, &da.contiguous()?, &SwiGluBwd)?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
@@ -534,7 +278,7 @@ struct FrozenMatmul {
 
 /// Adds `bias` to every row of `out` in place.
 fn add_bias_rows<T: candle_core::WithDType + std::ops::AddAssign>(out: &mut [T], bias: &[T]) {
-    crate::fused::for_rows(out, bias.len(), |_, row| {
+    for_rows(out, bias.len(), |_, row| {
         for (o, &b) in row.iter_mut().zip(bias) {
             *o += b;
         }
@@ -657,7 +401,7 @@ impl CustomOp2 for FrozenMatmul {
 
 /// `out += add`, element-wise, in parallel rows of `n`.
 fn add_rows<T: candle_core::WithDType + std::ops::AddAssign>(out: &mut [T], add: &[T], n: usize) {
-    crate::fused::for_rows(out, n, |r, row| {
+    for_rows(out, n, |r, row| {
         for (o, &a) in row.iter_mut().zip(&add[r * n..]) {
             *o += a;
         }
@@ -685,11 +429,11 @@ impl FrozenMatmul {
                 let w = &wv[wo..wo + n * k];
                 let y = match s {
                     CpuStorage::F32(x) => {
-                        crate::bf16_gemm::matmul_t(&x[xo..xo + m * k], m, k, w, n)
+                        super::bf16_gemm::matmul_t(&x[xo..xo + m * k], m, k, w, n)
                     }
                     CpuStorage::BF16(x) => {
                         let x: Vec<f32> = x[xo..xo + m * k].iter().map(|v| v.to_f32()).collect();
-                        crate::bf16_gemm::matmul_t(&x, m, k, w, n)
+                        super::bf16_gemm::matmul_t(&x, m, k, w, n)
                     }
                     _ => unreachable_dtype()?,
                 };
@@ -785,10 +529,10 @@ impl CustomOp1 for Bf16InputGrad {
         };
         let w = &wv[wo..wo + n * k];
         let dx = match s {
-            CpuStorage::F32(g) => crate::bf16_gemm::matmul(&g[go..go + m * n], m, n, w, k),
+            CpuStorage::F32(g) => super::bf16_gemm::matmul(&g[go..go + m * n], m, n, w, k),
             CpuStorage::BF16(g) => {
                 let g: Vec<f32> = g[go..go + m * n].iter().map(|v| v.to_f32()).collect();
-                crate::bf16_gemm::matmul(&g, m, n, w, k)
+                super::bf16_gemm::matmul(&g, m, n, w, k)
             }
             _ => candle_core::bail!("linear backward: f32 or bf16 gradient expected"),
         };
@@ -806,6 +550,7 @@ impl CustomOp1 for Bf16InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::activation::{gelu_erf, swiglu};
     use crate::test_util::max_diff;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -813,62 +558,10 @@ mod tests {
     }
     use candle_core::Var;
 
-    #[test]
-    fn row_blocks_equal_the_whole() {
-        let x = randn(&[3, 5, 4], 1);
-        let y = randn(&[3, 5, 4], 2);
-        let f = |t: &[Tensor]| Ok(vec![(t[0].exp()? * &t[1])?, (&t[0] - &t[1])?]);
-        let whole = by_rows(&[&x, &y], DType::F32, 1 << 20, f).unwrap();
-        // Blocks of 2 rows (8 elements), the last of 1: 15 rows.
-        let blocks = by_rows(&[&x, &y], DType::F32, 8, |t| {
-            assert!(t[0].dim(0).unwrap() <= 2);
-            f(t)
-        })
-        .unwrap();
-        assert_eq!(blocks[0].dims(), &[3, 5, 4]);
-        assert_eq!(max_diff(&blocks[0], &whole[0]), 0.0);
-        assert_eq!(max_diff(&blocks[1], &whole[1]), 0.0);
-    }
-
-    #[test]
-    fn composite_ops_match_fused_kernels() {
-        let x = randn(&[2, 3, 5, 8], 1);
-        let w = randn(&[8], 2);
-        let b = randn(&[8], 3);
-        let var = Var::from_tensor(&x).unwrap();
-        let tracked = var.as_tensor();
-        assert!(
-            max_diff(
-                &layer_norm(&x, &w, &b, 1e-5).unwrap(),
-                &layer_norm(tracked, &w, &b, 1e-5).unwrap()
-            ) < 1e-5
-        );
-        assert!(
-            max_diff(
-                &rms_norm(&x, &w, 1e-5).unwrap(),
-                &rms_norm(tracked, &w, 1e-5).unwrap()
-            ) < 1e-5
-        );
-        assert!(
-            max_diff(
-                &softmax_last_dim(&x).unwrap(),
-                &softmax_last_dim(tracked).unwrap()
-            ) < 1e-6
-        );
-    }
-
     /// f64 values and input gradients of two functions of the same inputs.
     fn same_values_and_grads(inputs: &[Var], f: &dyn Fn() -> Tensor, g: &dyn Fn() -> Tensor) {
         let (a, b) = (f(), g());
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f64>().unwrap() < 1e-12, "values");
+        assert!(max_diff(&a, &b) < 1e-12, "values");
         let w = randn(a.dims(), 99).to_dtype(DType::F64).unwrap();
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -877,20 +570,19 @@ mod tests {
                 ga.get(v.as_tensor()).unwrap(),
                 gb.get(v.as_tensor()).unwrap(),
             );
-            let d = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(d.to_scalar::<f64>().unwrap() < 1e-10, "gradients");
+            assert!(max_diff(x, y) < 1e-10, "gradients");
         }
     }
 
+    /// On both backends (the CPU kernels' one op, the tensor backend's recomputed one).
     #[test]
     fn activation_then_frozen_linear_matches_the_two_ops() {
+        for be in [Backend::CpuKernels, Backend::Tensor] {
+            activation_then_frozen_linear_on(be);
+        }
+    }
+
+    fn activation_then_frozen_linear_on(be: Backend) {
         let f64t = |shape: &[usize], seed| randn(shape, seed).to_dtype(DType::F64).unwrap();
         let (w, b) = (f64t(&[5, 7], 1), f64t(&[5], 2));
         let x = Var::from_tensor(&f64t(&[2, 3, 7], 3)).unwrap();
@@ -898,32 +590,42 @@ mod tests {
         same_values_and_grads(
             std::slice::from_ref(&x),
             &|| {
-                gelu_then_frozen_linear(x.as_tensor(), &w, Some(&b), None)
+                gelu_then_frozen_linear(be, x.as_tensor(), &w, Some(&b), None)
                     .unwrap()
                     .unwrap()
             },
-            &|| frozen_linear(&gelu_erf(x.as_tensor()).unwrap(), &w, Some(&b)).unwrap(),
+            &|| {
+                let g = gelu_erf(be, x.as_tensor()).unwrap();
+                frozen_linear(be, &g, &w, Some(&b)).unwrap()
+            },
         );
         same_values_and_grads(
             &[x.clone(), up.clone()],
             &|| {
-                swiglu_then_frozen_linear(x.as_tensor(), up.as_tensor(), &w, None, None)
+                swiglu_then_frozen_linear(be, x.as_tensor(), up.as_tensor(), &w, None, None)
                     .unwrap()
                     .unwrap()
             },
-            &|| frozen_matmul(&swiglu(x.as_tensor(), up.as_tensor()).unwrap(), &w).unwrap(),
+            &|| frozen_matmul(&swiglu(be, x.as_tensor(), up.as_tensor()).unwrap(), &w).unwrap(),
         );
-        // And the LoRA update added in the output buffer.
+        // And the LoRA update added in the output buffer (CPU kernels only).
         let add = Var::from_tensor(&f64t(&[2, 3, 5], 5)).unwrap();
-        same_values_and_grads(
-            &[x.clone(), add.clone()],
-            &|| {
-                frozen_linear_add(x.as_tensor(), &w, Some(&b), add.as_tensor())
-                    .unwrap()
-                    .unwrap()
-            },
-            &|| (frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap() + add.as_tensor()).unwrap(),
-        );
+        let fused = frozen_linear_add(be, x.as_tensor(), &w, Some(&b), add.as_tensor()).unwrap();
+        assert_eq!(fused.is_some(), be == Backend::CpuKernels);
+        if be == Backend::CpuKernels {
+            same_values_and_grads(
+                &[x.clone(), add.clone()],
+                &|| {
+                    frozen_linear_add(be, x.as_tensor(), &w, Some(&b), add.as_tensor())
+                        .unwrap()
+                        .unwrap()
+                },
+                &|| {
+                    (frozen_linear(be, x.as_tensor(), &w, Some(&b)).unwrap() + add.as_tensor())
+                        .unwrap()
+                },
+            );
+        }
     }
 
     #[test]

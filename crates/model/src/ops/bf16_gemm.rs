@@ -21,7 +21,7 @@
 
 use half::bf16;
 
-use crate::fused::{gemm, run_tasks, SendPtr};
+use super::cpu::{gemm, run_tasks, SendPtr};
 
 /// Rows up to which the GEMV is used.
 const GEMV_MAX_ROWS: usize = 8;

@@ -1,0 +1,174 @@
+//! What every hand-written CPU kernel (the [`Backend::CpuKernels`](super::Backend) ops) is
+//! built on: the float types they run in ([`Real`]: f32, f64), the one match on a storage's
+//! dtype ([`by_dtype!`]), slices of a contiguous storage ([`cpu_slice`]), and work on
+//! candle's CPU thread pool (`for_rows`, `run_tasks`, `map_indexed`, the single-threaded
+//! `gemm` their tasks call).
+
+use candle_core::{CpuStorage, Layout};
+
+type Result<T> = candle_core::Result<T>;
+
+/// The float types the kernels run in (f32, f64), with what the kernels compute in them
+/// (`to_f64` / `from_f64` come from candle's `WithDType`: plain casts).
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Default
+    + candle_core::WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+{
+    /// The constant `x` in this type (`x as f32` for f32).
+    fn lit(self, x: f64) -> Self {
+        Self::from_f64(x)
+    }
+    fn exp(self) -> Self;
+    fn erf(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            fn exp(self) -> $t {
+                <$t>::exp(self)
+            }
+            fn erf(self) -> $t {
+                $erf(self)
+            }
+        }
+    };
+}
+real!(f32, libm::erff);
+real!(f64, libm::erf);
+
+/// The one match on a CPU storage's dtype for the f32/f64 kernels: `$body` is compiled once
+/// per dtype with the type alias `$t` bound to it, and its `Vec` becomes storage of that
+/// dtype. Inputs are read with [`cpu_slice`]`::<$t>`, which refuses another dtype, so every
+/// input has the first one's.
+macro_rules! by_dtype {
+    ($name:expr, $first:expr, |$t:ident| $body:expr) => {
+        match $first {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $name),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+/// A raw pointer handed to the pool's threads, each writing its own disjoint region.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand disjoint regions of one buffer to the pool's threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Runs `f(row_index, row)` over the rows of `out` (rows of `d`; the last may be shorter) on
+/// candle's CPU thread pool, the one its own kernels use (a second pool would fight it for
+/// the cores).
+pub(crate) fn for_rows<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let d = d.max(1);
+    let len = out.len();
+    let ptr = SendPtr(out.as_mut_ptr());
+    let ptr = &ptr;
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(d), |range| {
+        for r in range {
+            let n = d.min(len - r * d);
+            // SAFETY: execute_chunked hands out each row index once, so rows never alias, and
+            // every row lies inside `out`, which outlives the call.
+            let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(r * d), n) };
+            f(r, row);
+        }
+    });
+}
+
+/// Runs `f(i)` for the tasks `0..n` on candle's CPU thread pool.
+pub(crate) fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        for i in range {
+            f(i)
+        }
+    });
+}
+
+/// C (m x n, row stride `ldc`) = A (m x k) B (k x n), (+= C when `acc`), with explicit
+/// row/column strides for A and B. Single-threaded: the caller parallelises over tasks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<T: 'static + num_traits::Float>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    ldc: usize,
+    acc: bool,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+) {
+    // SAFETY: the caller guarantees every addressed element lies inside its buffer.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            acc,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `out[i] = f(i)` for every element, in parallel blocks.
+pub(crate) fn map_indexed<T: Copy + Send + Sync + Default>(
+    len: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    const BLOCK: usize = 4096;
+    let mut out = vec![T::default(); len];
+    for_rows(&mut out, BLOCK, |r, o| {
+        for (j, oj) in o.iter_mut().enumerate() {
+            *oj = f(r * BLOCK + j);
+        }
+    });
+    out
+}
+
+/// The contiguous elements of `s` under layout `l`, as `T` (an error names `what` when the
+/// layout is not contiguous or the storage holds another dtype).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+pub(crate) fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}

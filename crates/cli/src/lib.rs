@@ -33,7 +33,7 @@ pub fn run_with_code(body: impl FnOnce() -> Result<ExitCode>) -> ExitCode {
     match body() {
         Ok(code) => code,
         Err(e) => {
-            errln!("error: {}", one_line(&format!("{e:#}")));
+            errln!("error: {}", one_line(&message(&e)));
             ExitCode::FAILURE
         }
     }
@@ -118,6 +118,68 @@ fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
+}
+
+/// An error with its causes, as `{e:#}` prints it, in this CLI's terms: the libraries name
+/// a setting by its field in backticks (`` `micro_batch_size` ``), which becomes its flag
+/// (`--micro-batch-size`, see [`flags`]), and a dataset folder that was never prepared says
+/// which command prepares it.
+pub fn message(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|cause| match not_prepared(cause) {
+            Some((meta, dir)) => format!(
+                "{} is missing: run prepare-alpaca --destination-path {} first (or it was \
+                 interrupted)",
+                meta.display(),
+                dir.display()
+            ),
+            None => cause.to_string(),
+        })
+        .collect();
+    flags(&parts.join(": "))
+}
+
+/// The files of a `NotPrepared` dataset error, also when the train crate carries it.
+fn not_prepared<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<(&'a Path, &'a Path)> {
+    let data = match cause.downcast_ref::<loratune_train::Error>() {
+        Some(loratune_train::Error::Data(e)) => Some(e),
+        _ => cause.downcast_ref::<loratune_data::Error>(),
+    };
+    match data? {
+        loratune_data::Error::NotPrepared { meta, dir } => Some((meta, dir)),
+        _ => None,
+    }
+}
+
+/// `msg` with each setting the libraries name in backticks (`` `max_seq_length` ``: a
+/// lower-case field name) written as its flag (`--max-seq-length`); anything else in
+/// backticks stays as it is.
+pub fn flags(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find('`') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let name = after.find('`').map(|j| &after[..j]).filter(|n| {
+            n.starts_with(|c: char| c.is_ascii_lowercase())
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
+        match name {
+            Some(n) => {
+                out.push_str("--");
+                out.push_str(&n.replace('_', "-"));
+                rest = &after[n.len() + 1..];
+            }
+            None => {
+                out.push('`');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An error message without the backtrace frames candle appends when RUST_BACKTRACE is set.
@@ -287,6 +349,30 @@ pub fn elapsed(t: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_become_flags() {
+        assert_eq!(
+            flags("`micro_batch_size` 3 does not divide `batch_size` 8"),
+            "--micro-batch-size 3 does not divide --batch-size 8"
+        );
+        assert_eq!(
+            flags("limit (`max_record_bytes`)"),
+            "limit (--max-record-bytes)"
+        );
+        // Not a setting name, or an unmatched backtick: left alone.
+        assert_eq!(flags("`Gpt::load` and `a"), "`Gpt::load` and `a");
+        let e = anyhow::Error::new(loratune_data::Error::NotPrepared {
+            meta: "d/meta.json".into(),
+            dir: "d".into(),
+        })
+        .context("opening the dataset");
+        assert_eq!(
+            message(&e),
+            "opening the dataset: d/meta.json is missing: run prepare-alpaca --destination-path d \
+             first (or it was interrupted)"
+        );
+    }
 
     #[test]
     fn backtraces_are_dropped_from_messages() {

@@ -195,7 +195,7 @@ impl ChatFormat {
                     &special(tok.eos_id),
                 )?))),
                 None => Err(Error::Invalid(format!(
-                    "--prompt-style template: {} has no chat_template in tokenizer_config.json; \
+                    "`prompt_style` template: {} has no chat_template in tokenizer_config.json; \
                      pick a style (alpaca, plain, chatml or none)",
                     tok.path().parent().unwrap_or(tok.path()).display()
                 ))),
@@ -285,7 +285,7 @@ impl ChatFormat {
                         role => {
                             return Err(Error::Invalid(format!(
                                 "prompt style {} has no place for {} messages; use a chat \
-                                 template that renders them (--prompt-style template)",
+                                 template that renders them (`prompt_style` template)",
                                 style.name(),
                                 if m.tool_calls.is_some() {
                                     "tool-call"

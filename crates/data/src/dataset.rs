@@ -60,14 +60,36 @@ impl DatasetDir {
     pub fn meta(&self) -> Result<crate::DatasetMeta> {
         let path = self.meta_path();
         if !path.is_file() {
-            return Err(Error::Invalid(format!(
-                "{} is missing: run prepare-alpaca --destination-path {} first (or it was \
-                 interrupted)",
-                path.display(),
-                self.path.display()
-            )));
+            return Err(Error::NotPrepared {
+                meta: path,
+                dir: self.path.clone(),
+            });
         }
         crate::DatasetMeta::read(&path)
+    }
+
+    /// Writes a prepared dataset here, creating the folder: the two splits, the validation
+    /// examples as text (`val.json`, for reading and for picking test prompts), then
+    /// `meta.json`. An old `meta.json` is removed first, so a folder whose rewrite was
+    /// interrupted never looks finished; every file is written atomically.
+    pub fn write(
+        &self,
+        train: &[Sample],
+        val: &[Sample],
+        val_examples: &[crate::records::Example],
+        meta: &crate::DatasetMeta,
+    ) -> Result<()> {
+        loratune_model::io::create_out_dir(&self.path)?;
+        let meta_path = self.meta_path();
+        if meta_path.exists() {
+            std::fs::remove_file(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        }
+        write_dataset(&self.train_path(), train)?;
+        write_dataset(&self.val_path(), val)?;
+        let examples: Vec<serde_json::Value> = val_examples.iter().map(|e| e.to_json()).collect();
+        let text = serde_json::to_string_pretty(&examples).expect("JSON values serialise");
+        loratune_model::io::write_atomic(&self.val_json_path(), text.as_bytes())?;
+        meta.write(&meta_path)
     }
 
     /// The training and validation splits, memory-mapped.

@@ -1,15 +1,9 @@
-//! The data crate's error type: every failure names the file, record or flag involved.
+//! The data crate's error type: every failure names the file, record or setting involved.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {error}")]
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-
     #[error("{path}: {reason}")]
     Input { path: PathBuf, reason: String },
 
@@ -24,6 +18,13 @@ pub enum Error {
     #[error("{path}: not a loratune dataset file: {reason}")]
     Dataset { path: PathBuf, reason: String },
 
+    /// A dataset folder without its `meta.json` (written last): never prepared, or the
+    /// preparation was interrupted.
+    #[error("{meta} is missing: {dir} is not a prepared dataset (or its preparation was interrupted)", meta = .meta.display(), dir = .dir.display())]
+    NotPrepared { meta: PathBuf, dir: PathBuf },
+
+    /// Settings are named by their field in the options struct, in backticks
+    /// (`` `max_seq_length` ``); a front end names them its own way (the CLI as flags).
     #[error("{0}")]
     Invalid(String),
 
@@ -34,10 +35,9 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A failed read or write of `path`: the model crate's one I/O error (the same message
+    /// whichever crate reads).
     pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            error,
-        }
+        Error::Model(loratune_model::Error::io(path, error))
     }
 }

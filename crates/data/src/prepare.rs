@@ -43,7 +43,7 @@ pub fn encode_records(
 ) -> Result<(Vec<Sample>, Truncation)> {
     if opts.max_seq_length < 2 {
         return Err(Error::Invalid(format!(
-            "--max-seq-length must be at least 2, got {}",
+            "`max_seq_length` must be at least 2, got {}",
             opts.max_seq_length
         )));
     }
@@ -120,7 +120,7 @@ pub fn encode_conversations(
 ) -> Result<(Vec<Sample>, ConversationReport)> {
     if max_seq_length < 2 {
         return Err(Error::Invalid(format!(
-            "--max-seq-length must be at least 2, got {max_seq_length}"
+            "`max_seq_length` must be at least 2, got {max_seq_length}"
         )));
     }
     let bos = format.adds_bos() && tok.add_bos;
@@ -136,7 +136,7 @@ pub fn encode_conversations(
                     return Err(Error::Record {
                         path: path.to_path_buf(),
                         index: *index,
-                        reason: format!("{e} (use --skip-invalid to skip such records)"),
+                        reason: format!("{e} (`skip_invalid` skips such records)"),
                     })
                 }
             }
@@ -213,7 +213,7 @@ pub fn encode_documents(
 ) -> Result<Vec<Sample>> {
     if max_seq_length < 2 {
         return Err(Error::Invalid(format!(
-            "--max-seq-length must be at least 2, got {max_seq_length}"
+            "`max_seq_length` must be at least 2, got {max_seq_length}"
         )));
     }
     let mut stream: Vec<u32> = Vec::new();
@@ -371,7 +371,7 @@ pub fn drop_refused(
                 return Err(Error::Record {
                     path: path.to_path_buf(),
                     index: i,
-                    reason: format!("{err} (use --skip-invalid to skip such records)"),
+                    reason: format!("{err} (`skip_invalid` skips such records)"),
                 })
             }
         }
@@ -406,15 +406,15 @@ pub fn split_indices(n: usize, split: ValSplit, seed: u64) -> Result<(Vec<usize>
         ValSplit::Fraction(f) => {
             if !(f > 0.0 && f < 1.0) {
                 return Err(Error::Invalid(format!(
-                    "--test-split-fraction must be between 0 and 1, got {f}"
+                    "`test_split_fraction` must be between 0 and 1, got {f}"
                 )));
             }
             ((n as f64) * f).round() as usize
         }
     };
     let flag = match split {
-        ValSplit::Size(k) => format!("--test-split-size {k}"),
-        ValSplit::Fraction(f) => format!("--test-split-fraction {f}"),
+        ValSplit::Size(k) => format!("`test_split_size` {k}"),
+        ValSplit::Fraction(f) => format!("`test_split_fraction` {f}"),
     };
     if n_val == 0 {
         return Err(Error::Invalid(format!(
@@ -424,7 +424,7 @@ pub fn split_indices(n: usize, split: ValSplit, seed: u64) -> Result<(Vec<usize>
     if n_val >= n {
         return Err(Error::Invalid(format!(
             "{flag} leaves no training records ({n} records in all); use a smaller \
-             --test-split-size or --test-split-fraction"
+             `test_split_size` or `test_split_fraction`"
         )));
     }
     let mut idx: Vec<usize> = (0..n).collect();
@@ -631,7 +631,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("--test-split-size 2000 leaves no training records"),
+            err.contains("`test_split_size` 2000 leaves no training records"),
             "{err}"
         );
         let err = split_indices(10, ValSplit::Fraction(0.01), 42)

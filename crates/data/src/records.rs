@@ -76,6 +76,26 @@ pub enum Example {
     Text(String),
 }
 
+impl Example {
+    /// The example as the JSON a reader expects: an Alpaca record, `{"text": ...}`, or
+    /// `{"messages": [{"role", "content", "tool_calls"?}]}`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Example::Instruction(r) => serde_json::json!(r),
+            Example::Text(t) => serde_json::json!({ "text": t }),
+            Example::Conversation(c) => serde_json::json!({
+                "messages": c.messages.iter().map(|m| {
+                    let mut o = serde_json::json!({"role": m.role, "content": m.content});
+                    if let Some(t) = &m.tool_calls {
+                        o["tool_calls"] = serde_json::to_value(t).unwrap_or_default();
+                    }
+                    o
+                }).collect::<Vec<_>>(),
+            }),
+        }
+    }
+}
+
 /// Examples read from a file, and the ones skipped with the reason for each.
 #[derive(Debug)]
 pub struct ReadRecords {
@@ -302,7 +322,7 @@ pub fn read_records(path: &Path, opts: ReadOptions) -> Result<ReadRecords> {
                 return Err(Error::Record {
                     path: path.to_path_buf(),
                     index,
-                    reason: format!("{reason} (use --skip-invalid to skip such records)"),
+                    reason: format!("{reason} (`skip_invalid` skips such records)"),
                 })
             }
         }
@@ -328,7 +348,7 @@ fn read_text_lines(path: &Path, text: &str, opts: ReadOptions) -> Result<ReadRec
         return Err(Error::Input {
             path: path.to_path_buf(),
             reason: format!(
-                "a .txt file holds plain documents (--data-format text), not {} records",
+                "a .txt file holds plain documents (`data_format` text), not {} records",
                 f.name()
             ),
         });
@@ -345,7 +365,7 @@ fn read_text_lines(path: &Path, text: &str, opts: ReadOptions) -> Result<ReadRec
         }
         if line.len() > opts.max_record_bytes {
             let reason = format!(
-                "{} bytes of text, more than the {}-byte limit (--max-record-bytes)",
+                "{} bytes of text, more than the {}-byte limit (`max_record_bytes`)",
                 line.len(),
                 opts.max_record_bytes
             );
@@ -404,7 +424,7 @@ fn to_example(
     };
     if size > max_bytes {
         return Err(format!(
-            "{size} bytes of text, more than the {max_bytes}-byte limit (--max-record-bytes)"
+            "{size} bytes of text, more than the {max_bytes}-byte limit (`max_record_bytes`)"
         ));
     }
     Ok(example)

@@ -12,6 +12,8 @@ pub enum Error {
     Data(#[from] loratune_data::Error),
     #[error("{path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    /// Settings are named by their field in `TrainConfig`, in backticks
+    /// (`` `micro_batch_size` ``); a front end names them its own way (the CLI as flags).
     #[error("{0}")]
     Invalid(String),
     #[error("loss is {value} at step {step} (iteration {iter}); stopped, {}", kept_note(.kept))]

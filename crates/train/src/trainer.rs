@@ -61,49 +61,49 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
         if self.micro_batch_size == 0 || self.batch_size == 0 {
-            return bad("--batch-size and --micro-batch-size must be at least 1".into());
+            return bad("`batch_size` and `micro_batch_size` must be at least 1".into());
         }
         if !self.batch_size.is_multiple_of(self.micro_batch_size) {
             return bad(format!(
-                "--micro-batch-size {} does not divide --batch-size {}",
+                "`micro_batch_size` {} does not divide `batch_size` {}",
                 self.micro_batch_size, self.batch_size
             ));
         }
         if self.max_iters == 0 {
-            return bad("--max-iters must be at least 1".into());
+            return bad("`max_iters` must be at least 1".into());
         }
         if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
             return bad(format!(
-                "--learning-rate must be a positive number, got {}",
+                "`learning_rate` must be a positive number, got {}",
                 self.learning_rate
             ));
         }
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
             return bad(format!(
-                "--weight-decay must be a number >= 0, got {}",
+                "`weight_decay` must be a number >= 0, got {}",
                 self.weight_decay
             ));
         }
         if self.max_seq_length < 2 {
             return bad(format!(
-                "--max-seq-length must be at least 2 (one token to read, one to predict), got {}",
+                "`max_seq_length` must be at least 2 (one token to read, one to predict), got {}",
                 self.max_seq_length
             ));
         }
         for (flag, v) in [
-            ("--eval-interval", self.eval_interval),
-            ("--save-interval", self.save_interval),
-            ("--log-interval", self.log_interval),
+            ("`eval_interval`", self.eval_interval),
+            ("`save_interval`", self.save_interval),
+            ("`log_interval`", self.log_interval),
         ] {
             if v == 0 {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
         if let Some(c) = self.grad_clip.filter(|c| !c.is_finite() || *c <= 0.0) {
-            return bad(format!("--grad-clip must be a positive number, got {c}"));
+            return bad(format!("`grad_clip` must be a positive number, got {c}"));
         }
         if self.keep_last == Some(0) {
-            return bad("--keep-last must be at least 1".into());
+            return bad("`keep_last` must be at least 1".into());
         }
         self.lora.validate()?;
         Ok(())
@@ -318,7 +318,7 @@ impl Trainer {
         if loaded.meta.trained_quantization() != here {
             return Err(refuse(format!(
                 "it was trained on {} linear weights, this run has {here} (pass the same \
-                 --quantize)",
+                 `quantize`)",
                 loaded.meta.trained_quantization()
             )));
         }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use loratune_data::chat::{ChatFormat, Rendering};
-use loratune_data::dataset::{write_dataset, DatasetDir};
+use loratune_data::dataset::DatasetDir;
 use loratune_data::prepare::{
     by_turn, drop_refused, encode_examples, histogram, length_histogram, length_stats, percentiles,
     split_indices, trained_counts, DatasetMeta, EncodeReport, LengthStats, PrepareOptions,
@@ -145,29 +145,12 @@ fn list_refused(path: &Path, refused: &[(usize, String)]) -> Result<()> {
         refused.len()
     );
     for (i, why) in refused.iter().take(10) {
-        outln!("  record {i}: {why}");
+        outln!("  record {i}: {}", crate::flags(why));
     }
     if refused.len() > 10 {
         outln!("  ...");
     }
     Ok(())
-}
-
-/// A validation example as text, for reading and for picking test prompts.
-fn example_json(e: &Example) -> serde_json::Value {
-    match e {
-        Example::Instruction(r) => serde_json::json!(r),
-        Example::Text(t) => serde_json::json!({"text": t}),
-        Example::Conversation(c) => serde_json::json!({
-            "messages": c.messages.iter().map(|m| {
-                let mut o = serde_json::json!({"role": m.role, "content": m.content});
-                if let Some(t) = &m.tool_calls {
-                    o["tool_calls"] = serde_json::to_value(t).unwrap_or_default();
-                }
-                o
-            }).collect::<Vec<_>>(),
-        }),
-    }
 }
 
 /// Downloads `url` to `dest` once (atomically); later runs reuse the file.
@@ -210,7 +193,7 @@ fn read(path: &Path, args: &Args) -> Result<(Part, usize)> {
             read.skipped.len()
         );
         for (i, why) in read.skipped.iter().take(10) {
-            outln!("  record {i}: {why}");
+            outln!("  record {i}: {}", crate::flags(why));
         }
         if read.skipped.len() > 10 {
             outln!("  ...");
@@ -386,26 +369,6 @@ fn prepare(args: &Args) -> Result<()> {
         );
     }
 
-    loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
-    crate::clean_stale_temps(&args.destination_path);
-    // meta.json is written last: a dataset folder without it is incomplete.
-    let dir = DatasetDir::new(&args.destination_path);
-    let meta_path = dir.meta_path();
-    if meta_path.exists() {
-        std::fs::remove_file(&meta_path)
-            .with_context(|| format!("removing {}", meta_path.display()))?;
-    }
-    write_dataset(&dir.train_path(), &train)?;
-    write_dataset(&dir.val_path(), &val)?;
-    // The validation records as text, for reading and for picking test prompts.
-    let val_json = serde_json::to_string_pretty(
-        &val_part
-            .examples
-            .iter()
-            .map(|(_, e)| example_json(e))
-            .collect::<Vec<_>>(),
-    )?;
-    loratune_model::io::write_atomic(&dir.val_json_path(), val_json.as_bytes())?;
     let sha = |p: &Path| loratune_model::io::sha256_file(p);
     let meta = DatasetMeta {
         format: loratune_data::dataset::FORMAT.into(),
@@ -432,7 +395,10 @@ fn prepare(args: &Args) -> Result<()> {
         train: length_stats(&train, args.ignore_index),
         val: length_stats(&val, args.ignore_index),
     };
-    meta.write(&meta_path)?;
+    loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
+    crate::clean_stale_temps(&args.destination_path);
+    let val_examples: Vec<Example> = val_part.examples.iter().map(|(_, e)| e.clone()).collect();
+    DatasetDir::new(&args.destination_path).write(&train, &val, &val_examples, &meta)?;
 
     let line = |name: &str, s: &LengthStats| {
         format!(

@@ -1,10 +1,11 @@
 //! Examples -> tokenized samples: instruction records through a prompt style (BOS/EOS, input
 //! masking, truncation that keeps EOS), conversations through a chat template or style
 //! (loss on the trained turns only, cut at whole turns), documents packed into windows; the
-//! seeded train/val split, length statistics, and `meta.json`.
+//! seeded train/val split, length statistics, and `meta.json`; and the choices a preparation
+//! makes before it tokenizes (the sample length, how records become text).
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use loratune_model::{Rng, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -391,6 +392,97 @@ pub fn drop_refused(
     Ok(refused)
 }
 
+/// The examples of one file, ready to encode.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub path: PathBuf,
+    pub format: DataFormat,
+    /// (1-based record index, example).
+    pub examples: Vec<(usize, Example)>,
+}
+
+impl Part {
+    /// The part of `path` whose records are `read`.
+    pub fn new(path: &Path, read: crate::records::ReadRecords) -> Part {
+        Part {
+            path: path.to_path_buf(),
+            format: read.format,
+            examples: read.examples,
+        }
+    }
+
+    /// Splits the examples into a training and a validation part (seeded, see
+    /// [`split_indices`]).
+    pub fn split(self, split: ValSplit, seed: u64) -> Result<(Part, Part)> {
+        let (train, val) = split_indices(self.examples.len(), split, seed)?;
+        let pick = |idx: &[usize]| Part {
+            path: self.path.clone(),
+            format: self.format,
+            examples: idx.iter().map(|&i| self.examples[i].clone()).collect(),
+        };
+        Ok((pick(&train), pick(&val)))
+    }
+}
+
+/// The longest sample a preparation makes: the length asked for, cut to the model's block
+/// size, or the block size when none is asked. Returns the length and whether the request
+/// was above the block size (and so cut).
+pub fn choose_max_seq_length(
+    requested: Option<usize>,
+    block_size: Option<usize>,
+) -> Result<(usize, bool)> {
+    match (requested, block_size) {
+        (Some(n), _) if n < 2 => Err(Error::Invalid(format!(
+            "`max_seq_length` must be at least 2 (one token to read, one to predict), got {n}"
+        ))),
+        (Some(n), Some(block)) if n > block => Ok((block, true)),
+        (Some(n), _) => Ok((n, false)),
+        (None, Some(block)) => Ok((block, false)),
+        (None, None) => Err(Error::Invalid(
+            "no `max_seq_length` given and no block size to default to".into(),
+        )),
+    }
+}
+
+/// How records of `data` become text: documents as they are, else the rendering asked for,
+/// else the tokenizer's chat template when it has one, else the Alpaca style.
+pub fn choose_rendering(
+    requested: Option<Rendering>,
+    data: DataFormat,
+    has_chat_template: bool,
+) -> Rendering {
+    match (requested, data) {
+        (_, DataFormat::Text) => Rendering::Style(PromptStyle::Raw),
+        (Some(r), _) => r,
+        (None, _) if has_chat_template => Rendering::Template,
+        (None, _) => Rendering::Style(PromptStyle::Alpaca),
+    }
+}
+
+/// Refuses a preparation that left no training or no validation samples, saying how many
+/// conversations were skipped for starting past the length.
+pub fn check_splits(
+    train: usize,
+    val: usize,
+    too_long: usize,
+    max_seq_length: usize,
+) -> Result<()> {
+    if train > 0 && val > 0 {
+        return Ok(());
+    }
+    let why = if too_long > 0 {
+        format!(
+            " ({too_long} conversation(s) skipped: their first reply starts past \
+             `max_seq_length` {max_seq_length}; raise it or shorten the prompts)"
+        )
+    } else {
+        String::new()
+    };
+    Err(Error::Invalid(format!(
+        "the split left {train} training and {val} validation samples{why}"
+    )))
+}
+
 /// How many records go to validation.
 #[derive(Debug, Clone, Copy)]
 pub enum ValSplit {
@@ -611,6 +703,33 @@ impl DatasetMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_and_rendering_choices() {
+        assert_eq!(
+            choose_max_seq_length(Some(100), Some(64)).unwrap(),
+            (64, true)
+        );
+        assert_eq!(
+            choose_max_seq_length(Some(32), Some(64)).unwrap(),
+            (32, false)
+        );
+        assert_eq!(choose_max_seq_length(None, Some(64)).unwrap(), (64, false));
+        assert_eq!(choose_max_seq_length(Some(32), None).unwrap(), (32, false));
+        for (req, block) in [(Some(1), Some(64)), (None, None)] {
+            let err = choose_max_seq_length(req, block).unwrap_err().to_string();
+            assert!(err.contains("`max_seq_length`"), "{err}");
+        }
+        let chatml = Some(Rendering::Style(PromptStyle::Chatml));
+        let pick = |r, d, t| choose_rendering(r, d, t).name();
+        assert_eq!(pick(chatml, DataFormat::Text, true), "none");
+        assert_eq!(pick(chatml, DataFormat::Alpaca, true), "chatml");
+        assert_eq!(pick(None, DataFormat::Messages, true), "template");
+        assert_eq!(pick(None, DataFormat::Messages, false), "alpaca");
+        assert!(check_splits(3, 1, 0, 64).is_ok());
+        let err = check_splits(0, 1, 2, 64).unwrap_err().to_string();
+        assert!(err.contains("2 conversation(s) skipped") && err.contains("`max_seq_length` 64"));
+    }
 
     #[test]
     fn split_is_seeded_and_validated() {

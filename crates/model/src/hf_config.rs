@@ -68,21 +68,6 @@ impl HfArch {
         }
     }
 
-    /// Whether its weights use Llama's names (`model.layers.N.self_attn.q_proj`, ...).
-    pub fn llama_layout(self) -> bool {
-        matches!(
-            self,
-            HfArch::Llama
-                | HfArch::Mistral
-                | HfArch::Qwen2
-                | HfArch::Qwen3
-                | HfArch::Gemma2
-                | HfArch::Gemma3
-                | HfArch::StableLm
-                | HfArch::Olmo2
-        )
-    }
-
     /// The architecture a `Config` names in `hf_architecture`.
     pub fn from_class_name(name: &str) -> Option<HfArch> {
         Some(match name {

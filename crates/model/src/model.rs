@@ -572,19 +572,6 @@ impl Gpt {
         s
     }
 
-    /// Like `from_dir`, with mixed precision: linear and embedding weights in `weights` (bf16,
-    /// f16), norms, residual stream, softmax and loss in `activations` (f32); each linear casts
-    /// its input to the weights' dtype and its output back.
-    pub fn from_dir_mixed(
-        dir: &std::path::Path,
-        weights: DType,
-        activations: DType,
-        device: &Device,
-    ) -> Result<Gpt> {
-        let (cfg, w) = Gpt::read_dir(dir, device)?;
-        Gpt::load(&cfg, w.with_mixed_dtype(weights, activations), device)
-    }
-
     /// A checkpoint folder's config and (marker-checked) weights.
     fn read_dir(dir: &std::path::Path, device: &Device) -> Result<(Config, Weights)> {
         let ck = crate::CheckpointDir::new(dir);

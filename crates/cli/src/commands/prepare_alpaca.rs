@@ -10,15 +10,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use loratune_data::chat::{ChatFormat, Rendering};
+use loratune_data::chat::ChatFormat;
 use loratune_data::dataset::DatasetDir;
 use loratune_data::prepare::{
-    by_turn, drop_refused, encode_examples, histogram, length_histogram, length_stats, percentiles,
-    split_indices, trained_counts, DatasetMeta, EncodeReport, LengthStats, PrepareOptions,
-    ValSplit,
+    by_turn, check_splits, choose_max_seq_length, choose_rendering, drop_refused, encode_examples,
+    histogram, length_histogram, length_stats, percentiles, trained_counts, DatasetMeta,
+    EncodeReport, LengthStats, Part, PrepareOptions, ValSplit,
 };
 use loratune_data::records::{read_records, DataFormat, Example, ReadOptions};
-use loratune_data::PromptStyle;
 use loratune_model::{Config, Tokenizer};
 
 const ALPACA_URL: &str =
@@ -100,13 +99,6 @@ fn parse_format(s: &str) -> std::result::Result<FormatFlag, String> {
         .ok_or_else(|| {
             format!("unknown data format {s:?}; expected auto, alpaca, messages, sharegpt or text")
         })
-}
-
-/// The examples of one file, ready to encode.
-struct Part {
-    path: PathBuf,
-    format: DataFormat,
-    examples: Vec<(usize, Example)>,
 }
 
 /// Prints what encoding a split skipped.
@@ -200,14 +192,7 @@ fn read(path: &Path, args: &Args) -> Result<(Part, usize)> {
         }
     }
     let skipped = read.skipped.len();
-    Ok((
-        Part {
-            path: path.to_path_buf(),
-            format: read.format,
-            examples: read.examples,
-        },
-        skipped,
-    ))
+    Ok((Part::new(path, read), skipped))
 }
 
 fn prepare(args: &Args) -> Result<()> {
@@ -226,23 +211,13 @@ fn prepare(args: &Args) -> Result<()> {
             )))
         }
     };
-    let max_seq_length = match (args.max_seq_length, block_size) {
-        (Some(n), _) if n < 2 => {
-            bail!(
-                "--max-seq-length must be at least 2 (one token to read, one to predict), got {n}"
-            )
-        }
-        (Some(n), Some(block)) if n > block => {
-            errln!(
-                "note: --max-seq-length {n} is above the model's block size; samples are cut \
-                 to {block} tokens"
-            );
-            block
-        }
-        (Some(n), _) => n,
-        (None, Some(block)) => block,
-        (None, None) => unreachable!("the config was read"),
-    };
+    let (max_seq_length, capped) = choose_max_seq_length(args.max_seq_length, block_size)?;
+    if let (true, Some(n)) = (capped, args.max_seq_length) {
+        errln!(
+            "note: --max-seq-length {n} is above the model's block size; samples are cut to \
+             {max_seq_length} tokens"
+        );
+    }
     let source_name;
     let source = match &args.data_file {
         Some(p) => {
@@ -282,12 +257,11 @@ fn prepare(args: &Args) -> Result<()> {
     }
 
     // auto: the model's own chat template when it has one (documents take no template).
-    let rendering = match (args.prompt_style.0, data_format) {
-        (_, DataFormat::Text) => Rendering::Style(PromptStyle::Raw),
-        (Some(r), _) => r,
-        (None, _) if tok.chat_template.is_some() => Rendering::Template,
-        (None, _) => Rendering::Style(PromptStyle::Alpaca),
-    };
+    let rendering = choose_rendering(
+        args.prompt_style.0,
+        data_format,
+        tok.chat_template.is_some(),
+    );
     let format = ChatFormat::new(rendering, &tok).context("--prompt-style")?;
     let by_turn = by_turn(data_format, &format);
     for p in std::iter::once(&mut part).chain(val_read.as_mut()) {
@@ -309,13 +283,8 @@ fn prepare(args: &Args) -> Result<()> {
                 Some(f) => ValSplit::Fraction(f),
                 None => ValSplit::Size(args.test_split_size),
             };
-            let (train_idx, val_idx) = split_indices(part.examples.len(), split, args.seed)?;
-            let pick = |idx: &[usize]| Part {
-                path: part.path.clone(),
-                format: part.format,
-                examples: idx.iter().map(|&i| part.examples[i].clone()).collect(),
-            };
-            (pick(&train_idx), pick(&val_idx), None)
+            let (train, val) = part.split(split, args.seed)?;
+            (train, val, None)
         }
     };
     let bar = ProgressBar::new((train_part.examples.len() + val_part.examples.len()) as u64);
@@ -352,22 +321,8 @@ fn prepare(args: &Args) -> Result<()> {
         skipped += r.refused.len();
         turns.extend_from_slice(&r.turns);
     }
-    if train.is_empty() || val.is_empty() {
-        let too_long = report_t.too_long.len() + report_v.too_long.len();
-        bail!(
-            "the split left {} training and {} validation samples{}",
-            train.len(),
-            val.len(),
-            if too_long > 0 {
-                format!(
-                    " ({too_long} conversation(s) skipped: their first reply starts past \
-                     --max-seq-length {max_seq_length}; raise it or shorten the prompts)"
-                )
-            } else {
-                String::new()
-            }
-        );
-    }
+    let too_long = report_t.too_long.len() + report_v.too_long.len();
+    check_splits(train.len(), val.len(), too_long, max_seq_length)?;
 
     let sha = |p: &Path| loratune_model::io::sha256_file(p);
     let meta = DatasetMeta {

@@ -14,7 +14,9 @@
 //!   attached by [`recompute`] where one is (the op's inputs are kept, nothing in between).
 //!
 //! The backend is chosen once, when a model is loaded ([`Backend::choose`], kept by `Gpt`,
-//! handed to each layer's forward); no op looks at a tensor's device to decide.
+//! handed to each layer's forward); no op looks at a tensor's device to decide which
+//! implementation runs. Below that choice, a custom op still has one body per storage, as
+//! every candle op does (`cpu_fwd`, `cuda_fwd`: the frozen matmul, the quantized products).
 //!
 //! Which file holds which op:
 //!

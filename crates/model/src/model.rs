@@ -632,26 +632,10 @@ impl Gpt {
 
     /// Hidden states after the final norm, (B, T, n_embd). Training path: full sequence from
     /// position 0, causal; pass `dropout` to enable LoRA dropout.
-    pub fn forward_hidden(
-        &self,
-        idx: &Tensor,
-        mut dropout: Option<&mut DropoutCtx>,
-    ) -> Result<Tensor> {
+    pub fn forward_hidden(&self, idx: &Tensor, dropout: Option<&mut DropoutCtx>) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
         self.check_positions(0, t)?;
-        let mut x = self.embed(idx)?;
-        for block in &self.blocks {
-            x = block.forward(
-                self.backend,
-                &x,
-                self.rope_of(block),
-                0,
-                None,
-                None,
-                dropout.as_deref_mut(),
-            )?;
-        }
-        self.ln_f.forward(self.backend, &x)
+        self.blocks_then_norm(self.embed(idx)?, 0, None, None, dropout)
     }
 
     /// Hidden states after the final norm for a packed batch: `ids` (N,) holds sequences of
@@ -662,17 +646,32 @@ impl Gpt {
         &self,
         ids: &Tensor,
         lengths: &[usize],
+        dropout: Option<&mut DropoutCtx>,
+    ) -> Result<Tensor> {
+        let x = self.embed_packed(ids, lengths)?;
+        self.blocks_then_norm(x, 0, None, Some(lengths), dropout)
+    }
+
+    /// Every block, then the final norm: the one loop that training, validation, prefill and
+    /// decoding run (from position `offset`, with the layers' caches, or packed `seqs`).
+    fn blocks_then_norm(
+        &self,
+        mut x: Tensor,
+        offset: usize,
+        mut cache: Option<&mut [KvCache]>,
+        seqs: Option<&[usize]>,
         mut dropout: Option<&mut DropoutCtx>,
     ) -> Result<Tensor> {
-        let mut x = self.embed_packed(ids, lengths)?;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let c = cache.as_deref_mut().and_then(|c| c.get_mut(i));
+            let rope = self.rope_of(block);
             x = block.forward(
                 self.backend,
                 &x,
-                self.rope_of(block),
-                0,
-                None,
-                Some(lengths),
+                rope,
+                offset,
+                c,
+                seqs,
                 dropout.as_deref_mut(),
             )?;
         }
@@ -753,19 +752,7 @@ impl Gpt {
         }
         let offset = cache[0].len();
         self.check_positions(offset, t)?;
-        let mut x = self.embed(idx)?;
-        for (block, c) in self.blocks.iter().zip(cache.iter_mut()) {
-            x = block.forward(
-                self.backend,
-                &x,
-                self.rope_of(block),
-                offset,
-                Some(c),
-                None,
-                None,
-            )?;
-        }
-        self.ln_f.forward(self.backend, &x)
+        self.blocks_then_norm(self.embed(idx)?, offset, Some(cache), None, None)
     }
 
     fn check_positions(&self, offset: usize, t: usize) -> Result<()> {

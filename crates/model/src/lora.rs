@@ -515,7 +515,7 @@ impl LoraLinear {
     }
 
     /// `residual + this linear applied to gelu(x)`, as one op that keeps no activation (see
-    /// `ops::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
+    /// `ops::linear::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
     pub fn forward_after_gelu(
         &self,
         be: Backend,

@@ -433,6 +433,27 @@ fn tensor_path_equals_cpu_kernels() {
     }
 }
 
+/// The backend follows the activations at load; the CPU kernels are refused where they
+/// cannot run (bf16 activations), and the tensor backend is accepted everywhere.
+#[test]
+fn backend_is_chosen_at_load_and_checked_when_set() {
+    let mut f32_model = load("llama_gqa_tied", DType::F32);
+    assert_eq!(f32_model.backend(), Backend::CpuKernels);
+    f32_model.set_backend(Backend::Tensor).unwrap();
+    assert_eq!(f32_model.backend(), Backend::Tensor);
+    let mut bf16_model = load("llama_gqa_tied", DType::BF16);
+    assert_eq!(bf16_model.backend(), Backend::Tensor);
+    let err = bf16_model
+        .set_backend(Backend::CpuKernels)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("f32 or f64 activations") && err.contains("BF16"),
+        "{err}"
+    );
+    assert_eq!(bf16_model.backend(), Backend::Tensor);
+}
+
 #[test]
 fn dropout_is_seeded_and_only_in_training() {
     let mut model = load("neox_parallel_rot025", DType::F32);

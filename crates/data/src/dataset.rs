@@ -72,11 +72,11 @@ impl DatasetDir {
     /// examples as text (`val.json`, for reading and for picking test prompts), then
     /// `meta.json`. An old `meta.json` is removed first, so a folder whose rewrite was
     /// interrupted never looks finished; every file is written atomically.
-    pub fn write(
+    pub fn write<'a>(
         &self,
         train: &[Sample],
         val: &[Sample],
-        val_examples: &[crate::records::Example],
+        val_examples: impl IntoIterator<Item = &'a crate::records::Example>,
         meta: &crate::DatasetMeta,
     ) -> Result<()> {
         loratune_model::io::create_out_dir(&self.path)?;
@@ -86,7 +86,8 @@ impl DatasetDir {
         }
         write_dataset(&self.train_path(), train)?;
         write_dataset(&self.val_path(), val)?;
-        let examples: Vec<serde_json::Value> = val_examples.iter().map(|e| e.to_json()).collect();
+        let examples: Vec<serde_json::Value> =
+            val_examples.into_iter().map(|e| e.to_json()).collect();
         let text = serde_json::to_string_pretty(&examples).expect("JSON values serialise");
         loratune_model::io::write_atomic(&self.val_json_path(), text.as_bytes())?;
         meta.write(&meta_path)

@@ -415,10 +415,13 @@ impl Part {
     /// [`split_indices`]).
     pub fn split(self, split: ValSplit, seed: u64) -> Result<(Part, Part)> {
         let (train, val) = split_indices(self.examples.len(), split, seed)?;
-        let pick = |idx: &[usize]| Part {
+        // Each index comes once: the examples move into their split, none is copied.
+        let mut slots: Vec<Option<(usize, Example)>> =
+            self.examples.into_iter().map(Some).collect();
+        let mut pick = |idx: &[usize]| Part {
             path: self.path.clone(),
             format: self.format,
-            examples: idx.iter().map(|&i| self.examples[i].clone()).collect(),
+            examples: idx.iter().filter_map(|&i| slots[i].take()).collect(),
         };
         Ok((pick(&train), pick(&val)))
     }

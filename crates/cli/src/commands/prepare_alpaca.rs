@@ -17,7 +17,7 @@ use loratune_data::prepare::{
     histogram, length_histogram, length_stats, percentiles, trained_counts, DatasetMeta,
     EncodeReport, LengthStats, Part, PrepareOptions, ValSplit,
 };
-use loratune_data::records::{read_records, DataFormat, Example, ReadOptions};
+use loratune_data::records::{read_records, DataFormat, ReadOptions};
 use loratune_model::{Config, Tokenizer};
 
 const ALPACA_URL: &str =
@@ -352,8 +352,8 @@ fn prepare(args: &Args) -> Result<()> {
     };
     loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
     crate::clean_stale_temps(&args.destination_path);
-    let val_examples: Vec<Example> = val_part.examples.iter().map(|(_, e)| e.clone()).collect();
-    DatasetDir::new(&args.destination_path).write(&train, &val, &val_examples, &meta)?;
+    let val_examples = val_part.examples.iter().map(|(_, e)| e);
+    DatasetDir::new(&args.destination_path).write(&train, &val, val_examples, &meta)?;
 
     let line = |name: &str, s: &LengthStats| {
         format!(

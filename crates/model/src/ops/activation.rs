@@ -161,12 +161,18 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBwd)?))
+        Ok(Some(gelu_erf_grad_cpu(x, grad)?))
     }
 }
 
 /// dx = dy (Φ(x) + x φ(x)).
-pub(crate) struct GeluErfBwd;
+struct GeluErfBwd;
+
+/// dY * gelu'(x) with the CPU kernel: the backward of [`GeluErf`] and of the ops that apply
+/// GELU inside themselves (`linear.rs`).
+pub(crate) fn gelu_erf_grad_cpu(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(&dy.contiguous()?, &GeluErfBwd)
+}
 
 impl CustomOp2 for GeluErfBwd {
     fn name(&self) -> &'static str {
@@ -249,13 +255,19 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluBwd)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = swiglu_grad_cpu(g, u, grad)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
 /// (gate, up, dy) -> (2, ..): d gate, d up.
-pub(crate) struct SwiGluBwd;
+struct SwiGluBwd;
+
+/// (d gate, d up) of silu(gate) * up with the CPU kernel, likewise.
+pub(crate) fn swiglu_grad_cpu(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.apply_op3_no_bwd(up, &dy.contiguous()?, &SwiGluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
 
 impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {

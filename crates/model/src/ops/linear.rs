@@ -12,7 +12,9 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor,
 };
 
-use super::activation::{gelu_erf_grad, swiglu_grad, GeluErf, GeluErfBwd, SwiGlu, SwiGluBwd};
+use super::activation::{
+    gelu_erf_grad, gelu_erf_grad_cpu, swiglu_grad, swiglu_grad_cpu, GeluErf, SwiGlu,
+};
 use super::cpu::for_rows;
 use super::{recompute, recomputes, Backend};
 
@@ -237,7 +239,7 @@ impl CustomOp1 for ActThenFrozen {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let da = frozen_weight_grad(grad, &self.0.w)?;
-        Ok(Some(x.apply_op2_no_bwd(&da.contiguous()?, &GeluErfBwd)?))
+        Ok(Some(gelu_erf_grad_cpu(x, &da)?))
     }
 }
 
@@ -265,8 +267,8 @@ impl CustomOp2 for ActThenFrozen {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let da = frozen_weight_grad(grad, &self.0.w)?;
-        let both = gate.apply_op3_no_bwd(up, &da.contiguous()?, &SwiGluBwd)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = swiglu_grad_cpu(gate, up, &da)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 

@@ -5,10 +5,11 @@
 #   bf16-mixed   the same weights in bf16, f32 activations (the reference for speed and RSS)
 #   q-kept       `convert-hf-checkpoint --keep-quantized --dtype bfloat16`: the linears stay
 #                the file's Q4_1/Q4_K/Q6_K/... blocks, trained with --precision bf16-mixed
-#                (the embedding stays bf16; activations, norms and adapters f32)
+#                (and an untied embedding the file quantizes; activations, norms, adapters f32)
 #   q8_0         `--quantize q8_0` on the f32 checkpoint (quantized while loading)
 #   *-ckpt       (only when named in RUNS) bf16-mixed / q-kept with --activation-checkpointing,
-#                as QLoRA is usually run: every block's activations recomputed in backward
+#                as QLoRA is usually run: every block's activations recomputed in backward;
+#                *-ckptN checkpoints the first N blocks only (less memory saved, less recompute)
 # Data: LLaMA-Factory's alpaca_en_demo.json (999 records, scripts/fetch_assets.sh) in the
 # model's chat template, max length 256, 32 held out; LoRA r 8 / alpha 16 / dropout 0.05 on
 # query + value, lr 3e-4 constant after 2 warm-up steps, one AdamW step per micro-batch, 2
@@ -16,7 +17,8 @@
 #
 #   bench/qlora.sh [smollm2-135m qwen2.5-0.5b pythia-70m]      (MB=micro-batch size, default 4)
 #
-# RUNS="q-kept q8_0" re-runs only those rows; REUSE=1 keeps WORK's imports and dataset.
+# RUNS="q-kept q8_0" re-runs only those rows; REUSE=1 keeps WORK's imports and dataset;
+# LT=/path/to/loratune measures that binary instead of building this tree's.
 #
 # Run it on an idle machine.
 set -euo pipefail
@@ -26,8 +28,10 @@ MODELS=${*:-smollm2-135m}
 MB=${MB:-4}
 STEPS=${STEPS:-30}
 RUNS=${RUNS:-32-true bf16-mixed q-kept q8_0}
-LT=$ROOT/target/release/loratune
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+if [ -z "${LT:-}" ]; then
+    LT=$ROOT/target/release/loratune
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" --bin loratune
+fi
 eval "$("$ROOT/scripts/fetch_assets.sh")"
 export RAYON_NUM_THREADS=2
 say() { echo "[qlora] $*" >&2; }
@@ -62,8 +66,8 @@ for m in $MODELS; do
         bf16-mixed) extra=(--precision bf16-mixed) ;;
         q-kept) ck=$d/q; extra=(--precision bf16-mixed) ;;
         q8_0) extra+=(--quantize q8_0) ;;
-        bf16-mixed-ckpt) extra=(--precision bf16-mixed --activation-checkpointing) ;;
-        q-kept-ckpt) ck=$d/q; extra=(--precision bf16-mixed --activation-checkpointing) ;;
+        bf16-mixed-ckpt*) extra=(--precision bf16-mixed --activation-checkpointing ${run#bf16-mixed-ckpt}) ;;
+        q-kept-ckpt*) ck=$d/q; extra=(--precision bf16-mixed --activation-checkpointing ${run#q-kept-ckpt}) ;;
         esac
         say "$m $run"
         "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$d/ds" --out-dir "$d/out-$run" \
@@ -75,7 +79,10 @@ for m in $MODELS; do
     python3 - "$d" "$m" "$MB" <<'PY'
 import json, os, re, sys
 d, m, mb = sys.argv[1], sys.argv[2], sys.argv[3]
-runs_present = [r for r in ["32-true", "bf16-mixed", "q-kept", "q8_0", "q-kept-ckpt", "bf16-mixed-ckpt"] if os.path.exists(f"{d}/out-{r}/metrics.jsonl")]
+order = ["32-true", "bf16-mixed", "q-kept", "q8_0"]
+runs_present = [r for r in order if os.path.exists(f"{d}/out-{r}/metrics.jsonl")] + sorted(
+    e[4:] for e in os.listdir(d)
+    if e.startswith("out-") and e[4:] not in order and os.path.exists(f"{d}/{e}/metrics.jsonl"))
 def load(run):
     rows = [json.loads(l) for l in open(f"{d}/out-{run}/metrics.jsonl")]
     steps = [r for r in rows if r.get("tokens_per_s")]

@@ -34,10 +34,13 @@ pub struct GgufReport {
     pub quant_types: Vec<String>,
     /// Linear weights written as the file's blocks (`keep_quantized`).
     pub kept_quantized: usize,
+    /// Whether the token embedding was too (`keep_quantized`, block-quantized in the file).
+    pub quantized_embedding: bool,
 }
 
-/// The lit linear weights (what may stay quantized), by name suffix.
-const LINEAR_SUFFIXES: [&str; 6] = [
+/// The lit weights that may stay quantized (the linears and the embedding), by name suffix.
+const KEPT_SUFFIXES: [&str; 7] = [
+    "transformer.wte.weight",
     "attn.qkv.weight",
     "attn.proj.weight",
     "mlp.fc_1.weight",
@@ -745,10 +748,15 @@ pub fn import_tokenizer(gguf: &Path, out_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The GGUF rows a lit linear weight is made of, and the head counts of parts whose rows
-/// llama.cpp permuted; `None` for a tensor that is not a linear weight.
-fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Vec<Option<usize>>)> {
-    if !LINEAR_SUFFIXES.iter().any(|s| lit.ends_with(s)) {
+/// The GGUF rows a lit linear or embedding weight is made of, and the head counts of parts
+/// whose rows llama.cpp permuted; `None` for a tensor that may not stay quantized.
+///
+/// An embedding that is also the head (tied) stays dense: decoding runs a quantized head
+/// through ggml's kernels, which round the hidden state to 8-bit blocks, and on SmolLM2's
+/// Q4_1 head that moves the logits by 4% of their scale (enough to change a greedy answer).
+fn kept_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Vec<Option<usize>>)> {
+    let tied_embedding = lit == "transformer.wte.weight" && cfg.tie_embeddings;
+    if tied_embedding || !KEPT_SUFFIXES.iter().any(|s| lit.ends_with(s)) {
         return None;
     }
     let block = lit
@@ -788,8 +796,9 @@ fn linear_sources(lit: &str, arch: Arch, cfg: &Config) -> Option<(RowSources, Ve
 /// Imports `gguf` into `out_dir` (created if needed): lit_model.safetensors (in `dtype`,
 /// default f32), lit_config.json and the tokenizer files. `name` names the config; a preset of
 /// that name is used when its sizes and attention settings agree with the file. With
-/// `keep_quantized` every linear weight stored block-quantized in the file stays as its blocks
-/// (rows moved, never requantized); embeddings and norms are dequantized as always.
+/// `keep_quantized` every linear weight and the (untied) token embedding stored
+/// block-quantized in the file stay as their blocks (rows moved, never requantized); norms are
+/// dequantized as always.
 pub fn import_gguf(
     gguf: &Path,
     out_dir: &Path,
@@ -840,7 +849,7 @@ pub fn import_gguf(
     let mut specs = Vec::new();
     for (lit, shape) in lit_shapes(&cfg) {
         if keep_quantized {
-            if let Some((mut sources, heads)) = linear_sources(&lit, arch, &cfg) {
+            if let Some((mut sources, heads)) = kept_sources(&lit, arch, &cfg) {
                 let mut parts = Vec::new();
                 let mut bytes = 0usize;
                 for (src, rows) in sources.iter_mut() {
@@ -949,12 +958,14 @@ pub fn import_gguf(
         crate::io::write_atomic(&out_dir.join(file), text.as_bytes())?;
     }
     cfg.to_json_file(&ck.config_path())?;
+    let quantized_embedding = stored_parts.contains_key("transformer.wte.weight");
     Ok(GgufReport {
         n_tensors: specs.len(),
         config: cfg,
         bytes,
         quant_types,
-        kept_quantized: stored_parts.len(),
+        kept_quantized: stored_parts.len() - usize::from(quantized_embedding),
+        quantized_embedding,
     })
 }
 

@@ -232,6 +232,24 @@ impl FrozenWeight {
         }
     }
 
+    /// Rows `ids` (a 1-D u32 tensor) of the matrix, an embedding lookup: dense rows as
+    /// stored, quantized rows dequantized one by one to f32.
+    pub fn select_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.index_select(ids, 0)?),
+            FrozenWeight::Quantized(q) => q.gather_rows(&ids.to_vec1::<u32>()?),
+        }
+    }
+
+    /// Whether both are the same weight (one tensor or one set of blocks, not equal values).
+    pub fn is(&self, other: &FrozenWeight) -> bool {
+        match (self, other) {
+            (FrozenWeight::Dense(a), FrozenWeight::Dense(b)) => a.id() == b.id(),
+            (FrozenWeight::Quantized(a), FrozenWeight::Quantized(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The matrix as a dense tensor: itself, or dequantized to `dtype` (merging, export).
     pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
         match self {

@@ -470,7 +470,9 @@ impl QuantSummary {
 #[derive(Debug, Clone)]
 pub struct Gpt {
     pub config: Config,
-    pub wte: Tensor,
+    /// The token embedding: dense, or the file's blocks in a `--keep-quantized` checkpoint
+    /// read on the CPU (each lookup dequantizes the rows it reads).
+    pub(crate) wte: FrozenWeight,
     pub(crate) blocks: Vec<Block>,
     pub(crate) ln_f: Norm,
     pub(crate) lm_head: LoraLinear,
@@ -479,8 +481,11 @@ pub struct Gpt {
     rope_local: Option<Rope>,
     /// dtype of the activations (the residual stream, norms, softmax).
     act_dtype: DType,
+    /// dtype of the dense weights (what merging writes).
+    weight_dtype: DType,
     /// How every op runs, chosen at load from the device and `act_dtype`.
     backend: Backend,
+    device: Device,
     lora: Option<LoraConfig>,
 }
 
@@ -490,18 +495,22 @@ impl Gpt {
     pub fn load(cfg: &Config, mut w: Weights, device: &Device) -> Result<Gpt> {
         cfg.validate()?;
         let (v, d) = (cfg.padded_vocab_size, cfg.n_embd);
-        let wte = w.take("transformer.wte.weight", &[v, d])?;
+        let wte = w.take_embedding("transformer.wte.weight", &[v, d])?;
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::load(cfg, &mut w, i))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = Norm::load(cfg, &mut w, "transformer.ln_f", d)?;
         // Activations flow in the norms' dtype: the weights' dtype, except under mixed
         // precision, where matrices are stored narrower (see `Weights::with_mixed_dtype`).
-        let dtype = ln_f.weight().map_or(wte.dtype(), Tensor::dtype);
-        // A tied head shares the (dense) embedding; an untied one is a linear like the others
-        // (quantized when the file's is, or under `--quantize`).
+        let weight_dtype = match &wte {
+            FrozenWeight::Dense(t) => t.dtype(),
+            FrozenWeight::Quantized(_) => w.dtype().unwrap_or(DType::F32),
+        };
+        let dtype = ln_f.weight().map_or(weight_dtype, Tensor::dtype);
+        // A tied head shares the embedding (quantized when the file's is); an untied one is a
+        // linear like the others (quantized when the file's is, or under `--quantize`).
         let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-            LoraLinear::frozen("lm_head", wte.clone(), None)
+            LoraLinear::with_weight("lm_head", wte.clone(), None)
         } else {
             load_linear(&mut w, "lm_head", v, d, false)?
         };
@@ -518,7 +527,9 @@ impl Gpt {
                 .map(|base| Rope::new(cfg, base, None, dtype, device))
                 .transpose()?,
             act_dtype: dtype,
+            weight_dtype,
             backend: Backend::choose(device, dtype),
+            device: device.clone(),
             lora: None,
         })
     }
@@ -546,9 +557,8 @@ impl Gpt {
     /// the quantized blocks). A head tied to the embedding is not counted.
     pub fn quantization(&self) -> QuantSummary {
         let mut s = QuantSummary::default();
-        let tied = self.config.tie_embeddings;
         for l in self.linears() {
-            if tied && l.name == "lm_head" && l.dense_weight().is_some() {
+            if l.name == "lm_head" && l.weight().is(&self.wte) {
                 continue;
             }
             match l.weight().as_quantized() {
@@ -587,7 +597,7 @@ impl Gpt {
 
     /// dtype of the linear and embedding weights.
     pub fn weight_dtype(&self) -> DType {
-        self.wte.dtype()
+        self.weight_dtype
     }
 
     /// How the ops run: chosen at load (see [`Backend::choose`]).
@@ -614,7 +624,7 @@ impl Gpt {
     }
 
     pub fn device(&self) -> &Device {
-        self.wte.device()
+        &self.device
     }
 
     /// The LoRA settings of the attached adapters, if any.
@@ -798,7 +808,7 @@ impl Gpt {
         let ids = idx.flatten_all()?;
         let x = self
             .wte
-            .index_select(&ids, 0)?
+            .select_rows(&ids)?
             .reshape((b, t, self.config.n_embd))?
             .to_dtype(self.act_dtype)?;
         if !self.config.scale_embeddings {
@@ -956,10 +966,7 @@ impl Gpt {
     /// The base weights by checkpoint name as the model holds them: quantized linears stay
     /// their blocks (an export can copy them, or dequantize one at a time).
     pub fn named_frozen_weights(&self) -> Vec<(String, FrozenWeight)> {
-        let mut out = vec![(
-            "transformer.wte.weight".to_string(),
-            FrozenWeight::Dense(self.wte.clone()),
-        )];
+        let mut out = vec![("transformer.wte.weight".to_string(), self.wte.clone())];
         for (i, block) in self.blocks.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             block.norm_1.named(&format!("{p}.norm_1"), &mut out);

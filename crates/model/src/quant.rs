@@ -323,6 +323,37 @@ impl QuantWeight {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// Rows `ids` of the matrix dequantized to f32, (ids.len(), cols), on the weight's device:
+    /// an embedding lookup that converts only the rows it reads.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let cols = self.cols;
+        let data = self
+            .parts
+            .iter()
+            .map(|p| Ok(p.q.data()?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![0f32; ids.len() * cols];
+        for (o, &id) in out.chunks_exact_mut(cols.max(1)).zip(ids) {
+            let (mut i, mut r) = (0, id as usize);
+            while i < self.parts.len() && r >= self.parts[i].rows {
+                r -= self.parts[i].rows;
+                i += 1;
+            }
+            let Some(part) = self.parts.get(i) else {
+                return Err(Error::Input(format!(
+                    "token id {id} is past the embedding's {} rows",
+                    self.rows()
+                )));
+            };
+            let rb = part.kind.row_bytes(cols).unwrap_or(0);
+            if !blocks_to_f32(part.kind.0, &data[i][r * rb..(r + 1) * rb], o) {
+                let row = Self::dequantize_rows(part, cols, r, 1)?;
+                o.copy_from_slice(&row.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), cols), &self.device())?)
+    }
+
     /// Rows `start..start + len` of the matrix, dequantized to f32 (both within one part). On
     /// the CPU the rows are split across rayon's threads, each converting its blocks straight
     /// into the one output buffer (candle's dequantization runs on one thread).
@@ -773,6 +804,37 @@ mod tests {
             };
             assert!(d < tol, "{k}: relative difference {d}");
         }
+    }
+
+    /// An embedding lookup on quantized rows gives exactly the dequantized matrix's rows, for
+    /// every type, across the parts of a mixed weight, with repeated ids; an id past the rows
+    /// is an error naming it.
+    #[test]
+    fn gathered_rows_are_the_dequantized_rows() {
+        let ids = [0u32, 47, 5, 5, 30, 1];
+        for k in [
+            "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k",
+        ] {
+            let w = randn_dtype(&[48, 256], 6, DType::F32);
+            let q = QuantWeight::quantize("w", &w, kind(k)).unwrap();
+            let ids_t = Tensor::new(&ids, &Device::Cpu).unwrap();
+            let want = q.dequantize(DType::F32).unwrap().index_select(&ids_t, 0);
+            assert_eq!(
+                max_diff(&q.gather_rows(&ids).unwrap(), &want.unwrap()),
+                0.0,
+                "{k}"
+            );
+        }
+        let parts = [("q4_0", 40), ("q8_0", 8), ("q4_k", 8)].map(|(k, rows)| {
+            QuantWeight::quantize(k, &randn_dtype(&[rows, 256], 7, DType::F32), kind(k)).unwrap()
+        });
+        let q = QuantWeight::stack("mixed", parts.to_vec()).unwrap();
+        let ids = [55u32, 0, 41, 39, 48, 47, 40];
+        let ids_t = Tensor::new(&ids, &Device::Cpu).unwrap();
+        let want = q.dequantize(DType::F32).unwrap().index_select(&ids_t, 0);
+        assert_eq!(max_diff(&q.gather_rows(&ids).unwrap(), &want.unwrap()), 0.0);
+        let e = q.gather_rows(&[3, 56]).unwrap_err().to_string();
+        assert!(e.contains("token id 56") && e.contains("56 rows"), "{e}");
     }
 
     /// The backward pass is exactly dY @ W_dequantized (chunked or not), and gradients reach

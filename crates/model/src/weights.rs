@@ -1,8 +1,8 @@
 //! `Weights`: named tensors on their way into a model, checked by name and shape, and the
 //! `lit_model.safetensors` reader and writer.
 //!
-//! A quantized linear weight (QLoRA: `--keep-quantized` imports) is stored as one `U8`
-//! tensor holding its ggml blocks, row block after row block, under the weight's own name;
+//! A quantized linear or embedding weight (QLoRA: `--keep-quantized` imports) is stored as
+//! one `U8` tensor holding its ggml blocks, row block after row block, under the weight's own name;
 //! the header's `__metadata__` entry [`QUANTIZED_KEY`] maps each such name to its parts,
 //! `[[type, rows], ...]` (e.g. `[["q5_0", 576], ["q8_0", 192]]`), the width coming from the
 //! config. Any other `U8` tensor is refused.
@@ -310,6 +310,11 @@ impl Weights {
         self
     }
 
+    /// The dtype dense matrices are cast to, if one was set.
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype
+    }
+
     /// Whether the file holds quantized weights.
     pub fn holds_quantized(&self) -> bool {
         self.file.as_ref().is_some_and(|f| !f.quantized.is_empty())
@@ -332,19 +337,8 @@ impl Weights {
     /// when quantized, else the dense tensor, quantized now under `with_quantize` when its
     /// rows are whole blocks (else kept dense and listed in [`Weights::kept_dense`]).
     pub fn take_linear(&mut self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
-        if let Some(file) = self.file.as_mut() {
-            if file.quantized.contains_key(name) {
-                let e = file
-                    .entries
-                    .remove(name)
-                    .ok_or_else(|| Error::MissingTensor {
-                        name: name.to_string(),
-                        source_file: self.source.clone(),
-                    })?;
-                let path = self.source.clone().unwrap_or_default();
-                let q = file.read_quantized(&path, name, &e, shape)?;
-                return Ok(FrozenWeight::Quantized(std::sync::Arc::new(q)));
-            }
+        if let Some(q) = self.take_quantized(name, shape)? {
+            return Ok(FrozenWeight::Quantized(std::sync::Arc::new(q)));
         }
         let t = self.take(name, shape)?;
         match self.quantize {
@@ -364,6 +358,41 @@ impl Weights {
         }
     }
 
+    /// Removes and returns the embedding `name` of `shape` (rows, width): its stored blocks
+    /// when quantized and read on the CPU (the lookup dequantizes the rows it reads), else
+    /// dense; on other devices stored blocks are dequantized to the weights' dtype (default
+    /// f32). Never quantized by `with_quantize`.
+    pub fn take_embedding(&mut self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        match self.take_quantized(name, shape)? {
+            Some(q) if q.device().is_cpu() => Ok(FrozenWeight::Quantized(std::sync::Arc::new(q))),
+            Some(q) => Ok(FrozenWeight::Dense(
+                q.dequantize(self.dtype.unwrap_or(DType::F32))?,
+            )),
+            None => Ok(FrozenWeight::Dense(self.take(name, shape)?)),
+        }
+    }
+
+    /// Removes and returns `name`'s stored blocks, `None` (nothing removed) when the file
+    /// does not hold it quantized.
+    fn take_quantized(&mut self, name: &str, shape: &[usize]) -> Result<Option<QuantWeight>> {
+        let Some(file) = self
+            .file
+            .as_mut()
+            .filter(|f| f.quantized.contains_key(name))
+        else {
+            return Ok(None);
+        };
+        let e = file
+            .entries
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                source_file: self.source.clone(),
+            })?;
+        let path = self.source.clone().unwrap_or_default();
+        Ok(Some(file.read_quantized(&path, name, &e, shape)?))
+    }
+
     /// Removes and returns `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let missing = || Error::MissingTensor {
@@ -379,7 +408,7 @@ impl Weights {
                         path: self.source.clone().unwrap_or_default(),
                         reason: format!(
                             "tensor {name:?} is stored quantized ({parts:?}); only linear \
-                             weights may be"
+                             and embedding weights may be"
                         ),
                     });
                 }
@@ -434,7 +463,8 @@ impl Weights {
     }
 }
 
-/// The stored dtype of the embedding in a lit_model.safetensors, read from the header only.
+/// The stored dtype of the dense weights in a lit_model.safetensors, read from the header
+/// only: the embedding's, or, when it is stored quantized, the first dense tensor's by name.
 pub fn stored_dtype(path: &Path) -> Result<DType> {
     use std::io::Read;
     let bad = |reason: String| Error::BadCheckpoint {
@@ -452,11 +482,26 @@ pub fn stored_dtype(path: &Path) -> Result<DType> {
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
     let v: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("unreadable header ({e})")))?;
-    let dtype = v
+    fn dtype_of(t: &serde_json::Value) -> Option<&str> {
+        t.get("dtype").and_then(|d| d.as_str())
+    }
+    let wte = v
         .get("transformer.wte.weight")
-        .and_then(|t| t.get("dtype"))
-        .and_then(|d| d.as_str())
         .ok_or_else(|| bad("no transformer.wte.weight tensor".into()))?;
+    let mut dense: Vec<(&String, &str)> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(n, _)| *n != "__metadata__")
+        .filter_map(|(n, t)| dtype_of(t).map(|d| (n, d)))
+        .filter(|(_, d)| *d != "U8")
+        .collect();
+    dense.sort();
+    let dtype = match dtype_of(wte) {
+        Some("U8") => dense.first().map(|(_, d)| *d),
+        d => d,
+    }
+    .ok_or_else(|| bad("no dense tensor to take the weights' dtype from".into()))?;
     Ok(match dtype {
         "F32" => DType::F32,
         "BF16" => DType::BF16,

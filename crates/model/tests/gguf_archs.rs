@@ -213,8 +213,8 @@ fn gemma_gguf_files_import_the_checkpoint_with_llama_cpp_rules() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
-/// Writes a copy of `src` whose linear weights are block-quantized (q8_0, the value rows
-/// q4_0 so that the fused qkv mixes types), as llama.cpp's quantizer would.
+/// Writes a copy of `src` whose linear weights and token embedding are block-quantized (q8_0,
+/// the value rows q4_0 so that the fused qkv mixes types), as llama.cpp's quantizer would.
 fn quantized_copy(src: &std::path::Path, dst: &std::path::Path) {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     let mut f = std::fs::File::open(src).unwrap();
@@ -229,6 +229,7 @@ fn quantized_copy(src: &std::path::Path, dst: &std::path::Path) {
             "attn_output.",
             "ffn_",
             "output.weight",
+            "token_embd.",
         ]
         .iter()
         .any(|p| name.contains(p))
@@ -257,9 +258,10 @@ fn quantized_copy(src: &std::path::Path, dst: &std::path::Path) {
 }
 
 /// `--keep-quantized` on a quantized Llama file (q/k rows permuted by llama.cpp, q/k/v of two
-/// types fused into qkv): every linear stays quantized, and each holds exactly the weights the
-/// dense import dequantizes (rows moved, never requantized); embeddings and norms are dense;
-/// the model's logits track the dense import's.
+/// types fused into qkv): every linear and the embedding stay quantized, and each holds
+/// exactly the weights the dense import dequantizes (rows moved, never requantized); norms are
+/// dense; the embedding's lookup gives the dense import's rows exactly; the model's logits
+/// track the dense import's.
 #[test]
 fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
     use loratune_model::Weights;
@@ -275,6 +277,7 @@ fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
     let cfg = r.config.clone();
     let linears = cfg.n_layer * 5 + usize::from(!cfg.tie_embeddings);
     assert_eq!(r.kept_quantized, linears);
+    assert!(r.quantized_embedding);
 
     let quant = Gpt::from_dir(&quant_dir, DType::F32, &Device::Cpu).unwrap();
     let dense = Gpt::from_dir(&dense_dir, DType::F32, &Device::Cpu).unwrap();

@@ -35,9 +35,10 @@ struct Args {
     /// architecture, quantized or not) into --checkpoint-dir instead of reading Hugging Face files there.
     #[arg(long)]
     gguf: Option<PathBuf>,
-    /// With --gguf: keep every linear weight the file stores block-quantized (q4_k, q8_0, ...)
-    /// as its blocks, for QLoRA finetuning on the file as downloaded; embeddings and norms are
-    /// dequantized. The checkpoint records which tensors hold which types.
+    /// With --gguf: keep every linear weight and the token embedding (unless tied to the head)
+    /// the file stores block-quantized (q4_k, q8_0, ...) as their blocks, for QLoRA finetuning
+    /// on the file as downloaded; norms are dequantized. The checkpoint records which tensors
+    /// hold which types.
     #[arg(long, requires = "gguf")]
     keep_quantized: bool,
 }
@@ -79,9 +80,14 @@ fn import(args: &Args, gguf: &std::path::Path) -> Result<()> {
     );
     if args.keep_quantized {
         outln!(
-            "kept {} linear weights quantized as stored (the others are not block-quantized in \
+            "kept {} linear weights{} quantized as stored (the others are not block-quantized in \
              the file)",
-            report.kept_quantized
+            report.kept_quantized,
+            if report.quantized_embedding {
+                " and the embedding"
+            } else {
+                ""
+            }
         );
     }
     outln!(

@@ -595,7 +595,8 @@ impl Gpt {
         self.act_dtype
     }
 
-    /// dtype of the linear and embedding weights.
+    /// dtype of the dense linear and embedding weights: the embedding's, or when it is
+    /// quantized the dtype the weights were read in (f32 unless one was set).
     pub fn weight_dtype(&self) -> DType {
         self.weight_dtype
     }
@@ -939,7 +940,7 @@ impl Gpt {
     }
 
     /// Folds every adapter into its weight. A merged head no longer shares the embedding; a
-    /// merged quantized weight becomes dense in the embedding's dtype.
+    /// merged quantized weight becomes dense in [`Gpt::weight_dtype`].
     pub fn merge_lora(&mut self) -> Result<()> {
         let head_adapted = !self.lm_head.adapters().is_empty();
         let dense = self.weight_dtype();
@@ -954,7 +955,7 @@ impl Gpt {
     }
 
     /// The base weights by checkpoint name (what `lit_model.safetensors` holds), quantized
-    /// weights dequantized to the embedding's dtype.
+    /// weights dequantized to [`Gpt::weight_dtype`].
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let dt = self.weight_dtype();
         self.named_frozen_weights()

@@ -2,8 +2,8 @@
 //! `lit_model.safetensors` reader and writer.
 //!
 //! A quantized linear or embedding weight (QLoRA: `--keep-quantized` imports) is stored as
-//! one `U8` tensor holding its ggml blocks, row block after row block, under the weight's own name;
-//! the header's `__metadata__` entry [`QUANTIZED_KEY`] maps each such name to its parts,
+//! one `U8` tensor holding its ggml blocks, row block after row block, under the weight's own
+//! name; the header's `__metadata__` entry [`QUANTIZED_KEY`] maps each such name to its parts,
 //! `[[type, rows], ...]` (e.g. `[["q5_0", 576], ["q8_0", 192]]`), the width coming from the
 //! config. Any other `U8` tensor is refused.
 

@@ -278,6 +278,9 @@ fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
     let linears = cfg.n_layer * 5 + usize::from(!cfg.tie_embeddings);
     assert_eq!(r.kept_quantized, linears);
     assert!(r.quantized_embedding);
+    // The dense weights' dtype comes from another tensor when the embedding is blocks.
+    let stored = loratune_model::weights::stored_dtype(&quant_dir.join("lit_model.safetensors"));
+    assert_eq!(stored.unwrap(), DType::F32);
 
     let quant = Gpt::from_dir(&quant_dir, DType::F32, &Device::Cpu).unwrap();
     let dense = Gpt::from_dir(&dense_dir, DType::F32, &Device::Cpu).unwrap();

@@ -504,11 +504,16 @@ impl Gpt {
         // precision, where matrices are stored narrower (see `Weights::with_mixed_dtype`).
         let weight_dtype = match &wte {
             FrozenWeight::Dense(t) => t.dtype(),
-            FrozenWeight::Quantized(_) => w.dtype().unwrap_or(DType::F32),
+            // Blocks: the dtype the matrices were read in, else the norms' (as stored).
+            FrozenWeight::Quantized(_) => w
+                .dtype()
+                .or(ln_f.weight().map(Tensor::dtype))
+                .unwrap_or(DType::F32),
         };
         let dtype = ln_f.weight().map_or(weight_dtype, Tensor::dtype);
-        // A tied head shares the embedding (quantized when the file's is); an untied one is a
-        // linear like the others (quantized when the file's is, or under `--quantize`).
+        // A tied head shares the embedding (its blocks only in a checkpoint that stores them:
+        // the GGUF import keeps a tied embedding dense); an untied head is a linear like the
+        // others (quantized when the file's is, or under `--quantize`).
         let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
             LoraLinear::with_weight("lm_head", wte.clone(), None)
         } else {

@@ -488,17 +488,15 @@ pub fn stored_dtype(path: &Path) -> Result<DType> {
     let wte = v
         .get("transformer.wte.weight")
         .ok_or_else(|| bad("no transformer.wte.weight tensor".into()))?;
-    let mut dense: Vec<(&String, &str)> = v
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(n, _)| *n != "__metadata__")
-        .filter_map(|(n, t)| dtype_of(t).map(|d| (n, d)))
-        .filter(|(_, d)| *d != "U8")
-        .collect();
-    dense.sort();
     let dtype = match dtype_of(wte) {
-        Some("U8") => dense.first().map(|(_, d)| *d),
+        Some("U8") => v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(n, t)| Some((n, dtype_of(t)?)))
+            .filter(|(_, d)| *d != "U8")
+            .min()
+            .map(|(_, d)| d),
         d => d,
     }
     .ok_or_else(|| bad("no dense tensor to take the weights' dtype from".into()))?;

@@ -2,7 +2,8 @@
 //! masking, truncation that keeps EOS), conversations through a chat template or style
 //! (loss on the trained turns only, cut at whole turns), documents packed into windows; the
 //! seeded train/val split, length statistics, and `meta.json`; and the choices a preparation
-//! makes before it tokenizes (the sample length, how records become text).
+//! makes before it tokenizes (the sample length, how records become text); the download of a
+//! source file.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -701,6 +702,17 @@ impl DatasetMeta {
         loratune_model::io::write_atomic(path, text.as_bytes())?;
         Ok(())
     }
+}
+
+/// Downloads `url` to `dest` atomically (an interrupted download leaves no file behind).
+pub fn download(url: &str, dest: &Path) -> Result<()> {
+    let resp = ureq::get(url).call().map_err(|e| Error::Input {
+        path: url.into(),
+        reason: format!("could not download the data ({e})"),
+    })?;
+    let mut reader = resp.into_reader();
+    loratune_model::io::write_atomic_with(dest, |w| std::io::copy(&mut reader, w).map(|_| ()))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -145,22 +145,15 @@ fn list_refused(path: &Path, refused: &[(usize, String)]) -> Result<()> {
     Ok(())
 }
 
-/// Downloads `url` to `dest` once (atomically); later runs reuse the file.
+/// Downloads `url` to `dest` once; later runs reuse the file.
 fn fetch(url: &str, dest: &Path) -> Result<()> {
     if dest.metadata().map(|m| m.len() > 0).unwrap_or(false) {
         outln!("using {} (already downloaded)", dest.display());
         return Ok(());
     }
     outln!("downloading {url}");
-    let resp = ureq::get(url).call().map_err(|e| {
-        anyhow::anyhow!(
-            "could not download the data ({e}); without network access, pass a local copy with \
-             --data-file PATH"
-        )
-    })?;
-    let mut reader = resp.into_reader();
-    loratune_model::io::write_atomic_with(dest, |w| std::io::copy(&mut reader, w).map(|_| ()))?;
-    Ok(())
+    loratune_data::prepare::download(url, dest)
+        .context("no data file (without network access, pass a local copy with --data-file PATH)")
 }
 
 fn read(path: &Path, args: &Args) -> Result<(Part, usize)> {

@@ -5,9 +5,9 @@
 //! [`swiglu_grad`]) also serve the activation-then-linear ops in `linear.rs` and the
 //! quantized linears.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::cpu::{by_dtype, cpu_slice, map_indexed, Real};
+use super::cpu::{by_dtype, cpu_slice, cpu_tensor, map_indexed, Real};
 use super::{by_rows, compute_dtype, recompute, recomputes, Backend, ROW_BLOCK};
 
 type Result<T> = candle_core::Result<T>;
@@ -165,33 +165,11 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// dx = dy (Φ(x) + x φ(x)).
-struct GeluErfBwd;
-
-/// dY * gelu'(x) with the CPU kernel: the backward of [`GeluErf`] and of the ops that apply
-/// GELU inside themselves (`linear.rs`).
+/// dY * gelu'(x) with the CPU kernel (dx = dy (Φ(x) + x φ(x))): the backward of
+/// [`GeluErf`] and of the ops that apply GELU inside themselves (`linear.rs`).
 pub(crate) fn gelu_erf_grad_cpu(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(&dy.contiguous()?, &GeluErfBwd)
-}
-
-impl CustomOp2 for GeluErfBwd {
-    fn name(&self) -> &'static str {
-        "gelu-erf-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!("gelu-erf-bwd", s1, |T| gelu_bwd(
-            cpu_slice::<T>(s1, l1, "gelu-bwd")?,
-            cpu_slice::<T>(s2, l2, "gelu-bwd")?,
-        ));
-        Ok((out, l1.shape().clone()))
-    }
+    let shape = x.shape().clone();
+    cpu_tensor!("gelu-erf-bwd", shape, [x, dy], |T| gelu_bwd(x, dy))
 }
 
 /// GELU (erf form) on the CPU, with its backward pass.
@@ -260,38 +238,13 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// (gate, up, dy) -> (2, ..): d gate, d up.
-struct SwiGluBwd;
-
 /// (d gate, d up) of silu(gate) * up with the CPU kernel, likewise.
 pub(crate) fn swiglu_grad_cpu(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let both = gate.apply_op3_no_bwd(up, &dy.contiguous()?, &SwiGluBwd)?;
+    let shape: Vec<usize> = [&[2], gate.dims()].concat();
+    let both = cpu_tensor!("swiglu-bwd", shape, [gate, up, dy], |T| swiglu_bwd(
+        gate, up, dy
+    ))?;
     Ok((both.get(0)?, both.get(1)?))
-}
-
-impl CustomOp3 for SwiGluBwd {
-    fn name(&self) -> &'static str {
-        "swiglu-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = by_dtype!("swiglu-bwd", s1, |T| swiglu_bwd(
-            cpu_slice::<T>(s1, l1, "swiglu-bwd")?,
-            cpu_slice::<T>(s2, l2, "swiglu-bwd")?,
-            cpu_slice::<T>(s3, l3, "swiglu-bwd")?,
-        ));
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.dims());
-        Ok((out, Shape::from(dims)))
-    }
 }
 
 /// silu(gate) * up on the CPU, with its backward pass.

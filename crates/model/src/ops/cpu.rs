@@ -68,6 +68,35 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// A CPU kernel that needs no backward of its own (a backward pass's kernels, inference-only
+/// ops) applied to tensors: each `$x` made contiguous and read as a slice of the first one's
+/// dtype (f32 or f64), `$body` (with the type alias `$t`) returns the elements of the result,
+/// a tensor of `$shape` on the CPU. Nothing is recorded for a gradient.
+macro_rules! cpu_tensor {
+    ($name:expr, $shape:expr, [$($x:ident),+], |$t:ident| $body:expr) => {{
+        $( let $x = $x.contiguous()?; )+
+        $( let $x = $x.storage_and_layout(); )+
+        $( let $x = match &*$x.0 {
+            candle_core::Storage::Cpu(s) => (s, $x.1),
+            _ => candle_core::bail!("{}: CPU tensors only", $name),
+        }; )+
+        match [$($x.0),+][0] {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $( let $x = $crate::ops::cpu::cpu_slice::<$t>($x.0, $x.1, $name)?; )+
+                Tensor::from_vec($body, $shape, &candle_core::Device::Cpu)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $( let $x = $crate::ops::cpu::cpu_slice::<$t>($x.0, $x.1, $name)?; )+
+                Tensor::from_vec($body, $shape, &candle_core::Device::Cpu)
+            }
+            _ => candle_core::bail!("{}: f32 or f64 only", $name),
+        }
+    }};
+}
+pub(crate) use cpu_tensor;
+
 /// A raw pointer handed to the pool's threads, each writing its own disjoint region.
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: only used to hand disjoint regions of one buffer to the pool's threads.

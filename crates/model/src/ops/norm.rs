@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
-use super::cpu::{by_dtype, cpu_slice, for_rows, last_dim, Real};
+use super::cpu::{by_dtype, cpu_slice, cpu_tensor, for_rows, last_dim, Real};
 use super::{by_rows, candle_kernel_ok, compute_dtype, recompute, recomputes, Backend, ROW_BLOCK};
 
 type Result<T> = candle_core::Result<T>;
@@ -219,36 +219,11 @@ impl CustomOp3 for NormKernel {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormBwd(*self))?;
+        let (shape, d, p) = (x.shape().clone(), last_dim(x.layout()), *self);
+        let dx = cpu_tensor!("norm-bwd", shape, [x, w, grad], |T| norm_bwd(
+            x, w, grad, d, p
+        ))?;
         Ok((Some(dx), None, None))
-    }
-}
-
-struct NormBwd(NormKernel);
-
-impl CustomOp3 for NormBwd {
-    fn name(&self) -> &'static str {
-        "norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = last_dim(l1);
-        let out = by_dtype!("norm-bwd", s1, |T| norm_bwd(
-            cpu_slice::<T>(s1, l1, "norm-bwd")?,
-            cpu_slice::<T>(s2, l2, "norm-bwd")?,
-            cpu_slice::<T>(s3, l3, "norm-bwd")?,
-            d,
-            self.0,
-        ));
-        Ok((out, l1.shape().clone()))
     }
 }
 

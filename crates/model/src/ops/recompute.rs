@@ -113,93 +113,40 @@ impl Recompute {
     }
 }
 
-impl CustomOp1 for Recompute {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.grads([a], grad)?.pop().flatten())
-    }
+/// The op for one to three inputs: candle has a trait per arity; they differ only in the
+/// number of (storage, layout) arguments and of gradients returned.
+macro_rules! arity {
+    ($op:ident, $grads:ty, $($x:ident),+) => {
+        impl $op for Recompute {
+            fn name(&self) -> &'static str {
+                self.name
+            }
+            fn cpu_fwd(&self, $($x: &CpuStorage, _: &Layout),+) -> Result<(CpuStorage, Shape)> {
+                self.cpu()
+            }
+            fn cuda_fwd(&self, $($x: &CudaStorage, _: &Layout),+) -> Result<(CudaStorage, Shape)> {
+                self.cuda()
+            }
+            #[allow(unused_parens)]
+            fn bwd(&self, $($x: &Tensor,)+ _res: &Tensor, grad: &Tensor) -> Result<$grads> {
+                let mut g = self.grads([$($x),+], grad)?.into_iter();
+                Ok(($({
+                    let _ = $x;
+                    g.next().flatten()
+                }),+))
+            }
+        }
+    };
 }
-
-impl CustomOp2 for Recompute {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.grads([a, b], grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten()))
-    }
-}
-
-impl CustomOp3 for Recompute {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.grads([a, b, c], grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
-    }
-}
+arity!(CustomOp1, Option<Tensor>, _a);
+arity!(CustomOp2, (Option<Tensor>, Option<Tensor>), _a, _b);
+arity!(
+    CustomOp3,
+    (Option<Tensor>, Option<Tensor>, Option<Tensor>),
+    _a,
+    _b,
+    _c
+);
 
 #[cfg(test)]
 mod tests {

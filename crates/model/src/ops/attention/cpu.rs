@@ -20,7 +20,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use num_traits::Float;
 
-use crate::ops::cpu::{by_dtype, cpu_slice, for_rows, gemm, run_tasks, Real, SendPtr};
+use crate::ops::cpu::{by_dtype, cpu_slice, cpu_tensor, for_rows, gemm, run_tasks, Real, SendPtr};
 use crate::ops::mask::ScoreRules;
 use crate::ops::rope::rotate_row;
 
@@ -323,25 +323,19 @@ impl PackedAttention {
         Ok(n)
     }
 
-    /// The slices and sizes for input storage `s` of dtype T (errors if it is another).
-    fn ctx<'a, T: candle_core::WithDType + Float>(
-        &self,
-        s: &'a CpuStorage,
-        l: &Layout,
-        tables: &(&'a CpuStorage, &Layout, &'a CpuStorage, &Layout),
-    ) -> Result<Ctx<'a, T>> {
-        let &(cs, cl, ss, sl) = tables;
-        Ok(Ctx {
-            qkv: cpu_slice(s, l, "packed attention")?,
-            cos: cpu_slice(cs, cl, "packed attention")?,
-            sin: cpu_slice(ss, sl, "packed attention")?,
-            half: cl.dims()[1],
+    /// The slices and sizes a task reads: the input and the rotary tables, of dtype T.
+    fn ctx<'a, T: Float>(&self, qkv: &'a [T], cos: &'a [T], sin: &'a [T]) -> Ctx<'a, T> {
+        Ctx {
+            qkv,
+            cos,
+            sin,
+            half: self.cos.dims().get(1).copied().unwrap_or(0),
             nh: self.n_head,
             ng: self.n_query_groups,
             hs: self.head_size,
             scale: T::from(self.scale).unwrap_or_else(T::one),
             rules: self.rules,
-        })
+        }
     }
 
     /// Runs `f` with the rotary tables' CPU storage and layouts.
@@ -365,9 +359,14 @@ impl CustomOp1 for PackedAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = self.check(l)?;
-        let out = self.with_tables(|tables| {
-            Ok(by_dtype!("packed attention", s, |T| forward::<T>(
-                &self.ctx(s, l, tables)?,
+        let out = self.with_tables(|&(cs, cl, ss, sl)| {
+            let name = "packed attention";
+            Ok(by_dtype!(name, s, |T| forward::<T>(
+                &self.ctx(
+                    cpu_slice(s, l, name)?,
+                    cpu_slice(cs, cl, name)?,
+                    cpu_slice(ss, sl, name)?
+                ),
                 &self.lengths,
                 n
             )))
@@ -377,46 +376,21 @@ impl CustomOp1 for PackedAttention {
         Ok((out, Shape::from(dims)))
     }
 
+    /// dqkv from (qkv, dY), on the CPU.
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(qkv.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &Backward(self.clone()),
-        )?))
-    }
-}
-
-/// (qkv, dY) -> dqkv.
-struct Backward(PackedAttention);
-
-impl CustomOp2 for Backward {
-    fn name(&self) -> &'static str {
-        "packed-attention-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = &self.0;
-        let n = p.check(l)?;
-        if gl.shape().elem_count() != n * p.n_head * p.head_size {
+        let n = self.check(qkv.layout())?;
+        if grad.elem_count() != n * self.n_head * self.head_size {
             candle_core::bail!(
                 "packed attention: gradient {:?} for input {:?}",
-                gl.dims(),
-                l.dims()
+                grad.dims(),
+                qkv.dims()
             )
         }
-        let out = p.with_tables(|tables| {
-            Ok(by_dtype!("packed attention", s, |T| backward::<T>(
-                &p.ctx(s, l, tables)?,
-                &p.lengths,
-                cpu_slice(gs, gl, "packed attention")?
-            )))
+        let (p, shape, cos, sin) = (self, qkv.shape().clone(), &self.cos, &self.sin);
+        let dqkv = cpu_tensor!("packed attention", shape, [qkv, grad, cos, sin], |T| {
+            backward::<T>(&p.ctx(qkv, cos, sin), &p.lengths, grad)
         })?;
-        Ok((out, l.shape().clone()))
+        Ok(Some(dqkv))
     }
 }
 

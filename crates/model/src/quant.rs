@@ -19,7 +19,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::ops::recompute;
+use crate::ops::{quant_gemv, recompute};
 
 /// The most dequantized values the CPU holds at once for one product (4 MiB of f32).
 pub const DEQUANT_CHUNK_ELEMS: usize = 1 << 20;
@@ -379,11 +379,12 @@ impl QuantWeight {
         Ok(q.dequantize(&device)?)
     }
 
-    /// x @ W^T with no graph, in x's dtype. Up to [`KERNEL_MAX_ROWS`] rows (decoding) go
-    /// through ggml's quantized kernels, which also round x to 8-bit blocks; more rows
-    /// (prefill, training) multiply f32 rows of W dequantized a chunk at a time, exactly as
-    /// the dequantized model would, at f32 GEMM speed (several of candle's kernels, q4_1's
-    /// among them, have no SIMD path).
+    /// x @ W^T with no graph, in x's dtype. Up to [`KERNEL_MAX_ROWS`] rows (decoding): q4_1,
+    /// q5_0 and q5_1 blocks on an AVX2 CPU through `ops::quant_gemv` (the dequantized
+    /// weights' product in f32), other types through ggml's quantized kernels, which also
+    /// round x to 8-bit blocks. More rows (prefill, training) multiply f32 rows of W
+    /// dequantized a chunk at a time, exactly as the dequantized model would, at f32 GEMM
+    /// speed.
     pub fn matmul_no_grad(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
@@ -391,11 +392,26 @@ impl QuantWeight {
         if m > KERNEL_MAX_ROWS {
             return Ok(self.matmul_dequantized(&x32)?.to_dtype(dtype)?);
         }
+        let covered = |p: &Part| x32.device().is_cpu() && quant_gemv::covers(p.kind.0);
+        let xv = match self.parts.iter().any(covered) {
+            true => x32.flatten_all()?.to_vec1::<f32>()?,
+            false => Vec::new(),
+        };
         let outs = self
             .parts
             .iter()
-            .map(|p| x32.apply_op1_no_bwd(p.q.as_ref()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|p| {
+                if covered(p) {
+                    let w = p.q.data()?;
+                    if let Some(y) = quant_gemv::matmul_t(p.kind.0, &w, p.rows, self.cols, &xv, m) {
+                        let mut dims = x32.dims().to_vec();
+                        *dims.last_mut().expect("rank >= 1") = p.rows;
+                        return Ok(Tensor::from_vec(y, dims, x32.device())?);
+                    }
+                }
+                Ok(x32.apply_op1_no_bwd(p.q.as_ref())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let y = if outs.len() == 1 {
             outs.into_iter().next().expect("one part")
         } else {
@@ -773,14 +789,16 @@ mod tests {
     /// q8 blocks, so within that rounding), for every type and a multi-part weight.
     #[test]
     fn forward_matches_the_dequantized_product() {
-        // 3 rows: ggml's kernels; 40 rows: dequantized chunks.
+        // 3 rows: ggml's kernels or quant_gemv's; 40 rows: dequantized chunks.
         for rows in [3, 40] {
             forward_matches_for(&randn_dtype(&[1, rows, 256], 1, DType::F32));
         }
     }
 
     fn forward_matches_for(x: &Tensor) {
-        for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"] {
+        for k in [
+            "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+        ] {
             let w = randn_dtype(&[48, 256], 2, DType::F32);
             let q = QuantWeight::quantize("w", &w, kind(k)).unwrap();
             let deq = q.dequantize(DType::F32).unwrap();
@@ -797,11 +815,9 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             let d = max_diff(&y, &want) / scale as f64;
-            let tol = if x.dim(1).unwrap() > KERNEL_MAX_ROWS {
-                1e-5
-            } else {
-                2e-2
-            };
+            // ggml's kernels round x to 8 bits; quant_gemv's (q4_1, q5_x on AVX2) do not.
+            let exact = x.dim(1).unwrap() > KERNEL_MAX_ROWS || quant_gemv::covers(kind(k).0);
+            let tol = if exact { 1e-5 } else { 2e-2 };
             assert!(d < tol, "{k}: relative difference {d}");
         }
     }

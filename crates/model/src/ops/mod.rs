@@ -25,6 +25,7 @@
 //! | LayerNorm, RMSNorm | `norm.rs` |
 //! | GELU (erf), SwiGLU, GeGLU (tanh) | `activation.rs` |
 //! | frozen linear (dX only), bias and LoRA update in the output buffer, an activation fused with the linear after it, bf16 weights | `linear.rs` (+ `bf16_gemm.rs`) |
+//! | a few rows against q4_1 / q5_0 / q5_1 blocks (decoding a quantized model) | `quant_gemv.rs` |
 //! | rotary embedding | `rope.rs` |
 //! | score rules (soft-cap, causal mask, sliding window) and the softmax under them | `mask.rs` |
 //! | causal self-attention, training and prefill | `attention/cpu.rs`, `attention/tensor.rs` |
@@ -41,6 +42,7 @@ pub(crate) mod cpu;
 pub(crate) mod linear;
 pub(crate) mod mask;
 pub(crate) mod norm;
+pub(crate) mod quant_gemv;
 pub(crate) mod recompute;
 pub(crate) mod rope;
 

@@ -13,7 +13,7 @@ use crate::kv_cache::KvCache;
 use crate::lora::{DropoutCtx, LoraLinear};
 use crate::model::Norm;
 use crate::ops::attention::cpu::{packed_attention, PackedAttention};
-use crate::ops::attention::tensor::{attend, per_sequence, HeadLayout, Training};
+use crate::ops::attention::tensor::{attend, fill_cache, per_sequence, HeadLayout, Training};
 use crate::ops::linear::frozen_linear_add;
 use crate::ops::mask::ScoreRules;
 use crate::ops::recompute;
@@ -101,8 +101,13 @@ impl CausalSelfAttention {
     ) -> Result<Tensor> {
         let qkv = self.norm_qk(be, &self.qkv.forward(be, x, dropout.as_deref_mut())?)?;
         let from_start = cache.is_none() && offset == 0;
-        if from_start && be == Backend::CpuKernels {
-            // CPU: one op from qkv to the heads' outputs, keeping no intermediate.
+        let prefill = offset == 0 && cache.as_ref().is_some_and(|c| c.is_empty());
+        if (from_start || prefill) && be == Backend::CpuKernels {
+            // CPU: one op from qkv to the heads' outputs, keeping no intermediate; a prefill
+            // also stores the keys and values for the decoding steps after it.
+            if let Some(cache) = cache {
+                fill_cache(self.layout(), &qkv, rope, cache)?;
+            }
             let (b, t, _) = qkv.dims3()?;
             let lengths = seqs.map_or_else(|| vec![t; b], <[usize]>::to_vec);
             let longest = lengths.iter().copied().max().unwrap_or(0);

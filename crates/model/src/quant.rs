@@ -677,9 +677,12 @@ fn dequantize_rows_cpu(
 }
 
 /// ggml blocks of `kind` in `bytes` converted to the f32 values `out` holds room for, by
-/// candle's own per-type conversion; false (nothing trusted) unless `bytes` are exactly that
+/// candle's own per-type conversion (or `quant_gemv`'s AVX2 one, bit for bit the same); false (nothing trusted) unless `bytes` are exactly that
 /// many whole blocks, aligned for the block type.
 fn blocks_to_f32(kind: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    if quant_gemv::dequantize(kind, bytes, out) {
+        return true;
+    }
     use candle_core::quantized::k_quants as k;
     use candle_core::quantized::k_quants::GgmlType;
     fn go<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {

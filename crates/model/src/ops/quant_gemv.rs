@@ -9,6 +9,9 @@
 //! split into tasks on candle's CPU thread pool, each single-threaded, so the result does not
 //! depend on the thread count. Other types, and CPUs without AVX2 + FMA + F16C, keep candle's
 //! kernels (the caller falls back when this returns `None`).
+//!
+//! The same block decoder converts whole rows to f32 ([`dequantize`]) for the paths that
+//! multiply dequantized chunks (prefill, training), where candle's conversion is scalar.
 
 use candle_core::quantized::GgmlDType;
 
@@ -34,6 +37,22 @@ pub(crate) fn matmul_t(
     {
         let _ = (kind, w, rows, cols, x, m);
         None
+    }
+}
+
+/// The blocks of `kind` in `bytes` converted to the f32 values `out` holds room for, bit for
+/// bit what candle's `to_float` gives (prefill and training dequantize a chunk of rows at a
+/// time; candle's conversion of these types is scalar); false, with nothing written, when
+/// this type or CPU has no kernel here or the sizes do not fit.
+pub(crate) fn dequantize(kind: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::dequantize(kind, bytes, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, bytes, out);
+        false
     }
 }
 
@@ -115,6 +134,35 @@ mod avx2 {
             }
         });
         Some(y)
+    }
+
+    pub(super) fn dequantize(kind: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+        let Some(bb) = block_bytes(kind) else {
+            return false;
+        };
+        if !available() || !bytes.len().is_multiple_of(bb) || bytes.len() / bb * 32 != out.len() {
+            return false;
+        }
+        // SAFETY: the CPU has AVX2, FMA and F16C, and `bytes` holds exactly the blocks whose
+        // values `out` has room for (both checked above).
+        unsafe {
+            match kind {
+                GgmlDType::Q4_1 => blocks_to::<Q4_1>(bytes, bb, out),
+                GgmlDType::Q5_0 => blocks_to::<Q5_0>(bytes, bb, out),
+                _ => blocks_to::<Q5_1>(bytes, bb, out),
+            }
+        }
+        true
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blocks_to<const K: u8>(bytes: &[u8], bb: usize, out: &mut [f32]) {
+        for (b, o) in out.chunks_exact_mut(32).enumerate() {
+            let v = block::<K>(bytes.as_ptr().add(b * bb));
+            for (g, vg) in v.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(8 * g), *vg);
+            }
+        }
     }
 
     /// The 32 values of the block at `p` as four vectors of 8 (values 0-7, 8-15, 16-23,

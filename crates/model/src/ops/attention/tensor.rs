@@ -165,16 +165,9 @@ pub(crate) fn attend(
 ) -> CResult<Tensor> {
     let (b, t, _) = qkv.dims3()?;
     let (nh, ng, hs) = (h.n_head, h.n_query_groups, h.head_size);
-    let q = h.heads(qkv, 0, nh)?;
-    let k = h.heads(qkv, nh, ng)?;
-    let v = h.heads(qkv, nh + ng, ng)?;
-
     let (cos, sin) = rope.at(offset, t)?;
-    let scale = h.scale;
-    let (q, k) = (
-        (apply_rope(&q, &cos, &sin)? * scale)?,
-        apply_rope(&k, &cos, &sin)?,
-    );
+    let q = (apply_rope(&h.heads(qkv, 0, nh)?, &cos, &sin)? * h.scale)?;
+    let (k, v) = keys_values(h, qkv, &cos, &sin)?;
     let (k, v) = match cache {
         Some(cache) => cache
             .append(&k, &v)
@@ -195,6 +188,35 @@ pub(crate) fn attend(
         .reshape((b, nh, t, hs))?
         .transpose(1, 2)?
         .reshape((b, t, nh * hs))
+}
+
+/// The keys (after rotary, by tables `cos`, `sin` of the positions) and values of one
+/// (B, T, qkv) projection, each (B, G, T, hs).
+fn keys_values(
+    h: HeadLayout,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> CResult<(Tensor, Tensor)> {
+    let (nh, ng) = (h.n_head, h.n_query_groups);
+    let k = apply_rope(&h.heads(qkv, nh, ng)?, cos, sin)?;
+    Ok((k, h.heads(qkv, nh + ng, ng)?))
+}
+
+/// Stores the keys and values of a (B, T, qkv) projection from position 0 in an empty
+/// `cache`, as [`attend`] would (a prefill whose attention another kernel computes).
+pub(crate) fn fill_cache(
+    h: HeadLayout,
+    qkv: &Tensor,
+    rope: &Rope,
+    cache: &mut KvCache,
+) -> CResult<()> {
+    let (cos, sin) = rope.at(0, qkv.dim(1)?)?;
+    let (k, v) = keys_values(h, qkv, &cos, &sin)?;
+    cache
+        .append(&k, &v)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(())
 }
 
 /// The gradient of [`attend`] (no cache, from position 0) with respect to its qkv input,

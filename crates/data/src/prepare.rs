@@ -666,7 +666,65 @@ pub struct DatasetMeta {
     pub val: LengthStats,
 }
 
+/// What a preparation read and chose, besides its splits: the inputs of [`DatasetMeta::new`].
+pub struct Provenance<'a> {
+    /// The data as the user named it (a path, or the URL it was downloaded from).
+    pub source: &'a str,
+    /// The file read for it.
+    pub source_file: &'a Path,
+    /// A separate validation file, when one was given.
+    pub val_file: Option<&'a Path>,
+    pub checkpoint_dir: &'a Path,
+    pub tokenizer: &'a Tokenizer,
+    pub format: &'a ChatFormat,
+    pub data_format: DataFormat,
+    pub rendering: Rendering,
+    pub opts: PrepareOptions,
+    pub seed: u64,
+    pub records_read: usize,
+    pub records_skipped: usize,
+}
+
 impl DatasetMeta {
+    /// The `meta.json` of the splits `train` and `val`, encoded as `reports` say, from `p`'s
+    /// data: this format and version, the sources' and tokenizer's checksums, the choices and
+    /// the splits' statistics.
+    pub fn new(
+        p: &Provenance,
+        train: &[Sample],
+        val: &[Sample],
+        reports: [&EncodeReport; 2],
+    ) -> Result<DatasetMeta> {
+        let sha = |f: &Path| Ok::<_, Error>(loratune_model::io::sha256_file(f)?);
+        let sum = |count: fn(&EncodeReport) -> usize| reports.iter().map(|r| count(r)).sum();
+        let turns: Vec<usize> = reports.iter().flat_map(|r| r.turns.clone()).collect();
+        Ok(DatasetMeta {
+            format: crate::dataset::FORMAT.into(),
+            format_version: crate::dataset::META_FORMAT_VERSION,
+            source: p.source.to_string(),
+            source_sha256: sha(p.source_file)?,
+            val_source: p.val_file.map(|f| f.display().to_string()),
+            val_source_sha256: p.val_file.map(sha).transpose()?,
+            tokenizer_sha256: p.tokenizer.checksum().to_string(),
+            checkpoint_dir: p.checkpoint_dir.display().to_string(),
+            data_format: Some(p.data_format),
+            prompt_style: p.rendering,
+            chat_template_sha256: p.format.template_sha256().map(str::to_string),
+            mask_inputs: p.opts.mask_inputs || by_turn(p.data_format, p.format),
+            ignore_index: p.opts.ignore_index,
+            max_seq_length: p.opts.max_seq_length,
+            seed: p.seed,
+            records_read: p.records_read,
+            records_skipped: p.records_skipped,
+            truncated: sum(|r| r.truncated),
+            no_response_left: sum(|r| r.no_response_left),
+            records_too_long: sum(|r| r.too_long.len()),
+            turns: (!turns.is_empty()).then(|| percentiles(&turns)),
+            train: length_stats(train, p.opts.ignore_index),
+            val: length_stats(val, p.opts.ignore_index),
+        })
+    }
+
     /// Reads `meta.json`, refusing another format or a version this loratune does not read.
     pub fn read(path: &Path) -> Result<DatasetMeta> {
         let bad = |reason: String| Error::Dataset {

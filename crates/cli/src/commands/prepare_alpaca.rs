@@ -14,8 +14,8 @@ use loratune_data::chat::ChatFormat;
 use loratune_data::dataset::DatasetDir;
 use loratune_data::prepare::{
     by_turn, check_splits, choose_max_seq_length, choose_rendering, drop_refused, encode_examples,
-    histogram, length_histogram, length_stats, percentiles, trained_counts, DatasetMeta,
-    EncodeReport, LengthStats, Part, PrepareOptions, ValSplit,
+    histogram, length_histogram, trained_counts, DatasetMeta, EncodeReport, LengthStats, Part,
+    PrepareOptions, Provenance, ValSplit,
 };
 use loratune_data::records::{read_records, DataFormat, ReadOptions};
 use loratune_model::{Config, Tokenizer};
@@ -317,32 +317,21 @@ fn prepare(args: &Args) -> Result<()> {
     let too_long = report_t.too_long.len() + report_v.too_long.len();
     check_splits(train.len(), val.len(), too_long, max_seq_length)?;
 
-    let sha = |p: &Path| loratune_model::io::sha256_file(p);
-    let meta = DatasetMeta {
-        format: loratune_data::dataset::FORMAT.into(),
-        format_version: loratune_data::dataset::META_FORMAT_VERSION,
-        source: source_name,
-        source_sha256: sha(&source)?,
-        val_source: val_source.as_ref().map(|p| p.display().to_string()),
-        val_source_sha256: val_source.as_deref().map(sha).transpose()?,
-        tokenizer_sha256: tok.checksum().to_string(),
-        checkpoint_dir: args.checkpoint_dir.display().to_string(),
-        data_format: Some(data_format),
-        prompt_style: rendering,
-        chat_template_sha256: format.template_sha256().map(str::to_string),
-        mask_inputs: args.mask_inputs || by_turn,
-        ignore_index: args.ignore_index,
-        max_seq_length,
+    let provenance = Provenance {
+        source: &source_name,
+        source_file: &source,
+        val_file: val_source.as_deref(),
+        checkpoint_dir: &args.checkpoint_dir,
+        tokenizer: &tok,
+        format: &format,
+        data_format,
+        rendering,
+        opts,
         seed: args.seed,
         records_read: read_count,
         records_skipped: skipped,
-        truncated: report_t.truncated + report_v.truncated,
-        no_response_left: report_t.no_response_left + report_v.no_response_left,
-        records_too_long: report_t.too_long.len() + report_v.too_long.len(),
-        turns: (!turns.is_empty()).then(|| percentiles(&turns)),
-        train: length_stats(&train, args.ignore_index),
-        val: length_stats(&val, args.ignore_index),
     };
+    let meta = DatasetMeta::new(&provenance, &train, &val, [&report_t, &report_v])?;
     loratune_model::io::create_out_dir(&args.destination_path).context("--destination-path")?;
     crate::clean_stale_temps(&args.destination_path);
     let val_examples = val_part.examples.iter().map(|(_, e)| e);

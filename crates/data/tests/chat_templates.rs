@@ -17,20 +17,39 @@ fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lt-chat-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch folder under the system's temporary folder, removed when dropped (also when
+/// the test fails), so that test runs leave nothing behind.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("lt-chat-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
 }
 
 /// The tokenizer files of the GGUF at `$env`, or None (said) when it is not fetched.
-fn tokenizer(env: &str, key: &str) -> Option<(Tokenizer, PathBuf)> {
+fn tokenizer(env: &str, key: &str) -> Option<(Tokenizer, Scratch)> {
     let Ok(gguf) = std::env::var(env) else {
         eprintln!("skipped: {env} is not set (the real-model check runs in .ci/run)");
         return None;
     };
-    let dir = scratch(key);
+    let dir = Scratch::new(key);
     loratune_model::gguf::import_tokenizer(std::path::Path::new(&gguf), &dir).unwrap();
     Some((Tokenizer::from_dir(&dir).unwrap(), dir))
 }

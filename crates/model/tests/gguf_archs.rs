@@ -338,6 +338,14 @@ fn keep_quantized_import_moves_blocks_and_matches_the_dense_import() {
 fn llama_sentencepiece_gguf_tokenizes_like_sentencepiece() {
     let out = std::env::temp_dir().join(format!("loratune-gguf-spm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    // Removed at the end, also when an assertion fails.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(out.clone());
     let gguf = fixtures().join("gguf/llama_spm.gguf");
     import_gguf(&gguf, &out, "llama_spm", None, false).unwrap();
     let oracle: serde_json::Value = serde_json::from_str(
@@ -383,5 +391,4 @@ fn llama_sentencepiece_gguf_tokenizes_like_sentencepiece() {
         cfg.padded_vocab_size as u64,
         oracle["vocab_size"].as_u64().unwrap()
     );
-    std::fs::remove_dir_all(out).unwrap();
 }

@@ -252,12 +252,23 @@ pub fn merge_adapter(
     checkpoint_dir: &Path,
     force: bool,
 ) -> Result<AdapterMeta> {
+    let meta = attach_adapter(model, path, checkpoint_dir, force)?;
+    model.merge_lora()?;
+    Ok(meta)
+}
+
+/// [`merge_adapter`] without the merge: the adapter attached, checked against the base.
+pub fn attach_adapter(
+    model: &mut Gpt,
+    path: &Path,
+    checkpoint_dir: &Path,
+    force: bool,
+) -> Result<AdapterMeta> {
     let (meta, tensors) = load_adapter(path, model.device())?;
     check_adapter_base(model, &meta, path, checkpoint_dir, force)?;
     model
         .load_lora(&meta.lora, Weights::new(tensors))
         .with_context(|| format!("loading the adapter {}", path.display()))?;
-    model.merge_lora()?;
     Ok(meta)
 }
 

@@ -896,12 +896,13 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
         ],
     );
     assert!(r.ok, "{}", r.stderr);
-    // The adapters (query, value) are merged into the fused qkv weights, which become dense
-    // (90 q8_0 tensors once split); the 120 linears they left alone are the file's own
-    // blocks, byte for byte.
+    // The adapters (query, value) are merged into the q and v rows of the fused qkv weights,
+    // which are written in q8_0 (60 tensors once split); the 120 linears they left alone and
+    // the 30 key projections (the rows of qkv they left alone) are the file's own blocks,
+    // byte for byte.
     assert!(
         r.stdout
-            .contains("120 copied as the quantized base's blocks"),
+            .contains("150 copied as the quantized base's blocks"),
         "{}",
         r.stdout
     );
@@ -926,10 +927,38 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
             "blk.0.ffn_gate.weight",
             "blk.7.attn_output.weight",
             "blk.29.ffn_down.weight",
+            "blk.0.attn_k.weight",
+            "blk.17.attn_k.weight",
         ],
     );
-    let (kind, _) = tensor(&gg.join("model.gguf"), "blk.0.attn_k.weight");
-    assert_eq!(kind, candle_core::quantized::GgmlDType::Q8_0);
+    // The merged q and v rows are those of a plain merge (`--requantize`: every weight
+    // dense, then q8_0), byte for byte.
+    let requantized = root.join("gguf-requantized");
+    let r = run(
+        EXPORT,
+        &[
+            "--format",
+            "gguf",
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--lora-path",
+            adapter.to_str().unwrap(),
+            "--dtype",
+            "q8_0",
+            "--requantize",
+            "--out-dir",
+            requantized.to_str().unwrap(),
+        ],
+    );
+    assert!(r.ok && !r.stdout.contains("copied"), "{}", r.stdout);
+    for name in ["blk.0.attn_q.weight", "blk.17.attn_v.weight"] {
+        let (kind, bytes) = tensor(&gg.join("model.gguf"), name);
+        assert_eq!(kind, candle_core::quantized::GgmlDType::Q8_0, "{name}");
+        assert!(
+            tensor(&requantized.join("model.gguf"), name).1 == bytes,
+            "{name}: not the plain merge's"
+        );
+    }
     // Without an adapter every linear is copied; q and k go back through llama.cpp's row
     // permutation, on the blocks, to the file's own bytes.
     let plain = root.join("gguf-base");

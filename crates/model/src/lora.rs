@@ -10,17 +10,18 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ops::activation::{gelu_erf_grad, swiglu_grad};
+use crate::ops::activation::{gelu_erf, gelu_erf_backward, swiglu, swiglu_backward};
 use crate::ops::linear::{
     frozen_forward, frozen_linear_add, gelu_then_frozen_linear, linear_input_grad,
     swiglu_then_frozen_linear,
 };
 use crate::ops::{recompute, Backend};
-use crate::quant::QuantWeight;
+use crate::quant::{QuantKind, QuantWeight};
 use crate::rng::Rng;
 
 /// Which linears get adapters. Lit-GPT's default is query and value.
@@ -177,7 +178,22 @@ fn param(v: &Var) -> Tensor {
 
 /// Per-call options for the training forward pass.
 pub struct DropoutCtx<'a> {
+    /// Draws the LoRA dropout masks.
     pub rng: &'a mut Rng,
+    /// This forward is activation checkpointing's recomputation of a block: its output is
+    /// only differentiated, never read, so products that go straight into it may skip their
+    /// value (their backward is unchanged). `false` everywhere else.
+    pub recompute: bool,
+}
+
+impl<'a> DropoutCtx<'a> {
+    /// A training forward's options: masks drawn from `rng`.
+    pub fn new(rng: &'a mut Rng) -> DropoutCtx<'a> {
+        DropoutCtx {
+            rng,
+            recompute: false,
+        }
+    }
 }
 
 /// One low-rank update on a block of output rows.
@@ -533,20 +549,24 @@ impl LoraLinear {
     }
 
     /// `residual + this linear applied to gelu(x)`, as one op that keeps no activation (see
-    /// `ops::linear::gelu_then_frozen_linear`); `None` if it has adapters or the op does not apply.
+    /// `ops::linear::gelu_then_frozen_linear`); `None` if it has adapters or the op does not
+    /// apply. With `value_unused` (activation checkpointing's recomputation, which only
+    /// differentiates the block's output) the product itself is skipped: see [`Self::frozen_after`].
     pub fn forward_after_gelu(
         &self,
         be: Backend,
         x: &Tensor,
         residual: Option<&Tensor>,
+        value_unused: bool,
     ) -> Result<Option<Tensor>> {
-        if let Some(y) = self.quantized_after(
+        if let Some(y) = self.frozen_after(
             be,
-            "gelu-quantized-linear",
+            "gelu-frozen-linear",
             &[x],
             residual,
-            |a| a[0].gelu_erf(),
-            |a, da| Ok(vec![gelu_erf_grad(&a[0], da)?]),
+            value_unused,
+            |be, a| gelu_erf(be, &a[0]),
+            |be, a, da| Ok(vec![gelu_erf_backward(be, &a[0], da)?]),
         )? {
             return Ok(Some(y));
         }
@@ -569,15 +589,17 @@ impl LoraLinear {
         gate: &Tensor,
         up: &Tensor,
         residual: Option<&Tensor>,
+        value_unused: bool,
     ) -> Result<Option<Tensor>> {
-        if let Some(y) = self.quantized_after(
+        if let Some(y) = self.frozen_after(
             be,
-            "swiglu-quantized-linear",
+            "swiglu-frozen-linear",
             &[gate, up],
             residual,
-            |a| a[0].silu()? * &a[1],
-            |a, da| {
-                let (dg, du) = swiglu_grad(&a[0], &a[1], da)?;
+            value_unused,
+            |be, a| swiglu(be, &a[0], &a[1]),
+            |be, a, da| {
+                let (dg, du) = swiglu_backward(be, &a[0], &a[1], da)?;
                 Ok(vec![dg, du])
             },
         )? {
@@ -612,37 +634,59 @@ impl LoraLinear {
             .then(|| (self.weight.clone(), self.bias.clone()))
     }
 
-    /// `residual + act(inputs) @ W^T + b` for a quantized weight without adapters, as one op
-    /// keeping only its inputs (the activation is recomputed in the backward pass); `None`
-    /// otherwise. `act` maps the detached inputs to the projection's input, `act_grad` maps
-    /// (inputs, d(projection input)) to the inputs' gradients.
-    fn quantized_after(
+    /// `residual + act(inputs) @ W^T + b` for a linear without adapters, as one op keeping
+    /// only its inputs (the activation is recomputed in the backward pass): for a quantized
+    /// weight, and for a dense one with `value_unused` (otherwise its fused kernels serve);
+    /// `None` in the other cases. `act` maps the detached inputs to the projection's input,
+    /// `act_grad` maps (inputs, d(projection input)) to the inputs' gradients.
+    ///
+    /// `value_unused` says that nothing reads this op's value, only its gradient flows:
+    /// activation checkpointing recomputes a block to differentiate `sum(block(x) * dL/dy)`,
+    /// and the MLP's last product goes straight into that output. The forward then computes
+    /// neither the activation nor the product (a quarter of a Llama block's multiply-adds)
+    /// and returns the residual, or zeros, as a placeholder; the backward is the same
+    /// function of the inputs as always, so the gradients are exactly the full forward's.
+    #[allow(clippy::too_many_arguments)]
+    fn frozen_after(
         &self,
         be: Backend,
         name: &'static str,
         inputs: &[&Tensor],
         residual: Option<&Tensor>,
-        act: fn(&[Tensor]) -> candle_core::Result<Tensor>,
-        act_grad: fn(&[Tensor], &Tensor) -> candle_core::Result<Vec<Tensor>>,
+        value_unused: bool,
+        act: fn(Backend, &[Tensor]) -> candle_core::Result<Tensor>,
+        act_grad: fn(Backend, &[Tensor], &Tensor) -> candle_core::Result<Vec<Tensor>>,
     ) -> Result<Option<Tensor>> {
-        let (Some(q), true) = (self.weight.as_quantized(), self.adapters.is_empty()) else {
+        let Some((w, bias)) = self.frozen_parts() else {
             return Ok(None);
         };
+        if w.as_quantized().is_none() && !value_unused {
+            return Ok(None);
+        }
         let n = inputs.len();
         let all: Vec<&Tensor> = inputs.iter().copied().chain(residual).collect();
-        let (w, bias) = (self.weight.clone(), self.bias.clone());
-        let wq = FrozenWeight::Quantized(q.clone());
+        let mut out_dims = inputs[0].dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = w.dims().0;
+        }
+        let wg = w.clone();
         Ok(Some(recompute(
             name,
             &all,
             |a| {
-                let y = w.forward_no_grad(be, &act(&a[..n])?, bias.as_ref())?;
+                if value_unused {
+                    return match a.get(n) {
+                        Some(r) => Ok(r.clone()),
+                        None => Tensor::zeros(out_dims, a[0].dtype(), a[0].device()),
+                    };
+                }
+                let y = w.forward_no_grad(be, &act(be, &a[..n])?, bias.as_ref())?;
                 a.get(n).map_or(Ok(y.clone()), |r| r + &y)
             },
             move |a, dy| {
-                let da = wq.input_grad(be, dy)?;
+                let da = wg.input_grad(be, dy)?;
                 let mut g: Vec<Option<Tensor>> =
-                    act_grad(&a[..n], &da)?.into_iter().map(Some).collect();
+                    act_grad(be, &a[..n], &da)?.into_iter().map(Some).collect();
                 if a.len() > n {
                     g.push(Some(dy.clone()));
                 }
@@ -685,18 +729,72 @@ impl LoraLinear {
     }
 
     /// Folds the adapters into the weight (computed in f32) and drops them. A quantized
-    /// weight becomes dense, in `dense_dtype`.
-    pub fn merge(&mut self, dense_dtype: DType) -> Result<()> {
-        if let Some(delta) = self.delta_weight()? {
-            let (w, dtype) = match &self.weight {
-                FrozenWeight::Dense(w) => (w.clone(), w.dtype()),
-                FrozenWeight::Quantized(q) => (q.dequantize(DType::F32)?, dense_dtype),
-            };
-            let w = (w.to_dtype(delta.dtype())? + delta)?;
-            self.weight = FrozenWeight::Dense(w.to_dtype(dtype)?);
-            self.adapters.clear();
-        }
+    /// weight becomes dense, in `dense_dtype`; with `keep_blocks` only the rows the adapters
+    /// change do (held as f32 rows among its parts), and every other row keeps its blocks, so
+    /// that a GGUF export copies them as they are (a fused qkv with adapters on q and v
+    /// keeps k's blocks). Such a weight is for export: products with it are slower.
+    pub fn merge(&mut self, dense_dtype: DType, keep_blocks: bool) -> Result<()> {
+        let Some(delta) = self.delta_weight()? else {
+            return Ok(());
+        };
+        let kept = match &self.weight {
+            FrozenWeight::Quantized(q) if keep_blocks => self.merged_rows(q, &delta)?,
+            _ => None,
+        };
+        self.weight = match (&self.weight, kept) {
+            (_, Some(merged)) => FrozenWeight::Quantized(Arc::new(merged)),
+            (FrozenWeight::Dense(w), None) => {
+                FrozenWeight::Dense((w.to_dtype(delta.dtype())? + delta)?.to_dtype(w.dtype())?)
+            }
+            (FrozenWeight::Quantized(q), None) => {
+                let w = q.dequantize(DType::F32)?.to_dtype(delta.dtype())?;
+                FrozenWeight::Dense((w + delta)?.to_dtype(dense_dtype)?)
+            }
+        };
+        self.adapters.clear();
         Ok(())
+    }
+
+    /// `q + delta` with the rows no adapter covers left as `q`'s blocks and the covered ones
+    /// as f32 rows; `None` when the adapters cover every row.
+    fn merged_rows(&self, q: &QuantWeight, delta: &Tensor) -> Result<Option<QuantWeight>> {
+        let mut covered: Vec<Range<usize>> = self.adapters.iter().map(|a| a.rows.clone()).collect();
+        covered.sort_by_key(|r| r.start);
+        let mut spans: Vec<(Range<usize>, bool)> = Vec::new();
+        let mut row = 0;
+        for r in covered {
+            if r.start > row {
+                spans.push((row..r.start, false));
+            }
+            let start = r.start.max(row);
+            if r.end > start {
+                match spans.last_mut() {
+                    Some((last, true)) if last.end == start => last.end = r.end,
+                    _ => spans.push((start..r.end, true)),
+                }
+                row = r.end;
+            }
+        }
+        if row < q.rows() {
+            spans.push((row..q.rows(), false));
+        }
+        if spans.iter().all(|(_, adapted)| *adapted) {
+            return Ok(None);
+        }
+        let name = format!("{}.weight", self.name);
+        let parts = spans
+            .into_iter()
+            .map(|(r, adapted)| {
+                let rows = q.narrow_rows(r.start, r.len())?;
+                if !adapted {
+                    return Ok(rows);
+                }
+                let d = delta.narrow(0, r.start, r.len())?.to_dtype(DType::F32)?;
+                let merged = (rows.dequantize(DType::F32)? + d)?;
+                QuantWeight::quantize(&name, &merged, QuantKind(GgmlDType::F32))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(QuantWeight::stack(&name, parts)?))
     }
 
     /// Replaces a dense weight by its quantization to `kind` (adapters untouched).
@@ -809,7 +907,7 @@ mod tests {
         let r = randn(&[2, 3, 7], 8);
         let mut rng = Rng::new(9);
         let y = lin
-            .forward(be, x.as_tensor(), Some(&mut DropoutCtx { rng: &mut rng }))
+            .forward(be, x.as_tensor(), Some(&mut DropoutCtx::new(&mut rng)))
             .unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
 
@@ -861,6 +959,58 @@ mod tests {
             let d = max_diff(g.get(t).unwrap(), gw.get(t).unwrap());
             assert!(d < 1e-12, "gradient {:?}: {d}", t.dims());
         }
+    }
+
+    /// Merging into a quantized weight for an export that keeps its blocks: the rows no
+    /// adapter covers keep their bytes, the covered ones hold W + delta in f32, and the whole
+    /// equals the plain merge, in value and in products.
+    #[test]
+    fn merge_keeping_blocks_changes_only_the_adapted_rows() {
+        use crate::test_util::randn_dtype;
+        let cfg = LoraConfig {
+            r: 2,
+            ..LoraConfig::default()
+        };
+        let f32 = |shape: &[usize], seed| randn_dtype(shape, seed, DType::F32);
+        let q = QuantWeight::quantize("w", &f32(&[8, 64], 1), QuantKind(GgmlDType::Q8_0)).unwrap();
+        let fused = |rows: &[(&'static str, Range<usize>)]| {
+            let w = FrozenWeight::Quantized(Arc::new(q.clone()));
+            let mut lin = LoraLinear::with_weight("x.qkv", w, None);
+            for (i, (target, r)) in rows.iter().enumerate() {
+                let seed = 10 * i as u64;
+                let (a, b) = (f32(&[2, 64], seed + 2), f32(&[r.len(), 2], seed + 3));
+                lin.set_adapter(target, r.clone(), a, b, &cfg).unwrap();
+            }
+            lin
+        };
+        let qv = [("query", 0..3), ("value", 5..8)];
+        let (mut kept, mut dense) = (fused(&qv), fused(&qv));
+        kept.merge(DType::F32, true).unwrap();
+        dense.merge(DType::F32, false).unwrap();
+        let kq = kept.weight().as_quantized().expect("still blocks").clone();
+        assert_eq!(kq.describe(), "f32:3+q8_0:2+f32:3");
+        assert_eq!(
+            kq.narrow_rows(3, 2).unwrap().raw_parts().unwrap(),
+            q.narrow_rows(3, 2).unwrap().raw_parts().unwrap()
+        );
+        let want = dense.weight().as_dense().unwrap();
+        assert_eq!(max_diff(&kq.dequantize(DType::F32).unwrap(), want), 0.0);
+        // Up to 8 rows go through ggml's kernel, which rounds x to 8 bits for the q8_0 rows.
+        for (rows, tol) in [(3, 1e-2), (12, 1e-6)] {
+            let x = f32(&[rows, 64], 7);
+            let be = Backend::CpuKernels;
+            let (a, b) = (
+                kept.weight().forward_no_grad(be, &x, None).unwrap(),
+                dense.weight().forward_no_grad(be, &x, None).unwrap(),
+            );
+            let scale = max_diff(&b, &b.zeros_like().unwrap());
+            let d = max_diff(&a, &b);
+            assert!(d <= tol * scale, "{rows} rows: {d} (scale {scale})");
+        }
+        // Adapters over every row leave nothing to keep: the weight becomes dense.
+        let mut all = fused(&[("query", 0..3), ("key", 3..5), ("value", 5..8)]);
+        all.merge(DType::F32, true).unwrap();
+        assert!(all.weight().as_dense().is_some());
     }
 
     #[test]

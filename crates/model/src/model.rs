@@ -166,18 +166,21 @@ impl Mlp {
         })
     }
 
-    /// `residual + mlp(x)` (the residual inside the last op where it can be).
+    /// `residual + mlp(x)` (the residual inside the last op where it can be). With
+    /// `value_unused` only this result's gradient is needed, not its value (see
+    /// `LoraLinear::forward_after_swiglu`).
     pub fn forward(
         &self,
         be: Backend,
         x: &Tensor,
         mut dropout: Option<&mut DropoutCtx>,
         residual: Option<&Tensor>,
+        value_unused: bool,
     ) -> Result<Tensor> {
         let y = match self {
             Mlp::GptNeox { fc, proj } => {
                 let f = fc.forward(be, x, dropout.as_deref_mut())?;
-                if let Some(y) = proj.forward_after_gelu(be, &f, residual)? {
+                if let Some(y) = proj.forward_after_gelu(be, &f, residual, value_unused)? {
                     return Ok(y);
                 }
                 proj.forward(be, &gelu_erf(be, &f)?, dropout)?
@@ -185,7 +188,9 @@ impl Mlp {
             Mlp::Llama { fc_1, fc_2, proj } => {
                 let gate = fc_1.forward(be, x, dropout.as_deref_mut())?;
                 let up = fc_2.forward(be, x, dropout.as_deref_mut())?;
-                if let Some(y) = proj.forward_after_swiglu(be, &gate, &up, residual)? {
+                if let Some(y) =
+                    proj.forward_after_swiglu(be, &gate, &up, residual, value_unused)?
+                {
                     return Ok(y);
                 }
                 proj.forward(be, &swiglu(be, &gate, &up)?, dropout)?
@@ -320,6 +325,9 @@ impl Block {
         // Each residual sum is formed inside the op that produces its last term where it can
         // be: the graph then keeps the sum instead of the term and the sum. A post-norm sits
         // between the term and the sum, so there the sum is taken after it.
+        // In activation checkpointing's recomputation the block's output is only
+        // differentiated: the MLP's last product, which goes straight into it, is skipped.
+        let recomputing = dropout.as_ref().is_some_and(|d| d.recompute);
         let n1 = self.norm_1.forward(be, x)?;
         let h = match &self.post_attention_norm {
             None => self.attn.forward(
@@ -351,15 +359,18 @@ impl Block {
                 Some(norm) => norm.forward(be, x)?,
                 None => n1,
             };
-            return self.mlp.forward(be, &n2, dropout, Some(&h));
+            return self.mlp.forward(be, &n2, dropout, Some(&h), recomputing);
         }
         let n2 = match &self.norm_2 {
             Some(norm) => norm.forward(be, &h)?,
             None => self.norm_1.forward(be, &h)?,
         };
         match &self.post_mlp_norm {
-            None => self.mlp.forward(be, &n2, dropout, Some(&h)),
-            Some(post) => Ok((&h + post.forward(be, &self.mlp.forward(be, &n2, dropout, None)?)?)?),
+            None => self.mlp.forward(be, &n2, dropout, Some(&h), recomputing),
+            Some(post) => {
+                let m = self.mlp.forward(be, &n2, dropout, None, false)?;
+                Ok((&h + post.forward(be, &m)?)?)
+            }
         }
     }
 }
@@ -947,10 +958,21 @@ impl Gpt {
     /// Folds every adapter into its weight. A merged head no longer shares the embedding; a
     /// merged quantized weight becomes dense in [`Gpt::weight_dtype`].
     pub fn merge_lora(&mut self) -> Result<()> {
+        self.merge(false)
+    }
+
+    /// [`Gpt::merge_lora`] for a GGUF export that copies a quantized base's blocks: a
+    /// quantized weight keeps the blocks of the rows no adapter changes (see
+    /// `LoraLinear::merge`).
+    pub fn merge_lora_keeping_blocks(&mut self) -> Result<()> {
+        self.merge(true)
+    }
+
+    fn merge(&mut self, keep_blocks: bool) -> Result<()> {
         let head_adapted = !self.lm_head.adapters().is_empty();
         let dense = self.weight_dtype();
         for (linear, _) in self.targets_mut() {
-            linear.merge(dense)?;
+            linear.merge(dense, keep_blocks)?;
         }
         if head_adapted {
             self.config.tie_embeddings = false;

@@ -116,11 +116,8 @@ impl Gpt {
             let n = n.min(self.blocks.len());
             return self.checkpointed_backward(&idx, batch, opts, n, grad_scale, rng, grads);
         }
-        let h = self.forward_hidden_packed(
-            &idx,
-            batch.lengths,
-            Some(&mut DropoutCtx { rng: &mut *rng }),
-        )?;
+        let h =
+            self.forward_hidden_packed(&idx, batch.lengths, Some(&mut DropoutCtx::new(&mut *rng)))?;
         let out = self.batch_head_loss(&h, batch, opts.ignore_index, Some(grad_scale))?;
         let loss = BatchLoss::of(&out);
         if let Some(surrogate) = out.surrogate {
@@ -171,7 +168,8 @@ impl Gpt {
     /// `n_ckpt - 1` down to block 0, the block is recomputed with its input as a variable,
     /// with the dropout RNG replayed from where the forward pass drew, and `sum(y * dL/dy)`
     /// is backpropagated, giving the block's adapter gradients and dL/d(input) for the block
-    /// below.
+    /// below. That recomputation never reads y itself, so it skips the MLP's last product
+    /// (`DropoutCtx::recompute`).
     #[allow(clippy::too_many_arguments)]
     fn checkpointed_backward(
         &self,
@@ -189,14 +187,14 @@ impl Gpt {
         let mut x = self.embed_packed(idx, batch.lengths)?.detach();
         for i in 0..n_ckpt {
             rng_states.push(rng.state());
-            let y = self.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+            let y = self.forward_block(i, &x, lengths, Some(&mut DropoutCtx::new(&mut *rng)))?;
             inputs.push(std::mem::replace(&mut x, y.detach()));
         }
         let top = Var::from_tensor(&x)?;
         drop(x);
         let mut x = top.as_tensor().clone();
         for i in n_ckpt..self.blocks.len() {
-            x = self.forward_block(i, &x, lengths, Some(&mut DropoutCtx { rng: &mut *rng }))?;
+            x = self.forward_block(i, &x, lengths, Some(&mut DropoutCtx::new(&mut *rng)))?;
         }
         let h = self.ln_f.forward(self.backend(), &x)?;
         drop(x);
@@ -225,7 +223,10 @@ impl Gpt {
                 i,
                 xin.as_tensor(),
                 lengths,
-                Some(&mut DropoutCtx { rng: &mut replay }),
+                Some(&mut DropoutCtx {
+                    rng: &mut replay,
+                    recompute: true,
+                }),
             )?;
             let g = (y * &dy)?.sum_all()?.backward()?;
             grads.add(&g)?;

@@ -392,7 +392,7 @@ fn tensor_path_equals_cpu_kernels() {
         let run = |model: &Gpt, packed: bool| {
             let mut rng = Rng::new(5);
             let h = if packed {
-                let mut ctx = DropoutCtx { rng: &mut rng };
+                let mut ctx = DropoutCtx::new(&mut rng);
                 model
                     .forward_hidden_packed(&ids, &lengths, Some(&mut ctx))
                     .unwrap()
@@ -467,7 +467,7 @@ fn dropout_is_seeded_and_only_in_training() {
     let run = |seed| {
         let mut rng = Rng::new(seed);
         let h = model
-            .forward_hidden(&idx, Some(&mut DropoutCtx { rng: &mut rng }))
+            .forward_hidden(&idx, Some(&mut DropoutCtx::new(&mut rng)))
             .unwrap();
         model.head(&h, None).unwrap()
     };

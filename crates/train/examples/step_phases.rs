@@ -44,7 +44,7 @@ fn main() {
         let ids = Tensor::from_slice(&b.input_ids, b.tokens, &Device::Cpu).unwrap();
         let mut hwm = [0f64; 4];
         let h = model
-            .forward_hidden_packed(&ids, &b.lengths, Some(&mut DropoutCtx { rng: &mut rng }))
+            .forward_hidden_packed(&ids, &b.lengths, Some(&mut DropoutCtx::new(&mut rng)))
             .unwrap();
         let t1 = Instant::now();
         hwm[0] = peak_rss_mib();

@@ -9,11 +9,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
-use loratune_model::adapter::load_adapter;
 use loratune_model::export::{export_hf, export_peft};
 use loratune_model::gguf_export::{export_gguf, export_gguf_lora, GgufType};
 use loratune_model::weights::stored_dtype;
-use loratune_model::{Gpt, Tokenizer, Weights};
+use loratune_model::{Gpt, Tokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -180,7 +179,13 @@ fn export(args: &Args) -> Result<()> {
         }
         Format::Gguf => {
             if let Some(path) = &args.lora_path {
-                crate::generation::merge_adapter(&mut model, path, ck, args.force)?;
+                crate::generation::attach_adapter(&mut model, path, ck, args.force)?;
+                // A quantized base keeps the blocks of the rows the adapter leaves alone.
+                if args.requantize {
+                    model.merge_lora()?;
+                } else {
+                    model.merge_lora_keeping_blocks()?;
+                }
             }
             let ty = match args.dtype {
                 Some(WeightDtype::Float32) => GgufType::F32,
@@ -213,11 +218,7 @@ fn export(args: &Args) -> Result<()> {
             let Some(path) = &args.lora_path else {
                 bail!("--format gguf-lora needs --lora-path (the adapter to export)");
             };
-            let (meta, tensors) = load_adapter(path, &device)?;
-            crate::generation::check_adapter_base(&model, &meta, path, ck, args.force)?;
-            model
-                .load_lora(&meta.lora, Weights::new(tensors))
-                .with_context(|| format!("loading the adapter {}", path.display()))?;
+            crate::generation::attach_adapter(&mut model, path, ck, args.force)?;
             loratune_model::io::create_out_dir(&args.out_dir).context("--out-dir")?;
             crate::clean_stale_temps(&args.out_dir);
             let out = args.out_dir.join("lora.gguf");
@@ -237,12 +238,8 @@ fn export(args: &Args) -> Result<()> {
             let Some(path) = &args.lora_path else {
                 bail!("--format peft needs --lora-path (the adapter to export)");
             };
-            let (meta, tensors) = load_adapter(path, &device)?;
-            crate::generation::check_adapter_base(&model, &meta, path, ck, args.force)?;
+            crate::generation::attach_adapter(&mut model, path, ck, args.force)?;
             crate::clean_stale_temps(&args.out_dir);
-            model
-                .load_lora(&meta.lora, Weights::new(tensors))
-                .with_context(|| format!("loading the adapter {}", path.display()))?;
             let n = export_peft(&model, &args.out_dir)
                 .with_context(|| format!("exporting to {}", args.out_dir.display()))?;
             outln!(

@@ -158,7 +158,8 @@ impl Job {
         let kind = match (&self.src, self.copy) {
             (FrozenWeight::Quantized(q), true) => {
                 let (start, len) = self.row_range();
-                q.rows_kind(start, len)?
+                // Not rows a merged adapter changed (f32 among the blocks).
+                q.rows_kind(start, len).filter(|k| k.is_quantized())?
             }
             _ => return None,
         };

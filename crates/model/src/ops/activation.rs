@@ -105,6 +105,29 @@ pub fn geglu_tanh(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// dY * gelu'(x) with `be`'s kernel (the CPU kernel, or tensor ops).
+pub(crate) fn gelu_erf_backward(be: Backend, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if be == Backend::CpuKernels {
+        gelu_erf_grad_cpu(x, dy)
+    } else {
+        gelu_erf_grad(x, dy)
+    }
+}
+
+/// (d gate, d up) of silu(gate) * up with `be`'s kernel.
+pub(crate) fn swiglu_backward(
+    be: Backend,
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if be == Backend::CpuKernels {
+        swiglu_grad_cpu(gate, up, dy)
+    } else {
+        swiglu_grad(gate, up, dy)
+    }
+}
+
 /// silu(gate) * up (the LLaMA MLP).
 pub fn swiglu(be: Backend, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if be == Backend::CpuKernels {

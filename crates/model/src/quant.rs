@@ -4,8 +4,10 @@
 //!
 //! candle's `QMatMul::forward` is `apply_op1_no_bwd`: a quantized weight in a training graph
 //! stops every gradient below it without an error. [`QuantWeight::linear`] attaches the
-//! backward itself (`recompute`): dX = dY @ W, computed on the CPU from chunks of at most
-//! [`DEQUANT_CHUNK_ELEMS`] dequantized values; no weight gradient is ever formed.
+//! backward itself (`recompute`): dX = dY @ W, computed on the CPU by tasks that each convert
+//! a small block of W to f32 (as bf16 weights are: `ops::cpu::matmul_widened`), elsewhere from
+//! chunks of at most [`DEQUANT_CHUNK_ELEMS`] dequantized values; no weight gradient is ever
+//! formed.
 //!
 //! A weight is one or more row blocks ("parts"), each of one ggml type: llama.cpp's files
 //! quantize q, k and v separately (often with different types), and the lit layout fuses them
@@ -19,6 +21,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::ops::cpu::{matmul_t_widened, matmul_widened};
 use crate::ops::{quant_gemv, recompute};
 
 /// The most dequantized values the CPU holds at once for one product (4 MiB of f32).
@@ -127,6 +130,9 @@ impl std::fmt::Display for QuantKind {
         f.write_str(self.name())
     }
 }
+
+/// A part's first row in its weight, the part, and its bytes.
+type PartBytes<'a> = (usize, &'a Part, Cow<'a, [u8]>);
 
 /// One row block of a quantized weight.
 #[derive(Clone)]
@@ -382,9 +388,9 @@ impl QuantWeight {
     /// x @ W^T with no graph, in x's dtype. Up to [`KERNEL_MAX_ROWS`] rows (decoding): q4_1,
     /// q5_0 and q5_1 blocks on an AVX2 CPU through `ops::quant_gemv` (the dequantized
     /// weights' product in f32), other types through ggml's quantized kernels, which also
-    /// round x to 8-bit blocks. More rows (prefill, training) multiply f32 rows of W
-    /// dequantized a chunk at a time, exactly as the dequantized model would, at f32 GEMM
-    /// speed.
+    /// round x to 8-bit blocks. More rows (prefill, training) multiply f32 rows of W, exactly
+    /// as the dequantized model would, at f32 GEMM speed: on the CPU each task of the one
+    /// thread pool converts its own 64 rows, elsewhere a chunk at a time.
     pub fn matmul_no_grad(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
@@ -420,15 +426,18 @@ impl QuantWeight {
         Ok(y.to_dtype(dtype)?)
     }
 
-    /// x @ W^T for f32 rows x (m, cols) on the CPU as one (m, rows) row-major buffer: W is
-    /// dequantized a chunk of its rows at a time and each chunk's product is written into its
-    /// columns, so the output exists once (a head's (tokens, vocab) logits are the largest
-    /// buffer of a training step).
+    /// x @ W^T for f32 rows x (m, cols) on the CPU as one (m, rows) row-major buffer: each
+    /// task converts 64 rows of W and writes their product into its columns (or, where the
+    /// blocks cannot be read there, a chunk of rows at a time), so the output exists once (a
+    /// head's (tokens, vocab) logits are the largest buffer of a training step).
     pub fn matmul_rows_f32(&self, x: &Tensor) -> Result<Vec<f32>> {
         let m = x.elem_count() / self.cols.max(1);
         let x2 = x.to_dtype(DType::F32)?.reshape((m, self.cols))?;
         if m <= KERNEL_MAX_ROWS || !x2.device().is_cpu() {
             return Ok(self.matmul_no_grad(&x2)?.flatten_all()?.to_vec1()?);
+        }
+        if let Some(y) = self.matmul_t_cpu(&x2)? {
+            return Ok(y);
         }
         let n = self.rows();
         let mut out = vec![0f32; m * n];
@@ -497,8 +506,9 @@ impl QuantWeight {
         }
     }
 
-    /// dY @ W, the input gradient, in dY's dtype. On the CPU rows are dequantized in chunks of
-    /// at most [`DEQUANT_CHUNK_ELEMS`] values; on other devices one part at a time.
+    /// dY @ W, the input gradient, in dY's dtype. On the CPU each task converts a block of W's
+    /// columns (`input_grad_cpu`; chunks of rows where a part's blocks cannot be read there);
+    /// on other devices one part at a time.
     pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
         let dtype = dy.dtype();
         let n = dy.dim(D::Minus1)?;
@@ -512,6 +522,11 @@ impl QuantWeight {
         let mut dims = dy.dims().to_vec();
         let m = dy.elem_count() / n.max(1);
         let dy2 = dy.to_dtype(DType::F32)?.reshape((m, n))?;
+        *dims.last_mut().expect("rank >= 1") = self.cols;
+        if let Some(dx) = self.input_grad_cpu(&dy2)? {
+            let dx = Tensor::from_vec(dx, dims, dy.device())?;
+            return Ok(dx.to_dtype(dtype)?);
+        }
         let mut acc: Option<Tensor> = None;
         self.for_each_chunk(|row0, w| {
             let term = dy2.narrow(1, row0, w.dim(0)?)?.matmul(w)?;
@@ -522,8 +537,105 @@ impl QuantWeight {
             Ok(())
         })?;
         let dx = acc.expect("at least one part");
-        *dims.last_mut().expect("rank >= 1") = self.cols;
         Ok(dx.reshape(dims)?.to_dtype(dtype)?)
+    }
+
+    /// The parts' bytes with their first rows in W, when every part's blocks convert here
+    /// (`blocks_to_f32`; checked on a first row: every row and block sits at a multiple of
+    /// the block's size, so one aligned row means all are) and the weight is on the CPU.
+    fn cpu_blocks(&self) -> Result<Option<Vec<PartBytes<'_>>>> {
+        if !self.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(self.parts.len());
+        let mut row0 = 0;
+        let mut probe = vec![0f32; self.cols];
+        for p in &self.parts {
+            let data = p.q.data()?;
+            let Some(rb) = p.kind.row_bytes(self.cols) else {
+                return Ok(None);
+            };
+            if data.len() < rb * p.rows || !blocks_to_f32(p.kind.0, &data[..rb], &mut probe) {
+                return Ok(None);
+            }
+            out.push((row0, p, data));
+            row0 += p.rows;
+        }
+        Ok(Some(out))
+    }
+
+    /// x @ W^T for CPU f32 rows x (m, cols), each task converting its own block of W's rows
+    /// to f32 (`ops::cpu::matmul_t_widened`, as bf16 weights are): no chunk of W is held
+    /// beyond a task's 64 rows, and the work stays on the one thread pool. `None` where the
+    /// blocks cannot be converted here.
+    fn matmul_t_cpu(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+        let Some(parts) = self.cpu_blocks()? else {
+            return Ok(None);
+        };
+        let (k, m) = (self.cols, x.elem_count() / self.cols.max(1));
+        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(matmul_t_widened(
+            &xv,
+            m,
+            k,
+            self.rows(),
+            |j0, j1, out| {
+                for (row0, p, data) in &parts {
+                    let (lo, hi) = (j0.max(*row0), j1.min(row0 + p.rows));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let rb = p.kind.row_bytes(k).unwrap_or(0);
+                    let o = &mut out[(lo - j0) * k..(hi - j0) * k];
+                    if !blocks_to_f32(p.kind.0, &data[(lo - row0) * rb..(hi - row0) * rb], o) {
+                        o.fill(f32::NAN); // unreachable: `cpu_blocks` checked the parts
+                    }
+                }
+            },
+        )))
+    }
+
+    /// dY @ W for CPU f32 rows dY (m, rows), each task converting a block of W's columns (a
+    /// whole number of every part's blocks) to f32 (`ops::cpu::matmul_widened`). `None`
+    /// where the blocks cannot be converted here.
+    fn input_grad_cpu(&self, dy: &Tensor) -> Result<Option<Vec<f32>>> {
+        let Some(parts) = self.cpu_blocks()? else {
+            return Ok(None);
+        };
+        let (k, n) = (self.cols, self.rows());
+        let m = dy.elem_count() / n.max(1);
+        // ggml block sizes (1, 32, 256) divide each other: the largest is a multiple of all.
+        let bs = self
+            .parts
+            .iter()
+            .map(|p| p.kind.block_size())
+            .max()
+            .unwrap_or(1);
+        let block = crate::ops::cpu::WIDEN_ROWS.div_ceil(bs) * bs;
+        let dyv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(matmul_widened(
+            &dyv,
+            m,
+            n,
+            k,
+            block,
+            |j0, j1, c0, c1, out| {
+                let kb = c1 - c0;
+                for (row0, p, data) in &parts {
+                    let (lo, hi) = (j0.max(*row0), j1.min(row0 + p.rows));
+                    let rb = p.kind.row_bytes(k).unwrap_or(0);
+                    let (bs, ts) = (p.kind.block_size(), p.kind.0.type_size());
+                    let (b0, b1) = (c0 / bs * ts, c1 / bs * ts);
+                    for r in lo..hi {
+                        let o = &mut out[(r - j0) * kb..(r - j0 + 1) * kb];
+                        let at = (r - row0) * rb;
+                        if !blocks_to_f32(p.kind.0, &data[at + b0..at + b1], o) {
+                            o.fill(f32::NAN); // unreachable: `cpu_blocks` checked the parts
+                        }
+                    }
+                }
+            },
+        )))
     }
 
     /// x @ W^T + bias, differentiable in x (and the bias, when it is on a graph); the backward
@@ -883,6 +995,31 @@ mod tests {
         // Chunked: tiny chunks give the same sums.
         let dx2 = QuantWeight::input_grad(&q, &r).unwrap();
         assert!(max_diff(&dx2, &want) < 1e-4);
+    }
+
+    /// Many rows through the CPU's task-blocked products (`ops::cpu::matmul_t_widened`,
+    /// `matmul_widened`): a weight mixing 256-value k-quant blocks and 32-value blocks (so the
+    /// gradient's column blocks hold whole blocks of both), with more rows than one step of
+    /// the gradient's buffer, equals the dequantized matrix's products.
+    #[test]
+    fn blocked_products_of_a_mixed_tall_weight_match_the_dequantized_ones() {
+        let parts = [("q4_k", 4100), ("q8_0", 40), ("q4_0", 4000)].map(|(k, rows)| {
+            QuantWeight::quantize(k, &randn_dtype(&[rows, 512], 11, DType::F32), kind(k)).unwrap()
+        });
+        let q = QuantWeight::stack("tall", parts.to_vec()).unwrap();
+        let deq = q.dequantize(DType::F32).unwrap();
+        let rel = |got: &Tensor, want: &Tensor| {
+            let scale = want.abs().unwrap().max_all().unwrap();
+            max_diff(got, want) / scale.to_scalar::<f32>().unwrap() as f64
+        };
+        let x = randn_dtype(&[12, 512], 12, DType::F32);
+        let y = q.matmul_no_grad(&x).unwrap();
+        let d = rel(&y, &x.matmul(&deq.t().unwrap()).unwrap());
+        assert!(d < 1e-5, "forward: {d}");
+        let dy = randn_dtype(&[12, 8140], 13, DType::F32);
+        let dx = q.input_grad(&dy).unwrap();
+        let d = rel(&dx, &dy.matmul(&deq).unwrap());
+        assert!(d < 1e-5, "input gradient: {d}");
     }
 
     /// Rows of a k-quant wider than one chunk: the chunked input gradient covers every row.

@@ -21,7 +21,7 @@
 
 use half::bf16;
 
-use super::cpu::{gemm, run_tasks, SendPtr};
+use super::cpu::{matmul_t_widened, matmul_widened, run_tasks, SendPtr};
 
 /// Rows up to which the GEMV is used.
 const GEMV_MAX_ROWS: usize = 8;
@@ -54,11 +54,11 @@ pub fn dpbf16() -> bool {
 /// available): tests run both paths on one machine.
 fn matmul_t_on(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, dpbf16: bool) -> Vec<f32> {
     debug_assert!(x.len() >= m * k && w.len() >= n * k);
-    let mut y = vec![0f32; m * n];
-    let yp = SendPtr(y.as_mut_ptr());
-    let yp = &yp;
     let blocks = n.div_ceil(BLOCK);
     if m <= GEMV_MAX_ROWS {
+        let mut y = vec![0f32; m * n];
+        let yp = SendPtr(y.as_mut_ptr());
+        let yp = &yp;
         run_tasks(blocks, |b| {
             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
             for j in j0..j1 {
@@ -74,6 +74,9 @@ fn matmul_t_on(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, dpbf16: bool
     }
     #[cfg(target_arch = "x86_64")]
     if dpbf16 {
+        let mut y = vec![0f32; m * n];
+        let yp = SendPtr(y.as_mut_ptr());
+        let yp = &yp;
         let xp = avx512bf16::pack_rows(x, m, k);
         run_tasks(blocks, |b| {
             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
@@ -89,35 +92,19 @@ fn matmul_t_on(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, dpbf16: bool
         });
         return y;
     }
-    run_tasks(blocks, |b| {
-        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
-        let wf = widen(&w[j0 * k..j1 * k]);
-        // Y[:, j0..j1] = X (m, k) @ Wf^T (k, j1 - j0): B(kk, j) = Wf[j, kk].
-        // SAFETY: the task's columns j0..j1 of y (row stride n); x is (m, k); wf is
-        // (j1 - j0, k).
-        unsafe {
-            gemm(
-                (m, j1 - j0, k),
-                yp.0.add(j0),
-                n,
-                false,
-                x.as_ptr(),
-                (k, 1),
-                wf.as_ptr(),
-                (1, k),
-            )
-        };
-    });
-    y
+    let _ = dpbf16;
+    matmul_t_widened(x, m, k, n, |j0, j1, out| {
+        widen_into(&w[j0 * k..j1 * k], out)
+    })
 }
 
 fn matmul_on(dy: &[f32], m: usize, n: usize, w: &[bf16], k: usize, dpbf16: bool) -> Vec<f32> {
     debug_assert!(dy.len() >= m * n && w.len() >= n * k);
-    let mut dx = vec![0f32; m * k];
-    let dp = SendPtr(dx.as_mut_ptr());
-    let dp = &dp;
     #[cfg(target_arch = "x86_64")]
     if m > GEMV_MAX_ROWS && dpbf16 {
+        let mut dx = vec![0f32; m * k];
+        let dp = SendPtr(dx.as_mut_ptr());
+        let dp = &dp;
         let gp = avx512bf16::pack_rows(dy, m, n);
         run_tasks(k.div_ceil(BLOCK), |b| {
             let (c0, c1) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
@@ -133,33 +120,20 @@ fn matmul_on(dy: &[f32], m: usize, n: usize, w: &[bf16], k: usize, dpbf16: bool)
         });
         return dx;
     }
-    run_tasks(k.div_ceil(BLOCK), |b| {
-        let (c0, c1) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-        let kb = c1 - c0;
-        // W[:, c0..c1] widened: (n, kb).
-        let mut wf = Vec::with_capacity(n * kb);
-        for row in w.chunks_exact(k).take(n) {
-            wf.extend(row[c0..c1].iter().map(|v| v.to_f32()));
+    let _ = dpbf16;
+    matmul_widened(dy, m, n, k, BLOCK, |j0, j1, c0, c1, out| {
+        // W[j0..j1, c0..c1] widened.
+        let rows = w[j0 * k..j1 * k].chunks_exact(k);
+        for (row, o) in rows.zip(out.chunks_exact_mut(c1 - c0)) {
+            widen_into(&row[c0..c1], o);
         }
-        // SAFETY: the task's columns c0..c1 of dx (row stride k); dy is (m, n).
-        unsafe {
-            gemm(
-                (m, kb, n),
-                dp.0.add(c0),
-                k,
-                false,
-                dy.as_ptr(),
-                (n, 1),
-                wf.as_ptr(),
-                (kb, 1),
-            )
-        };
-    });
-    dx
+    })
 }
 
-fn widen(w: &[bf16]) -> Vec<f32> {
-    w.iter().map(|v| v.to_f32()).collect()
+fn widen_into(w: &[bf16], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(w) {
+        *o = v.to_f32();
+    }
 }
 
 /// acc[r] = x[r] . w for the m rows of x (m <= GEMV_MAX_ROWS).

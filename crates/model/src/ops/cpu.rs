@@ -170,6 +170,96 @@ pub(crate) unsafe fn gemm<T: 'static + num_traits::Float>(
     }
 }
 
+/// Weight rows a task of [`matmul_t_widened`] converts to f32 at once.
+pub(crate) const WIDEN_ROWS: usize = 64;
+
+/// y (m, n) = x (m, k) @ W^T for a frozen W (n, k) held in another format (bf16, ggml
+/// blocks), which `rows(j0, j1, out)` converts to f32 a block of rows at a time into `out`
+/// ((j1 - j0) x k, row-major). Each block is a task on the pool running the single-threaded
+/// GEMM on the f32 rows: W is never whole in f32, and the result does not depend on the
+/// thread count.
+pub(crate) fn matmul_t_widened(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    rows: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    debug_assert!(x.len() >= m * k);
+    let mut y = vec![0f32; m * n];
+    let yp = SendPtr(y.as_mut_ptr());
+    let yp = &yp;
+    run_tasks(n.div_ceil(WIDEN_ROWS), |b| {
+        let (j0, j1) = (b * WIDEN_ROWS, ((b + 1) * WIDEN_ROWS).min(n));
+        let mut wf = vec![0f32; (j1 - j0) * k];
+        rows(j0, j1, &mut wf);
+        // Y[:, j0..j1] = X (m, k) @ Wf^T (k, j1 - j0): B(kk, j) = Wf[j, kk].
+        // SAFETY: the task's columns j0..j1 of y (row stride n); x is (m, k); wf is
+        // (j1 - j0, k).
+        unsafe {
+            gemm(
+                (m, j1 - j0, k),
+                yp.0.add(j0),
+                n,
+                false,
+                x.as_ptr(),
+                (k, 1),
+                wf.as_ptr(),
+                (1, k),
+            )
+        };
+    });
+    y
+}
+
+/// Rows of W a task of [`matmul_widened`] converts at once (its buffer is this many rows of
+/// one column block; a 150k-row head is walked in steps).
+const WIDEN_COL_ROWS: usize = 4096;
+
+/// dx (m, k) = dy (m, n) @ W for the same kind of W, which `cols(j0, j1, c0, c1, out)`
+/// converts a block at a time into `out` (rows j0..j1 by columns c0..c1, row-major): a frozen
+/// linear's input gradient, each block of `block` columns a task that sums its row steps in
+/// a fixed order.
+pub(crate) fn matmul_widened(
+    dy: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    block: usize,
+    cols: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    debug_assert!(dy.len() >= m * n && block > 0);
+    let mut dx = vec![0f32; m * k];
+    let dp = SendPtr(dx.as_mut_ptr());
+    let dp = &dp;
+    run_tasks(k.div_ceil(block), |b| {
+        let (c0, c1) = (b * block, ((b + 1) * block).min(k));
+        let kb = c1 - c0;
+        let mut wf = vec![0f32; WIDEN_COL_ROWS.min(n) * kb];
+        for j0 in (0..n).step_by(WIDEN_COL_ROWS) {
+            let j1 = (j0 + WIDEN_COL_ROWS).min(n);
+            let w = &mut wf[..(j1 - j0) * kb];
+            cols(j0, j1, c0, c1, w);
+            // dx[:, c0..c1] (+)= dy[:, j0..j1] @ W[j0..j1, c0..c1].
+            // SAFETY: the task's columns c0..c1 of dx (row stride k); dy is (m, n), read from
+            // column j0; w is (j1 - j0, kb).
+            unsafe {
+                gemm(
+                    (m, kb, j1 - j0),
+                    dp.0.add(c0),
+                    k,
+                    j0 > 0,
+                    dy.as_ptr().add(j0),
+                    (n, 1),
+                    w.as_ptr(),
+                    (kb, 1),
+                )
+            };
+        }
+    });
+    dx
+}
+
 /// `out[i] = f(i)` for every element, in parallel blocks.
 pub(crate) fn map_indexed<T: Copy + Send + Sync + Default>(
     len: usize,

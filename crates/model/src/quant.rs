@@ -18,10 +18,10 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::ops::cpu::{matmul_t_widened, matmul_widened};
+use crate::ops::cpu::{cpu_slice, matmul_t_widened, matmul_widened};
 use crate::ops::{quant_gemv, recompute};
 
 /// The most dequantized values the CPU holds at once for one product (4 MiB of f32).
@@ -573,9 +573,14 @@ impl QuantWeight {
             return Ok(None);
         };
         let (k, m) = (self.cols, x.elem_count() / self.cols.max(1));
-        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let x = x.contiguous()?;
+        let (st, layout) = x.storage_and_layout();
+        let Storage::Cpu(st) = &*st else {
+            return Ok(None);
+        };
+        let xv = cpu_slice::<f32>(st, layout, "quantized linear")?;
         Ok(Some(matmul_t_widened(
-            &xv,
+            xv,
             m,
             k,
             self.rows(),
@@ -612,9 +617,15 @@ impl QuantWeight {
             .max()
             .unwrap_or(1);
         let block = crate::ops::cpu::WIDEN_ROWS.div_ceil(bs) * bs;
-        let dyv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // Read in place: a head's dY (tokens x vocab) is the step's largest buffer.
+        let dy = dy.contiguous()?;
+        let (st, layout) = dy.storage_and_layout();
+        let Storage::Cpu(st) = &*st else {
+            return Ok(None);
+        };
+        let dyv = cpu_slice::<f32>(st, layout, "quantized linear backward")?;
         Ok(Some(matmul_widened(
-            &dyv,
+            dyv,
             m,
             n,
             k,

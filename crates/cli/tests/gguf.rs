@@ -934,22 +934,9 @@ fn real_smollm2_qlora_on_the_file_as_downloaded() {
     // The merged q and v rows are those of a plain merge (`--requantize`: every weight
     // dense, then q8_0), byte for byte.
     let requantized = root.join("gguf-requantized");
-    let r = run(
-        EXPORT,
-        &[
-            "--format",
-            "gguf",
-            "--checkpoint-dir",
-            ck.to_str().unwrap(),
-            "--lora-path",
-            adapter.to_str().unwrap(),
-            "--dtype",
-            "q8_0",
-            "--requantize",
-            "--out-dir",
-            requantized.to_str().unwrap(),
-        ],
-    );
+    let lora = adapter.to_str().unwrap();
+    let flags = ["--lora-path", lora, "--dtype", "q8_0", "--requantize"];
+    let r = export(&ck, "gguf", &requantized, &flags);
     assert!(r.ok && !r.stdout.contains("copied"), "{}", r.stdout);
     for name in ["blk.0.attn_q.weight", "blk.17.attn_v.weight"] {
         let (kind, bytes) = tensor(&gg.join("model.gguf"), name);

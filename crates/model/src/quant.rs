@@ -573,18 +573,8 @@ impl QuantWeight {
             return Ok(None);
         };
         let (k, m) = (self.cols, x.elem_count() / self.cols.max(1));
-        let x = x.contiguous()?;
-        let (st, layout) = x.storage_and_layout();
-        let Storage::Cpu(st) = &*st else {
-            return Ok(None);
-        };
-        let xv = cpu_slice::<f32>(st, layout, "quantized linear")?;
-        Ok(Some(matmul_t_widened(
-            xv,
-            m,
-            k,
-            self.rows(),
-            |j0, j1, out| {
+        with_cpu_f32(x, "quantized linear", |xv| {
+            matmul_t_widened(xv, m, k, self.rows(), |j0, j1, out| {
                 for (row0, p, data) in &parts {
                     let (lo, hi) = (j0.max(*row0), j1.min(row0 + p.rows));
                     if lo >= hi {
@@ -596,8 +586,8 @@ impl QuantWeight {
                         o.fill(f32::NAN); // unreachable: `cpu_blocks` checked the parts
                     }
                 }
-            },
-        )))
+            })
+        })
     }
 
     /// dY @ W for CPU f32 rows dY (m, rows), each task converting a block of W's columns (a
@@ -618,19 +608,8 @@ impl QuantWeight {
             .unwrap_or(1);
         let block = crate::ops::cpu::WIDEN_ROWS.div_ceil(bs) * bs;
         // Read in place: a head's dY (tokens x vocab) is the step's largest buffer.
-        let dy = dy.contiguous()?;
-        let (st, layout) = dy.storage_and_layout();
-        let Storage::Cpu(st) = &*st else {
-            return Ok(None);
-        };
-        let dyv = cpu_slice::<f32>(st, layout, "quantized linear backward")?;
-        Ok(Some(matmul_widened(
-            dyv,
-            m,
-            n,
-            k,
-            block,
-            |j0, j1, c0, c1, out| {
+        with_cpu_f32(dy, "quantized linear backward", |dyv| {
+            matmul_widened(dyv, m, n, k, block, |j0, j1, c0, c1, out| {
                 let kb = c1 - c0;
                 for (row0, p, data) in &parts {
                     let (lo, hi) = (j0.max(*row0), j1.min(row0 + p.rows));
@@ -645,8 +624,8 @@ impl QuantWeight {
                         }
                     }
                 }
-            },
-        )))
+            })
+        })
     }
 
     /// x @ W^T + bias, differentiable in x (and the bias, when it is on a graph); the backward
@@ -772,6 +751,17 @@ impl QuantWeight {
             cols: self.cols,
         })
     }
+}
+
+/// `f` of a CPU f32 tensor's elements, read in place (made contiguous first if need be);
+/// `None` on another device.
+fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    let t = t.contiguous()?;
+    let (st, layout) = t.storage_and_layout();
+    let Storage::Cpu(st) = &*st else {
+        return Ok(None);
+    };
+    Ok(Some(f(cpu_slice::<f32>(st, layout, what)?)))
 }
 
 /// [`QuantWeight::dequantize_rows`] on the CPU: `None` where the bytes are not whole,

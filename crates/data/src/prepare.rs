@@ -697,7 +697,10 @@ impl DatasetMeta {
     ) -> Result<DatasetMeta> {
         let sha = |f: &Path| Ok::<_, Error>(loratune_model::io::sha256_file(f)?);
         let sum = |count: fn(&EncodeReport) -> usize| reports.iter().map(|r| count(r)).sum();
-        let turns: Vec<usize> = reports.iter().flat_map(|r| r.turns.clone()).collect();
+        let turns: Vec<usize> = reports
+            .iter()
+            .flat_map(|r| r.turns.iter().copied())
+            .collect();
         Ok(DatasetMeta {
             format: crate::dataset::FORMAT.into(),
             format_version: crate::dataset::META_FORMAT_VERSION,

@@ -758,22 +758,21 @@ impl LoraLinear {
     /// `q + delta` with the rows no adapter covers left as `q`'s blocks and the covered ones
     /// as f32 rows; `None` when the adapters cover every row.
     fn merged_rows(&self, q: &QuantWeight, delta: &Tensor) -> Result<Option<QuantWeight>> {
+        // Adapters cover disjoint row ranges (one per target); spans alternate kept / adapted.
+        // Overlapping ranges (no target makes them) take the plain dense merge.
         let mut covered: Vec<Range<usize>> = self.adapters.iter().map(|a| a.rows.clone()).collect();
         covered.sort_by_key(|r| r.start);
         let mut spans: Vec<(Range<usize>, bool)> = Vec::new();
         let mut row = 0;
         for r in covered {
+            if r.start < row {
+                return Ok(None);
+            }
             if r.start > row {
                 spans.push((row..r.start, false));
             }
-            let start = r.start.max(row);
-            if r.end > start {
-                match spans.last_mut() {
-                    Some((last, true)) if last.end == start => last.end = r.end,
-                    _ => spans.push((start..r.end, true)),
-                }
-                row = r.end;
-            }
+            row = r.end;
+            spans.push((r, true));
         }
         if row < q.rows() {
             spans.push((row..q.rows(), false));

@@ -68,6 +68,9 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Output { path: PathBuf, reason: String },
 
+    #[error("CPU kernel: {0}")]
+    CpuKernel(String),
+
     #[error("{path} is in use by {holder}; wait for it to finish or stop it first")]
     Busy { path: PathBuf, holder: String },
 }

@@ -40,6 +40,7 @@ pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lora::{no_grad, DropoutCtx, LoraConfig, LoraLinear, LoraTargets};
 pub use model::{Block, Gpt, LoadOptions, QuantSummary};
+pub use ops::bf16_gemm::{bf16_kernel, with_bf16_kernel, Bf16Kernel, Bf16KernelChoice};
 pub use ops::Backend;
 pub use rng::Rng;
 pub use tokenizer::{StreamDecoder, Tokenizer};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use loratune_model::convert::load_hf_dir;
 use loratune_model::generate::{generate, Sampling};
-use loratune_model::{Gpt, LoraConfig, LoraTargets, Rng};
+use loratune_model::{with_bf16_kernel, Bf16Kernel, Gpt, LoraConfig, LoraTargets, Rng};
 
 const VARIANTS: [&str; 16] = [
     "neox_parallel_rot025",
@@ -108,8 +108,19 @@ fn full_forward_matches_transformers() {
 /// bf16 forward is off by 7.9% (gemma2_softcap) and 4.0% (gemma3_local) of the range on
 /// these fixtures (its embeddings are scaled by sqrt(n_embd), four norms per block), so
 /// there the tolerance is 2.5x.
+///
+/// Every many-row kernel runs: the widened one, `vdpbf16ps`'s portable model on every CPU
+/// and the instruction where the CPU has it. `vdpbf16ps` rounds mixed precision's f32
+/// activations to bf16 at each frozen product, as PyTorch's bf16 autocast does, so mixed
+/// precision gets 3% there (seen with the portable model: up to 2.05%, llama_gqa_tied).
 #[test]
 fn bf16_weights_track_transformers_f32_logits() {
+    let mut kernels = vec![Bf16Kernel::Widened, Bf16Kernel::Vdpbf16psPortable];
+    if Bf16Kernel::Vdpbf16ps.runs_here() {
+        kernels.push(Bf16Kernel::Vdpbf16ps);
+    } else {
+        eprintln!("skipped the vdpbf16ps rows: no AVX512_BF16 here (its portable model ran)");
+    }
     for name in VARIANTS {
         let dir = fixture(name);
         let (_, o) = load(name);
@@ -131,32 +142,38 @@ fn bf16_weights_track_transformers_f32_logits() {
                 w.with_dtype(DType::BF16)
             };
             let model = Gpt::load(&cfg, w, &Device::Cpu).unwrap();
-            let loose = if name.starts_with("gemma") { 2.5 } else { 1.0 };
-            let tol = loose * if mixed { 0.02 * range } else { 0.05 * range };
-            let full = model
-                .forward(&o.tokens)
-                .unwrap()
-                .to_dtype(DType::F32)
+            for &kernel in &kernels {
+                let loose = if name.starts_with("gemma") { 2.5 } else { 1.0 };
+                let rounds = kernel != Bf16Kernel::Widened;
+                let share = match (mixed, rounds) {
+                    (false, _) => 0.05,
+                    (true, false) => 0.02,
+                    (true, true) => 0.03,
+                };
+                let tol = loose * share * range;
+                let (full, cached) = with_bf16_kernel(kernel, || {
+                    let full = model.forward(&o.tokens).unwrap();
+                    let t = o.tokens.dim(1).unwrap();
+                    let mut cache = model.new_cache(t);
+                    let a = model
+                        .forward_cached(&o.tokens.narrow(1, 0, t - 1).unwrap(), &mut cache)
+                        .unwrap();
+                    let b = model
+                        .forward_cached(&o.tokens.narrow(1, t - 1, 1).unwrap(), &mut cache)
+                        .unwrap();
+                    (full, Tensor::cat(&[a, b], 1).unwrap())
+                })
                 .unwrap();
-            let d = max_abs_diff(&full, &o.logits);
-            assert!(
-                d <= tol,
-                "{name} mixed={mixed}: full forward off by {d} (range {range})"
-            );
-            let t = o.tokens.dim(1).unwrap();
-            let mut cache = model.new_cache(t);
-            let a = model
-                .forward_cached(&o.tokens.narrow(1, 0, t - 1).unwrap(), &mut cache)
-                .unwrap();
-            let b = model
-                .forward_cached(&o.tokens.narrow(1, t - 1, 1).unwrap(), &mut cache)
-                .unwrap();
-            let cached = Tensor::cat(&[a, b], 1)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let d = max_abs_diff(&cached, &o.logits);
-            assert!(d <= tol, "{name} mixed={mixed}: cached decode off by {d}");
+                let what = format!("{name} mixed={mixed} {}", kernel.name());
+                let d = max_abs_diff(&full.to_dtype(DType::F32).unwrap(), &o.logits);
+                eprintln!(
+                    "{what}: full forward off by {:.2}% of the range",
+                    100.0 * d / range
+                );
+                assert!(d <= tol, "{what}: full forward off by {d} (range {range})");
+                let d = max_abs_diff(&cached.to_dtype(DType::F32).unwrap(), &o.logits);
+                assert!(d <= tol, "{what}: cached decode off by {d}");
+            }
         }
     }
 }

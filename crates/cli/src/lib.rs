@@ -252,6 +252,14 @@ impl Precision {
             activations,
             quantize,
         };
+        // The CPU's bf16 kernel (and a bad LORATUNE_BF16_KERNEL) is settled before loading.
+        if let Some(choice) = self.cpu_bf16_kernel(device)? {
+            errln!(
+                "CPU bf16 products: {} ({})",
+                choice.kernel.name(),
+                choice.reason
+            );
+        }
         let model = loratune_model::Gpt::open(dir, &opts, device)?;
         let q = model.quantization();
         if let Some(kind) = quantize {
@@ -267,6 +275,19 @@ impl Precision {
             }
         }
         Ok(model)
+    }
+
+    /// The kernel that multiplies many rows against bf16 weights, where this precision
+    /// has them on the CPU (chosen once per process; `LORATUNE_BF16_KERNEL` checked).
+    pub fn cpu_bf16_kernel(
+        self,
+        device: &Device,
+    ) -> Result<Option<&'static loratune_model::Bf16KernelChoice>> {
+        if device.is_cpu() && self.dtype() == DType::BF16 {
+            Ok(Some(loratune_model::bf16_kernel()?))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Lit-GPT's default: bf16-true on a GPU, 32-true on a CPU.

@@ -558,6 +558,22 @@ fn activation_checkpointing_and_bf16_mixed_train_the_same_adapters() {
     let r = finetune(&ck, &ds, &mixed, &args);
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("precision bf16-mixed"), "{}", r.stderr);
+    // The run records the CPU kernel its bf16 products took (32-true has none).
+    let kernel = |dir: &Path| {
+        let hp: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("hparams.json")).unwrap())
+                .unwrap();
+        hp["cpu_bf16_kernel"].clone()
+    };
+    let named = kernel(&mixed);
+    assert!(
+        ["widened", "vdpbf16ps", "vdpbf16ps-portable"].contains(&named.as_str().unwrap_or("")),
+        "{named}"
+    );
+    assert!(r
+        .stderr
+        .contains(&format!("CPU bf16 products: {}", named.as_str().unwrap())));
+    assert_eq!(kernel(&plain), serde_json::Value::Null);
     let m = metrics(&mixed);
     let (p, q) = (metrics(&plain), m.clone());
     let (lp, lq) = (

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 
@@ -213,4 +214,96 @@ fn bad_requests_are_refused() {
     );
     let r = gen(GENERATE, &ck, &["--top-p", "0"]);
     assert!(!r.ok && r.stderr.contains("--top-p"), "{}", r.stderr);
+}
+
+/// The CPU's bf16 kernel: named on stderr when bf16 weights load, chosen by
+/// LORATUNE_BF16_KERNEL (vdpbf16ps's portable model runs on any CPU), and a bad value, or
+/// vdpbf16ps on a CPU without AVX512_BF16, refused in one line before anything is loaded.
+#[test]
+fn the_bf16_kernel_is_named_and_a_bad_choice_is_refused() {
+    let root = scratch("gen-kernel");
+    let ck = root.join("ck");
+    copy_dir(&hf_fixture("llama_gqa_tied"), &ck);
+    assert!(run(CONVERT, &["--checkpoint-dir", ck.to_str().unwrap()]).ok);
+    // A prompt of more than 8 tokens: its prefill takes the many-row kernel.
+    let prompt = "Say 3, then 4, then 5, then 6, then 7, then 8.";
+    let generate = |kernel: Option<&str>, precision: &str| {
+        let mut cmd = Command::new(GENERATE);
+        cmd.args([
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--prompt-style",
+            "plain",
+            "--max-new-tokens",
+            "4",
+            "--precision",
+            precision,
+        ])
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("LORATUNE_BF16_KERNEL");
+        if let Some(k) = kernel {
+            cmd.env("LORATUNE_BF16_KERNEL", k);
+        }
+        finish(GENERATE, cmd.output().unwrap())
+    };
+    let line = |r: &Run| {
+        r.stderr
+            .lines()
+            .find(|l| l.starts_with("CPU bf16 products: "))
+            .map(str::to_string)
+    };
+    let auto = generate(None, "bf16-mixed");
+    assert!(auto.ok, "{}", auto.stderr);
+    let named = line(&auto).unwrap_or_else(|| panic!("no kernel line:\n{}", auto.stderr));
+    let has_feature = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.contains(" avx512_bf16"))
+        .unwrap_or(false);
+    if !has_feature {
+        assert_eq!(
+            named,
+            "CPU bf16 products: widened (no AVX512_BF16 on this CPU)"
+        );
+    } else {
+        assert!(named.contains("measured"), "{named}");
+    }
+    let portable = generate(Some("vdpbf16ps-portable"), "bf16-mixed");
+    assert!(portable.ok, "{}", portable.stderr);
+    assert_eq!(
+        line(&portable).as_deref(),
+        Some("CPU bf16 products: vdpbf16ps-portable (LORATUNE_BF16_KERNEL=vdpbf16ps-portable)")
+    );
+    let widened = generate(Some("widened"), "bf16-true");
+    assert!(widened.ok, "{}", widened.stderr);
+    assert!(
+        line(&widened).is_some_and(|l| l.contains("widened")),
+        "{}",
+        widened.stderr
+    );
+    // No bf16 weights, no kernel line (and the variable is not read).
+    let f32_run = generate(Some("nonsense"), "32-true");
+    assert!(f32_run.ok && line(&f32_run).is_none(), "{}", f32_run.stderr);
+
+    let bad = generate(Some("fast"), "bf16-mixed");
+    assert_eq!(bad.code, Some(1), "{}", bad.stderr);
+    let lines: Vec<&str> = bad
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", bad.stderr);
+    assert!(
+        lines[0].starts_with("error:")
+            && lines[0].contains("LORATUNE_BF16_KERNEL=\"fast\"")
+            && lines[0].contains("expected auto, widened"),
+        "{}",
+        bad.stderr
+    );
+    assert!(bad.stdout.is_empty(), "{}", bad.stdout);
+    if !has_feature {
+        let r = generate(Some("vdpbf16ps"), "bf16-mixed");
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(r.stderr.contains("no AVX512_BF16"), "{}", r.stderr);
+    }
 }

@@ -485,6 +485,7 @@ fn finetune(args: Args) -> Result<ExitCode> {
     let hparams = serde_json::json!({
         "args": &args,
         "precision": precision.name(),
+        "cpu_bf16_kernel": precision.cpu_bf16_kernel(&device)?.map(|c| c.kernel.name()),
         "max_iters": max_iters,
         "max_seq_length": max_seq_length,
         "steps": trainer.cfg.total_steps(),

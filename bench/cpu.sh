@@ -47,6 +47,11 @@ fi
 [ -x "$LT" ] || { echo "LT=$LT: no loratune binary there" >&2; exit 1; }
 echo "[bench] binary: $LT" >&2
 export RAYON_NUM_THREADS=2
+# The CPU and the flags that decide loratune's bf16 kernel (and PyTorch's bf16 speed), for
+# the table's header; each loratune row names the kernel its run printed.
+CPU_MODEL=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
+CPU_FLAGS=$(grep -m1 "^flags" /proc/cpuinfo | tr ' ' '\n' | grep -xE "avx2|fma|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile" | sort | tr '\n' ' ' || true)
+export CPU_MODEL CPU_FLAGS
 DATA=$PEER_HOME/data/alpaca_like.json
 mkdir -p "$WORK"
 RESULTS=$WORK/results.jsonl
@@ -81,18 +86,21 @@ for m in $MODELS; do
         name=${cfg%%::*}; flags=${cfg#*::}
         say "$m: loratune finetune-lora $name"
         rm -rf "$out"
+        log=$WORK/$m/finetune-$name.log
         # shellcheck disable=SC2086
         "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
             --batch-size 4 --micro-batch-size 4 --max-iters 22 --warmup-steps 1 --eval-interval 1000 \
             --eval-iters 1 --save-interval 1000 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 \
-            --precision $flags > /dev/null 2>&1
-        row "$m" "loratune-$name" train "$("$PY" - "$out/metrics.jsonl" <<'PYEOF'
-import json, statistics, sys
+            --precision $flags > /dev/null 2> "$log"
+        row "$m" "loratune-$name" train "$("$PY" - "$out/metrics.jsonl" "$log" <<'PYEOF'
+import json, re, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 toks = [b["tokens"] - a["tokens"] for a, b in zip(rows[1:21], rows[2:22])]
 secs = [t / r["tokens_per_s"] for t, r in zip(toks, rows[2:22])]
+k = re.search(r"CPU bf16 products: (\S+)", open(sys.argv[2]).read())
 print(json.dumps({"tokens_per_s": sum(toks) / sum(secs), "step_ms_median": 1000 * statistics.median(secs),
-                  "peak_rss_mb": rows[-1]["peak_rss_mib"] * 1.048576, "step_tokens": toks}))
+                  "peak_rss_mb": rows[-1]["peak_rss_mib"] * 1.048576, "step_tokens": toks,
+                  "kernel": k[1] if k else "-"}))
 PYEOF
 )"
     done
@@ -112,13 +120,14 @@ PYEOF
     for prec in 32-true bf16-mixed; do
         say "$m: loratune generate $prec"
         g=$("$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style --temperature 0 \
-            --max-new-tokens 128 --precision $prec 2>&1 >/dev/null | tail -1)
+            --max-new-tokens 128 --precision $prec 2>&1 >/dev/null)
         row "$m" "loratune-$prec" generate "$(echo "$g" | "$PY" -c '
 import json, re, sys
 s = sys.stdin.read()
 m = re.search(r"(\d+) tokens; time to first token (\d+) ms; ([\d.]+) tokens/s after it; peak RSS (\d+) MiB", s)
+k = re.search(r"CPU bf16 products: (\S+)", s)
 print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_tokens_per_s": float(m[3]),
-                  "peak_rss_mb": float(m[4]) * 1.048576}) if m else "null")')"
+                  "peak_rss_mb": float(m[4]) * 1.048576, "kernel": k[1] if k else "-"}) if m else "null")')"
     done
     for dt in float32 bfloat16; do
         [ "$PEER" = 0 ] && continue
@@ -130,23 +139,25 @@ print(json.dumps({"new_tokens": int(m[1]), "ttft_ms": float(m[2]), "decode_token
 done
 
 "$PY" - "$RESULTS" <<'PYEOF'
-import json, sys
+import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"CPU: {os.environ.get('CPU_MODEL', '?')}; flags: {os.environ.get('CPU_FLAGS', '?').strip() or 'none of the listed'}")
+print("bf16 kernel: the one loratune's run printed (widened: bf16 widened to the f32 GEMM; vdpbf16ps: AVX512_BF16; -: none printed, as 32-true has no bf16 weights)\n")
 def best(model, kind, prefix, key):
     c = [r for r in rows if r["model"] == model and r["kind"] == kind and r["run"].startswith(prefix) and r["result"]]
     return max(c, key=lambda r: r["result"][key]) if c else None
 print("training (tokens/s, median step ms, peak RSS MB)")
-print(f"{'model':14} {'run':16} {'tokens/s':>9} {'step ms':>8} {'RSS MB':>7}")
+print(f"{'model':14} {'run':24} {'tokens/s':>9} {'step ms':>8} {'RSS MB':>7}  bf16 kernel")
 for r in rows:
     if r["kind"] != "train": continue
     x = r["result"]
-    print(f"{r['model']:14} {r['run']:16} " + (f"{x['tokens_per_s']:9.0f} {x['step_ms_median']:8.0f} {x['peak_rss_mb']:7.0f}" if x else "   did not finish"))
+    print(f"{r['model']:14} {r['run']:24} " + (f"{x['tokens_per_s']:9.0f} {x['step_ms_median']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
 print("\ngeneration (128 new tokens, greedy)")
-print(f"{'model':14} {'run':16} {'decode tok/s':>12} {'TTFT ms':>8} {'RSS MB':>7}")
+print(f"{'model':14} {'run':24} {'decode tok/s':>12} {'TTFT ms':>8} {'RSS MB':>7}  bf16 kernel")
 for r in rows:
     if r["kind"] != "generate": continue
     x = r["result"]
-    print(f"{r['model']:14} {r['run']:16} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}" if x else "   did not finish"))
+    print(f"{r['model']:14} {r['run']:24} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
 print("\nratios, each loratune run / PyTorch's better dtype")
 for m in dict.fromkeys(r["model"] for r in rows):
     for kind, key in (("train", "tokens_per_s"), ("generate", "decode_tokens_per_s")):

@@ -17,6 +17,8 @@
 # counts matched; loratune packs each micro-batch, PEFT pads it to its longest sample).
 # loratune runs in 32-true, bf16-mixed and bf16-mixed with --activation-checkpointing;
 # PyTorch in float32 and bfloat16, the faster being the reference for every ratio.
+# On a CPU with AVX512_BF16, bf16-mixed also runs with each bf16 kernel forced (see
+# BENCH_KERNELS below); the table's header has the CPU's flags, each row its kernel.
 # Generation: greedy, KV cache, 128 new tokens, time to first token and decode tokens/s,
 # loratune in 32-true and bf16-mixed against transformers' generate (bench/hf_generate.py)
 # in float32 and bfloat16.
@@ -52,6 +54,20 @@ export RAYON_NUM_THREADS=2
 CPU_MODEL=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
 CPU_FLAGS=$(grep -m1 "^flags" /proc/cpuinfo | tr ' ' '\n' | grep -xE "avx2|fma|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile" | sort | tr '\n' ' ' || true)
 export CPU_MODEL CPU_FLAGS
+# On a CPU with AVX512_BF16, bf16-mixed also runs with each many-row kernel forced (the plain
+# bf16-mixed row is `auto`'s choice), so one table shows both kernels and whether auto took
+# the faster. BENCH_KERNELS overrides the list (e.g. BENCH_KERNELS=widened on any CPU).
+if [ -z "${BENCH_KERNELS+x}" ]; then
+    case " $CPU_FLAGS " in *" avx512_bf16 "*) BENCH_KERNELS="widened vdpbf16ps" ;; *) BENCH_KERNELS="" ;; esac
+fi
+# name::--precision and flags::LORATUNE_BF16_KERNEL
+TRAIN_CFGS=("32-true::32-true::auto" "bf16-mixed::bf16-mixed::auto"
+            "bf16-mixed+ckpt::bf16-mixed --activation-checkpointing::auto")
+GEN_CFGS=("32-true::32-true::auto" "bf16-mixed::bf16-mixed::auto")
+for k in $BENCH_KERNELS; do
+    TRAIN_CFGS+=("bf16-mixed[$k]::bf16-mixed::$k")
+    GEN_CFGS+=("bf16-mixed[$k]::bf16-mixed::$k")
+done
 DATA=$PEER_HOME/data/alpaca_like.json
 mkdir -p "$WORK"
 RESULTS=$WORK/results.jsonl
@@ -82,18 +98,20 @@ for m in $MODELS; do
     # loratune in three settings: f32 (the same weights' precision as PEFT float32), bf16-mixed
     # (frozen weights in bf16, activations, adapters and loss in f32), and bf16-mixed with
     # every block checkpointed (the least memory).
-    for cfg in "32-true::32-true" "bf16-mixed::bf16-mixed" "bf16-mixed+ckpt::bf16-mixed --activation-checkpointing"; do
-        name=${cfg%%::*}; flags=${cfg#*::}
+    for cfg in "${TRAIN_CFGS[@]}"; do
+        name=${cfg%%::*}; rest=${cfg#*::}; flags=${rest%%::*}; kernel=${rest##*::}
         say "$m: loratune finetune-lora $name"
         rm -rf "$out"
         log=$WORK/$m/finetune-$name.log
         # shellcheck disable=SC2086
-        "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
+        LORATUNE_BF16_KERNEL=$kernel "$LT" finetune-lora --checkpoint-dir "$ck" --data-dir "$ds" --out-dir "$out" --quiet \
             --batch-size 4 --micro-batch-size 4 --max-iters 22 --warmup-steps 1 --eval-interval 1000 \
             --eval-iters 1 --save-interval 1000 --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 \
-            --precision $flags > /dev/null 2> "$log"
+            --precision $flags > /dev/null 2> "$log" || say "$m: $name failed: $(tail -1 "$log")"
         row "$m" "loratune-$name" train "$("$PY" - "$out/metrics.jsonl" "$log" <<'PYEOF'
-import json, re, statistics, sys
+import json, os, re, statistics, sys
+if not os.path.exists(sys.argv[1]):
+    print("null"); sys.exit()
 rows = [json.loads(l) for l in open(sys.argv[1])]
 toks = [b["tokens"] - a["tokens"] for a, b in zip(rows[1:21], rows[2:22])]
 secs = [t / r["tokens_per_s"] for t, r in zip(toks, rows[2:22])]
@@ -117,11 +135,12 @@ PYEOF
     alpaca) text=$'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n'"$prompt"$'\n\n### Response:' ;;
     chatml) text=$'<|im_start|>user\n'"$prompt"$'<|im_end|>\n<|im_start|>assistant\n' ;;
     esac
-    for prec in 32-true bf16-mixed; do
-        say "$m: loratune generate $prec"
-        g=$("$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style --temperature 0 \
-            --max-new-tokens 128 --precision $prec 2>&1 >/dev/null)
-        row "$m" "loratune-$prec" generate "$(echo "$g" | "$PY" -c '
+    for cfg in "${GEN_CFGS[@]}"; do
+        name=${cfg%%::*}; rest=${cfg#*::}; prec=${rest%%::*}; kernel=${rest##*::}
+        say "$m: loratune generate $name"
+        g=$(LORATUNE_BF16_KERNEL=$kernel "$LT" generate --checkpoint-dir "$ck" --prompt "$prompt" --prompt-style $style \
+            --temperature 0 --max-new-tokens 128 --precision "$prec" 2>&1 >/dev/null) || true
+        row "$m" "loratune-$name" generate "$(echo "$g" | "$PY" -c '
 import json, re, sys
 s = sys.stdin.read()
 m = re.search(r"(\d+) tokens; time to first token (\d+) ms; ([\d.]+) tokens/s after it; peak RSS (\d+) MiB", s)
@@ -147,17 +166,17 @@ def best(model, kind, prefix, key):
     c = [r for r in rows if r["model"] == model and r["kind"] == kind and r["run"].startswith(prefix) and r["result"]]
     return max(c, key=lambda r: r["result"][key]) if c else None
 print("training (tokens/s, median step ms, peak RSS MB)")
-print(f"{'model':14} {'run':24} {'tokens/s':>9} {'step ms':>8} {'RSS MB':>7}  bf16 kernel")
+print(f"{'model':14} {'run':30} {'tokens/s':>9} {'step ms':>8} {'RSS MB':>7}  bf16 kernel")
 for r in rows:
     if r["kind"] != "train": continue
     x = r["result"]
-    print(f"{r['model']:14} {r['run']:24} " + (f"{x['tokens_per_s']:9.0f} {x['step_ms_median']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
+    print(f"{r['model']:14} {r['run']:30} " + (f"{x['tokens_per_s']:9.0f} {x['step_ms_median']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
 print("\ngeneration (128 new tokens, greedy)")
-print(f"{'model':14} {'run':24} {'decode tok/s':>12} {'TTFT ms':>8} {'RSS MB':>7}  bf16 kernel")
+print(f"{'model':14} {'run':30} {'decode tok/s':>12} {'TTFT ms':>8} {'RSS MB':>7}  bf16 kernel")
 for r in rows:
     if r["kind"] != "generate": continue
     x = r["result"]
-    print(f"{r['model']:14} {r['run']:24} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
+    print(f"{r['model']:14} {r['run']:30} " + (f"{x['decode_tokens_per_s']:12.1f} {x['ttft_ms']:8.0f} {x['peak_rss_mb']:7.0f}  {x.get('kernel', '')}" if x else "   did not finish"))
 print("\nratios, each loratune run / PyTorch's better dtype")
 for m in dict.fromkeys(r["model"] for r in rows):
     for kind, key in (("train", "tokens_per_s"), ("generate", "decode_tokens_per_s")):

@@ -206,7 +206,12 @@ fn choose(
 /// of 576 against 576 weight rows, packing included, on the pool as in a model), best of
 /// several interleaved runs: some 10 ms, once per process, only on CPUs with AVX512_BF16.
 fn calibrate() -> (f64, f64) {
-    let (m, k, n) = (128, 576, 576);
+    calibrate_on(128, 576, 576)
+}
+
+/// [`calibrate`] on an (m, k) x (k, n) product. Without AVX512_BF16 the second kernel runs
+/// as its portable model (the tests time it so on every CPU).
+fn calibrate_on(m: usize, k: usize, n: usize) -> (f64, f64) {
     let mut rng = crate::rng::Rng::new(5);
     let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rng.normal())).collect();
@@ -981,6 +986,15 @@ mod tests {
             assert_eq!(c.kernel, Bf16Kernel::Widened);
             assert!(c.reason.contains("no AVX512_BF16"), "{}", c.reason);
         }
+    }
+
+    /// The calibration runs (and times) both kernels on any CPU: on one without
+    /// AVX512_BF16 the instruction's place is taken by its portable model.
+    #[test]
+    fn calibration_times_both_kernels() {
+        let (widened, dp) = calibrate_on(20, 40, 70);
+        assert!(widened.is_finite() && widened > 0.0, "{widened}");
+        assert!(dp.is_finite() && dp > 0.0, "{dp}");
     }
 
     /// A thread's override reaches its products and is undone afterwards, also on a panic.

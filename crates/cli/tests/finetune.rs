@@ -71,6 +71,11 @@ fn finetune(ck: &Path, ds: &Path, out: &Path, extra: &[&str]) -> Run {
     run(FINETUNE, &args)
 }
 
+/// A run's hparams.json.
+fn hparams(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("hparams.json")).unwrap()).unwrap()
+}
+
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -138,8 +143,7 @@ fn overfits_a_small_dataset_and_writes_metrics() {
     eprintln!("overfit: loss {first} -> {last}");
     let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("<circle"));
-    let hp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("hparams.json")).unwrap()).unwrap();
+    let hp = hparams(&out);
     assert_eq!(hp["args"]["learning_rate"], 1e-2);
     assert_eq!(hp["accumulation"], 4);
     let (meta, tensors) = load_adapter(
@@ -413,8 +417,7 @@ fn config_file_sets_flags_and_flags_win() {
         &["--config", toml.to_str().unwrap(), "--lora-r", "2"],
     );
     assert!(r.ok, "{}", r.stderr);
-    let hp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("hparams.json")).unwrap()).unwrap();
+    let hp = hparams(&out);
     assert_eq!(
         (
             hp["args"]["lora_r"].as_u64(),
@@ -540,9 +543,7 @@ fn activation_checkpointing_and_bf16_mixed_train_the_same_adapters() {
     args.push("--activation-checkpointing");
     let r = finetune(&ck, &ds, &recompute, &args);
     assert!(r.ok, "{}", r.stderr);
-    let hp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(recompute.join("hparams.json")).unwrap())
-            .unwrap();
+    let hp = hparams(&recompute);
     assert_eq!(hp["args"]["activation_checkpointing"], true, "{hp}");
     let a = adapter_bytes(&plain.join("lit_model_lora_finetuned.safetensors"));
     let b = adapter_bytes(&recompute.join("lit_model_lora_finetuned.safetensors"));
@@ -559,12 +560,7 @@ fn activation_checkpointing_and_bf16_mixed_train_the_same_adapters() {
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("precision bf16-mixed"), "{}", r.stderr);
     // The run records the CPU kernel its bf16 products took (32-true has none).
-    let kernel = |dir: &Path| {
-        let hp: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("hparams.json")).unwrap())
-                .unwrap();
-        hp["cpu_bf16_kernel"].clone()
-    };
+    let kernel = |dir: &Path| hparams(dir)["cpu_bf16_kernel"].clone();
     let named = kernel(&mixed);
     assert!(
         ["widened", "vdpbf16ps", "vdpbf16ps-portable"].contains(&named.as_str().unwrap_or("")),

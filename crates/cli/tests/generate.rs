@@ -257,9 +257,7 @@ fn the_bf16_kernel_is_named_and_a_bad_choice_is_refused() {
     let auto = generate(None, "bf16-mixed");
     assert!(auto.ok, "{}", auto.stderr);
     let named = line(&auto).unwrap_or_else(|| panic!("no kernel line:\n{}", auto.stderr));
-    let has_feature = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.contains(" avx512_bf16"))
-        .unwrap_or(false);
+    let has_feature = loratune_model::Bf16Kernel::Vdpbf16ps.runs_here();
     if !has_feature {
         assert_eq!(
             named,

@@ -272,9 +272,10 @@ fn matmul_t_on(
     let xp = dpbf16::pack_rows(x, m, k, kernel);
     run_tasks(blocks, |b| {
         let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+        let mut panel = vec![0u32; k.div_ceil(2) * dpbf16::NR];
         for c0 in (j0..j1).step_by(dpbf16::NR) {
             let c1 = (c0 + dpbf16::NR).min(j1);
-            let panel = dpbf16::panel_rows(w, k, c0..c1);
+            dpbf16::panel_rows(w, k, c0..c1, &mut panel);
             // SAFETY: columns c0..c1 of y (row stride n) belong to this task; xp holds m
             // packed rows of ceil(k / 2) pairs, the panel ceil(k / 2) x NR pairs.
             unsafe {
@@ -311,9 +312,11 @@ fn matmul_on(dy: &[f32], m: usize, n: usize, w: &[bf16], k: usize, kernel: Bf16K
     let gp = dpbf16::pack_rows(dy, m, n, kernel);
     run_tasks(k.div_ceil(BLOCK), |b| {
         let (c0, c1) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
+        // One panel buffer per task: for a head's dX it is ceil(vocab / 2) x NR pairs.
+        let mut panel = vec![0u32; n.div_ceil(2) * dpbf16::NR];
         for p0 in (c0..c1).step_by(dpbf16::NR) {
             let p1 = (p0 + dpbf16::NR).min(c1);
-            let panel = dpbf16::panel_cols(w, n, k, p0..p1);
+            dpbf16::panel_cols(w, n, k, p0..p1, &mut panel);
             // SAFETY: columns p0..p1 of dx (row stride k) belong to this task; gp holds m
             // packed rows of ceil(n / 2) pairs, the panel ceil(n / 2) x NR pairs.
             unsafe {
@@ -503,11 +506,12 @@ mod dpbf16 {
         }
     }
 
-    /// Panel of `w` (n, k) rows `cols` for `x @ w^T`: entry (p, j) = (w[j][2p], w[j][2p+1]),
-    /// NR entries per p (missing columns zero).
-    pub fn panel_rows(w: &[bf16], k: usize, cols: std::ops::Range<usize>) -> Vec<u32> {
+    /// Panel of `w` (n, k) rows `cols` for `x @ w^T` into `out` (ceil(k / 2) x NR): entry
+    /// (p, j) = (w[j][2p], w[j][2p+1]). Entries past `cols` keep what they held: the tile
+    /// computes those columns but never stores them.
+    pub fn panel_rows(w: &[bf16], k: usize, cols: std::ops::Range<usize>, out: &mut [u32]) {
         let kp = k.div_ceil(2);
-        let mut out = vec![0u32; kp * NR];
+        debug_assert!(out.len() >= kp * NR);
         for (jj, j) in cols.enumerate() {
             let row = &w[j * k..(j + 1) * k];
             for p in 0..kp {
@@ -515,13 +519,19 @@ mod dpbf16 {
                 out[p * NR + jj] = pair(row[2 * p], b);
             }
         }
-        out
     }
 
-    /// Panel of `w` (n, k) columns `cols` for `dy @ w`: entry (p, c) = (w[2p][c], w[2p+1][c]).
-    pub fn panel_cols(w: &[bf16], n: usize, k: usize, cols: std::ops::Range<usize>) -> Vec<u32> {
+    /// Panel of `w` (n, k) columns `cols` for `dy @ w` into `out` (ceil(n / 2) x NR): entry
+    /// (p, c) = (w[2p][c], w[2p+1][c]); entries past `cols` as in [`panel_rows`].
+    pub fn panel_cols(
+        w: &[bf16],
+        n: usize,
+        k: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [u32],
+    ) {
         let np = n.div_ceil(2);
-        let mut out = vec![0u32; np * NR];
+        debug_assert!(out.len() >= np * NR);
         for p in 0..np {
             let r0 = &w[2 * p * k..(2 * p + 1) * k];
             let r1 = (2 * p + 1 < n).then(|| &w[(2 * p + 1) * k..(2 * p + 2) * k]);
@@ -529,7 +539,6 @@ mod dpbf16 {
                 out[p * NR + cc] = pair(r0[c], r1.map_or(bf16::ZERO, |r| r[c]));
             }
         }
-        out
     }
 
     /// C (m x nr, row stride ldc) = A (m x kp pairs) . panel (kp pairs x NR), nr <= NR, by
@@ -742,14 +751,24 @@ mod tests {
         check_products(Bf16Kernel::Vdpbf16psPortable);
     }
 
+    /// Whether the CPU runs `vdpbf16ps`; prints the skip line where it does not.
+    fn hardware_here() -> bool {
+        let here = dpbf16_supported();
+        if !here {
+            eprintln!(
+                "skipped: no AVX512_BF16 here (the widened path and vdpbf16ps's portable model \
+                 are tested everywhere)"
+            );
+        }
+        here
+    }
+
     /// The AVX512_BF16 kernel on the same cases, where the CPU has it.
     #[test]
     fn dpbf16_products_match_a_plain_loop() {
-        if !dpbf16_supported() {
-            eprintln!("skipped: no AVX512_BF16 here (the widened path and vdpbf16ps's portable model are tested everywhere)");
-            return;
+        if hardware_here() {
+            check_products(Bf16Kernel::Vdpbf16ps);
         }
-        check_products(Bf16Kernel::Vdpbf16ps);
     }
 
     fn check_products(kernel: Bf16Kernel) {
@@ -879,8 +898,7 @@ mod tests {
     /// differ only by f32 rounding (CPUs may fuse the pair's two additions).
     #[test]
     fn dpbf16_kernel_covers_every_tail_and_hard_values() {
-        if !dpbf16_supported() {
-            eprintln!("skipped: no AVX512_BF16 here");
+        if !hardware_here() {
             return;
         }
         check_dpbf16_on_hard_values(Bf16Kernel::Vdpbf16ps);
@@ -902,8 +920,7 @@ mod tests {
     /// zero), on every row tail of its 16 values.
     #[test]
     fn dpbf16_packing_matches_the_portable_packing() {
-        if !dpbf16_supported() {
-            eprintln!("skipped: no AVX512_BF16 here");
+        if !hardware_here() {
             return;
         }
         for k in [1, 2, 15, 16, 17, 31, 32, 33, 77] {
